@@ -27,6 +27,7 @@ class MicroBatch:
     task_offsets (K+1,) int64 task k's examples occupy slots [task_offsets[k], task_offsets[k+1])
     max_seqlen   int          longest segment
     num_examples int          real examples (the first num_examples segments; padding is after)
+    global_loss_tokens int    loss tokens of the whole global micro-step (all ranks' micro-batches)
     """
 
     input_ids: torch.Tensor
@@ -37,6 +38,7 @@ class MicroBatch:
     task_offsets: torch.Tensor
     max_seqlen: int
     num_examples: int
+    global_loss_tokens: int = 0  # loss tokens in this global micro-step, all ranks (for the token mean)
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,378 @@
+"""Configuration: plain YAML mapping onto typed dataclasses, overridable as `--section.field value`.
+
+One `Config` serves every entry point (trainer, data inspector, evaluation). Field names are a
+contract with scripts outside the repo (`data.path`, `budget.tokens`, `mixture.method`, ...).
+Every field is validated before any work starts; a bad one is a one-line ConfigError (exit 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adapt_fast.errors import ConfigError
+
+MIXTURE_METHODS = ("adapt", "uniform", "proportional", "temperature", "fixed")
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a folder of NI task files, a JSONL/Parquet file, or a folder of them / an HF datasets folder; "" = synthetic suite
+    group_by: str = "task"  # task | category (NI files: first category)
+    task_column: str = "task"  # JSONL/Parquet/HF: the column naming the task
+    template: str = "auto"  # auto (chat template if the tokenizer has one, else ni) | ni | chat
+    num_positive_examples: int = 0  # NI prompt: how many of the task's positive examples to show
+    val_fraction: float = 0.1  # per-task validation split when the data has none
+    val_examples: int = 0  # if > 0: this many validation examples per task instead of val_fraction
+    max_len: int = 1024  # longest example in tokens
+    truncate: bool = True  # longer examples are truncated (True) or dropped (False); counted either way
+    tasks: list[str] = field(default_factory=list)  # keep only these tasks (default all)
+    cache_dir: str = ""  # tokenised cache; default: $ADAPT_FAST_CACHE or ~/.cache/adapt_fast
+    num_proc: int = 1  # tokenisation workers
+    synthetic_examples: int = 400  # synthetic suite: examples per task (sizes vary around this)
+    lookahead: float = 0.1  # packing pool beyond the step's capacity, as a fraction of it
+    meta_floor_examples: int = 1  # examples of every task on steps that update the mixture
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny-llama"  # a preset (tiny-llama, tiny-qwen3, tiny-gemma3, llama-3.2-1b, ...) or a local folder
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float64
+    trust_remote_code: bool = False
+
+
+@dataclass
+class BudgetConfig:
+    tokens: int = 300_000  # budget in `unit`s (setting `fraction` instead clears this)
+    fraction: float = 0.0  # of the training tokens available (in `unit`s)
+    unit: str = "tokens"  # tokens (non-padding tokens fed) | loss (response tokens only)
+    allow_repeat: bool = True  # a budget above what the data holds reuses examples (with a warning)
+
+
+@dataclass
+class MixtureConfig:
+    method: str = "adapt"  # adapt | uniform | proportional | temperature | fixed
+    temperature: float = 2.0  # temperature method: p_k ∝ n_k^(1/T)
+    cap: int = 0  # proportional: examples-proportional with this cap (T5/FLAN) when > 0
+    weights: dict[str, float] = field(default_factory=dict)  # fixed method: task -> weight
+    tau: float = 1.0  # ADAPT: temperature of the smooth worst case
+    entropy_weight: float = 1e-3  # ADAPT: λ
+    floor: float = 0.05  # ADAPT: ε, p = (1-ε) softmax(α) + ε/K
+    lr: float = 0.05  # ADAPT: β, learning rate of the mixture optimizer
+    optimizer: str = "adam"  # adam | sgd
+    prior: str = "uniform"  # uniform | proportional
+    relative_loss: bool = False  # use ℓ_k / ℓ_k(θ_0)
+
+
+@dataclass
+class MetaConfig:
+    val_tasks: list[str] = field(default_factory=list)  # tasks whose validation loss forms Φ (default all)
+    val_every: int = 10  # recompute G = ∇Φ every this many steps
+    update_every: int = 1  # update the mixture every this many steps
+    warmup: int = 10  # no mixture updates before this step
+    dots: str = "one_pass"  # one_pass | exact (K backward passes; tests and tiny models)
+    precondition: str = "none"  # none | adam
+    val_examples_per_task: int = 8  # validation batch for G: examples per objective task
+
+
+@dataclass
+class TrainingConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    max_steps: int = 0  # 0 = until the budget is spent
+    zero_stage: int = 0
+    eval_every: int = 0  # validation losses logged every this many steps (0 = with G / at the end)
+    log_every: int = 1
+    max_bad_steps: int = 5
+
+
+@dataclass
+class KernelsConfig:
+    backend: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | triton | torch
+
+
+@dataclass
+class CheckpointConfig:
+    every_tokens: int = 0  # 0 = only at the end
+    keep_last: int = 2
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tokens_per_micro_batch: int = 4096
+    seed: int = 0
+    output_dir: str = "runs/default"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- parsing values
+
+
+def _parse_value(text: Any, annotation: Any, name: str) -> Any:
+    """Convert a YAML value or command-line string to the field's type; ConfigError if it can't be."""
+    origin = typing.get_origin(annotation)
+    try:
+        if annotation is bool:
+            if isinstance(text, bool):
+                return text
+            lowered = str(text).strip().lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if annotation is int:
+            if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
+                raise ValueError
+            return int(float(text)) if isinstance(text, str) and "e" in text.lower() else int(text)
+        if annotation is float:
+            if isinstance(text, bool):
+                raise ValueError
+            return float(text)
+        if annotation is str:
+            if isinstance(text, (dict, list)):
+                raise ValueError
+            return str(text)
+        if origin is list:
+            (item_type,) = typing.get_args(annotation)
+            items = text if isinstance(text, list) else [s for s in str(text).split(",") if s.strip()]
+            return [_parse_value(item.strip() if isinstance(item, str) else item, item_type, name) for item in items]
+        if origin is dict:
+            _, value_type = typing.get_args(annotation)
+            if isinstance(text, dict):
+                pairs = text.items()
+            else:  # "a=0.5,b=0.5" or "a:0.5,b:0.5"
+                pairs = [item.replace(":", "=", 1).split("=", 1) for item in str(text).split(",") if item.strip()]
+                if any(len(p) != 2 for p in pairs):
+                    raise ValueError
+            return {str(k).strip(): _parse_value(v, value_type, name) for k, v in pairs}
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise ConfigError(f"{name}: unsupported field type {annotation}")
+    raise ConfigError(f"{name}: bad value {text!r} (expected {_type_name(annotation)})")
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is list:
+        return "a comma-separated list"
+    if typing.get_origin(annotation) is dict:
+        return "name=value pairs, comma-separated"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    """Set `section.field` (or a top-level field) on cfg from a raw value."""
+    parts = dotted.split(".")
+    target: Any = cfg
+    for depth, part in enumerate(parts):
+        types_here = _field_types(type(target))
+        if part not in types_here:
+            where = ".".join(parts[:depth]) or "top level"
+            raise ConfigError(f"unknown config key {dotted!r} (no {part!r} in {where})")
+        annotation = types_here[part]
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(annotation):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{dotted}: expected a mapping of fields")
+                for key, sub in value.items():
+                    _set(cfg, f"{dotted}.{key}", sub)
+            else:
+                setattr(target, part, _parse_value(value, annotation, dotted))
+                _clear_other_budget(cfg, dotted)
+            return
+        if not dataclasses.is_dataclass(annotation):
+            raise ConfigError(f"unknown config key {dotted!r} ({'.'.join(parts[: depth + 1])} has no fields)")
+        target = getattr(target, part)
+
+
+def _clear_other_budget(cfg: Config, dotted: str) -> None:
+    """budget.tokens and budget.fraction are alternatives: setting one (> 0) clears the other."""
+    if dotted == "budget.tokens" and cfg.budget.tokens > 0:
+        cfg.budget.fraction = 0.0
+    elif dotted == "budget.fraction" and cfg.budget.fraction > 0:
+        cfg.budget.tokens = 0
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a Config from an optional YAML file and `--section.field value` overrides, then validate."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            line = getattr(getattr(err, "problem_mark", None), "line", None)
+            raise ConfigError(f"{path}: not valid YAML" + (f" (line {line + 1})" if line is not None else "")) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        for key, value in raw.items():
+            _set(cfg, str(key), value)
+    for dotted, value in _pairs(overrides or []):
+        _set(cfg, dotted, value)
+    validate(cfg)
+    return cfg
+
+
+def _pairs(argv: list[str]) -> list[tuple[str, str]]:
+    """Turn ['--a.b', '1', '--c=2', '--flag'] into [('a.b', '1'), ('c', '2'), ('flag', 'true')]."""
+    pairs = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r} (use --section.field value)")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            i += 2
+        else:
+            value = "true"
+            i += 1
+        pairs.append((key.replace("-", "_"), value))
+    return pairs
+
+
+def parse_cli(argv: list[str], extra_flags: tuple[str, ...] = ()) -> tuple[Config, dict[str, str]]:
+    """Parse `--config FILE` plus overrides. Flags named in `extra_flags` (e.g. 'resume') and the
+    launcher's `--local_rank` are returned separately instead of being config keys."""
+    config_path = None
+    extras: dict[str, str] = {}
+    overrides: list[str] = []
+    for key, value in _pairs(argv):
+        if key == "config":
+            config_path = value
+        elif key in ("local_rank",):
+            continue
+        elif key in extra_flags:
+            extras[key] = value
+        else:
+            overrides += [f"--{key}", value]
+    return load_config(config_path, overrides), extras
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(value: str, name: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, f"{name}: unknown value {value!r} (choose from {', '.join(allowed)})")
+
+
+def validate(cfg: Config) -> None:
+    """Check every field that can be checked without reading data; raise ConfigError on the first bad one."""
+    d, b, m, meta, t = cfg.data, cfg.budget, cfg.mixture, cfg.meta, cfg.training
+    _one_of(d.group_by, "data.group_by", ("task", "category"))
+    _one_of(d.template, "data.template", ("auto", "ni", "chat"))
+    _check(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    _check(d.val_examples >= 0, f"data.val_examples must be >= 0, got {d.val_examples}")
+    _check(d.max_len >= 2, f"data.max_len must be >= 2, got {d.max_len}")
+    _check(d.num_proc >= 1, f"data.num_proc must be >= 1, got {d.num_proc}")
+    _check(d.synthetic_examples >= 4, f"data.synthetic_examples must be >= 4, got {d.synthetic_examples}")
+    _check(d.lookahead >= 0.0, f"data.lookahead must be >= 0, got {d.lookahead}")
+    _check(d.meta_floor_examples >= 0, f"data.meta_floor_examples must be >= 0, got {d.meta_floor_examples}")
+    if d.path:
+        _check(Path(d.path).exists(), f"data.path does not exist: {d.path}")
+    _check(cfg.tokens_per_micro_batch >= 2, f"tokens_per_micro_batch must be >= 2, got {cfg.tokens_per_micro_batch}")
+    _check(
+        d.max_len <= cfg.tokens_per_micro_batch,
+        f"data.max_len ({d.max_len}) must not exceed tokens_per_micro_batch ({cfg.tokens_per_micro_batch})",
+    )
+    _one_of(cfg.model.dtype, "model.dtype", ("auto", "float32", "bfloat16", "float16", "float64"))
+    _check(bool(cfg.model.name), "model.name must name a preset or a local folder")
+
+    _one_of(b.unit, "budget.unit", ("tokens", "loss"))
+    _check(b.tokens >= 0, f"budget.tokens must be > 0, got {b.tokens}")
+    _check(b.fraction >= 0.0, f"budget.fraction must be > 0, got {b.fraction}")
+    _check(b.tokens > 0 or b.fraction > 0, "the budget must be > 0: set budget.tokens or budget.fraction")
+
+    _one_of(m.method, "mixture.method", MIXTURE_METHODS)
+    _check(m.tau > 0, f"mixture.tau must be > 0, got {m.tau}")
+    _check(0.0 <= m.floor < 1.0, f"mixture.floor (epsilon) must be in [0, 1), got {m.floor}")
+    _check(m.entropy_weight >= 0, f"mixture.entropy_weight must be >= 0, got {m.entropy_weight}")
+    _check(m.lr > 0, f"mixture.lr must be > 0, got {m.lr}")
+    _check(m.temperature > 0, f"mixture.temperature must be > 0, got {m.temperature}")
+    _check(m.cap >= 0, f"mixture.cap must be >= 0, got {m.cap}")
+    _one_of(m.optimizer, "mixture.optimizer", ("adam", "sgd"))
+    _one_of(m.prior, "mixture.prior", ("uniform", "proportional"))
+    if m.method == "fixed":
+        _check(bool(m.weights), "mixture.method fixed needs mixture.weights (task=weight,...)")
+        _check(all(w >= 0 for w in m.weights.values()), "mixture.weights must be >= 0")
+        _check(sum(m.weights.values()) > 0, "mixture.weights must not all be zero")
+
+    _check(meta.val_every >= 1, f"meta.val_every must be >= 1, got {meta.val_every}")
+    _check(meta.update_every >= 1, f"meta.update_every must be >= 1, got {meta.update_every}")
+    _check(meta.warmup >= 0, f"meta.warmup must be >= 0, got {meta.warmup}")
+    _one_of(meta.dots, "meta.dots", ("one_pass", "exact"))
+    _one_of(meta.precondition, "meta.precondition", ("none", "adam"))
+    _check(meta.val_examples_per_task >= 1, "meta.val_examples_per_task must be >= 1")
+
+    _check(t.lr > 0, f"training.lr must be > 0, got {t.lr}")
+    _check(0.0 <= t.min_lr_ratio <= 1.0, f"training.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _check(t.warmup_steps >= 0, f"training.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _check(t.grad_clip >= 0, f"training.grad_clip must be >= 0, got {t.grad_clip}")
+    _check(t.grad_accum >= 1, f"training.grad_accum must be >= 1, got {t.grad_accum}")
+    _check(t.max_steps >= 0, f"training.max_steps must be >= 0, got {t.max_steps}")
+    _check(len(t.betas) == 2 and all(0 <= x < 1 for x in t.betas), "training.betas must be two numbers in [0, 1)")
+    _check(t.zero_stage in (0, 1, 2, 3), f"training.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
+    _check(
+        not (t.zero_stage == 3 and m.method == "adapt"),
+        "mixture.method adapt is not supported with training.zero_stage 3 yet (use stage 0-2, or a static method)",
+    )
+    _check(t.max_bad_steps >= 1, f"training.max_bad_steps must be >= 1, got {t.max_bad_steps}")
+    _one_of(cfg.kernels.backend, "kernels.backend", ("auto", "triton", "torch"))
+    _check(cfg.checkpoint.every_tokens >= 0, "checkpoint.every_tokens must be >= 0")
+    _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+
+
+def check_output_dir(path: str) -> Path:
+    """Create output_dir (or fail with one line if it cannot be written)."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output_dir is not writable: {path} ({err.strerror})") from None
+    return out
+

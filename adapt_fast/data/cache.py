@@ -1,0 +1,275 @@
+"""The tokenised cache: tokenise once, then memory-map.
+
+Layout of one cache entry `<cache_dir>/<key>/` (key = hash of the input files, the rendering
+settings and the tokenizer):
+    meta.json                       task names, counts, settings, statistics
+    <split>/ids.npy                 (total tokens,) uint32, examples end to end
+    <split>/loss_mask.npy           (total tokens,) uint8, 1 where the token carries the loss
+    <split>/offsets.npy             (N + 1,) int64, example i is ids[offsets[i]:offsets[i+1]]
+    <split>/task_ids.npy            (N,) int32
+    <split>/lengths.npy             (N,) int32
+    <split>/loss_tokens.npy         (N,) int32 (the first token of an example never carries loss)
+for split in train, validation. An entry is written to a temporary folder and renamed, so a crash
+never leaves a half-written cache; a second run with the same inputs reuses it without tokenising.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from adapt_fast.data import formats
+from adapt_fast.data.render import fit_to_max_len, resolve_template, tokenize_record
+from adapt_fast.errors import DataError
+
+CACHE_VERSION = 1
+SPLITS = ("train", "validation")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ADAPT_FAST_CACHE", Path.home() / ".cache" / "adapt_fast"))
+
+
+@dataclass
+class TokenizedSplit:
+    """One split of the tokenised data, memory-mapped. Examples are indexed 0..N-1."""
+
+    ids: np.ndarray
+    loss_mask: np.ndarray
+    offsets: np.ndarray
+    task_ids: np.ndarray
+    lengths: np.ndarray
+    loss_tokens: np.ndarray
+    num_tasks: int
+
+    @classmethod
+    def open(cls, folder: Path, num_tasks: int) -> TokenizedSplit:
+        arrays = {
+            name: np.load(folder / f"{name}.npy", mmap_mode="r")
+            for name in ("ids", "loss_mask", "offsets", "task_ids", "lengths", "loss_tokens")
+        }
+        return cls(num_tasks=num_tasks, **arrays)
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, loss_mask) of example i (views into the memory map)."""
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.ids[start:end], self.loss_mask[start:end]
+
+    def examples_of_task(self, task: int) -> np.ndarray:
+        return np.flatnonzero(np.asarray(self.task_ids) == task)
+
+    def tokens_per_task(self) -> np.ndarray:
+        return np.bincount(self.task_ids, weights=self.lengths, minlength=self.num_tasks).astype(np.int64)
+
+    def loss_tokens_per_task(self) -> np.ndarray:
+        return np.bincount(self.task_ids, weights=self.loss_tokens, minlength=self.num_tasks).astype(np.int64)
+
+    def examples_per_task(self) -> np.ndarray:
+        return np.bincount(self.task_ids, minlength=self.num_tasks).astype(np.int64)
+
+
+@dataclass
+class TokenizedData:
+    """Both splits plus the task names and what happened while building (truncations, drops)."""
+
+    task_names: list[str]
+    train: TokenizedSplit
+    validation: TokenizedSplit
+    meta: dict
+    folder: Path
+    from_cache: bool
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+
+# ----------------------------------------------------------------------------- cache key
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]).encode())
+    return h.hexdigest()
+
+
+def cache_key(files: list[Path], settings: dict, tokenizer) -> str:
+    h = hashlib.sha256(f"adapt_fast-cache-v{CACHE_VERSION}".encode())
+    for f in files:
+        h.update(str(f.name).encode())
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    return h.hexdigest()[:24]
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def _tokenize_batch(batch: dict, tokenizer, template: str, num_positive_examples: int, max_len: int, truncate: bool):
+    out = {"ids": [], "loss_mask": [], "status": [], "length": []}
+    keys = list(batch.keys())
+    for row in zip(*(batch[k] for k in keys), strict=True):
+        record = dict(zip(keys, row, strict=True))
+        ids, mask = tokenize_record(record, tokenizer, template, num_positive_examples)
+        ids, mask, status = fit_to_max_len(ids, mask, max_len, truncate)
+        out["ids"].append(ids)
+        out["loss_mask"].append(mask)
+        out["status"].append(status)
+        out["length"].append(len(ids))
+    return out
+
+
+def _write_split(folder: Path, dataset, task_index: dict[str, int]) -> dict:
+    """Stream the tokenised dataset into the split's .npy files (two passes, batch by batch)."""
+    folder.mkdir(parents=True)
+    statuses = dataset["status"]
+    kept = np.array([s != "dropped" for s in statuses], dtype=bool)
+    lengths = np.array(dataset["length"], dtype=np.int32)[kept]
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    ids = np.lib.format.open_memmap(folder / "ids.npy", mode="w+", dtype=np.uint32, shape=(total,))
+    mask = np.lib.format.open_memmap(folder / "loss_mask.npy", mode="w+", dtype=np.uint8, shape=(total,))
+    loss_tokens = np.zeros(len(lengths), dtype=np.int32)
+    task_ids = np.zeros(len(lengths), dtype=np.int32)
+    j = 0
+    for batch in dataset.iter(batch_size=4096):
+        for row_ids, row_mask, status, task in zip(
+            batch["ids"], batch["loss_mask"], batch["status"], batch["task"], strict=True
+        ):
+            if status == "dropped":
+                continue
+            start, end = offsets[j], offsets[j + 1]
+            ids[start:end] = row_ids
+            mask[start:end] = row_mask
+            loss_tokens[j] = int(np.sum(row_mask[1:]))
+            task_ids[j] = task_index[task]
+            j += 1
+    ids.flush()
+    mask.flush()
+    for name, arr in (("offsets", offsets), ("lengths", lengths), ("loss_tokens", loss_tokens), ("task_ids", task_ids)):
+        np.save(folder / f"{name}.npy", arr)
+    return {"examples": len(lengths), "truncated": statuses.count("truncated"), "dropped": statuses.count("dropped")}
+
+
+def build_or_load(
+    records_path: str | Path,
+    tokenizer,
+    *,
+    group_by: str = "task",
+    task_column: str = "task",
+    template: str = "auto",
+    num_positive_examples: int = 0,
+    val_fraction: float = 0.1,
+    val_examples: int = 0,
+    max_len: int = 1024,
+    truncate: bool = True,
+    tasks: list[str] | None = None,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    num_proc: int = 1,
+    progress: bool = True,
+) -> TokenizedData:
+    """Tokenise the data at `records_path` through the cache (see module docstring)."""
+    path = Path(records_path)
+    template = resolve_template(template, tokenizer)
+    settings = {
+        "group_by": group_by,
+        "task_column": task_column,
+        "template": template,
+        "num_positive_examples": num_positive_examples,
+        "val_fraction": val_fraction,
+        "val_examples": val_examples,
+        "max_len": max_len,
+        "truncate": truncate,
+        "tasks": sorted(tasks or []),
+        "seed": seed,
+    }
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    files = formats.data_files(path)
+    key = cache_key(files, settings, tokenizer)
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    entry = root / key
+    if (entry / "meta.json").exists():
+        return _open(entry, from_cache=True)
+
+    records = formats.load_records(path, group_by=group_by, task_column=task_column)
+    if tasks:
+        unknown = sorted(set(tasks) - {r["task"] for r in records})
+        if unknown:
+            raise DataError(f"{path}: data.tasks names tasks not in the data: {', '.join(unknown)}")
+        records = [r for r in records if r["task"] in set(tasks)]
+    formats.assign_splits(records, val_fraction, val_examples, seed)
+    task_names = sorted({r["task"] for r in records})
+    task_index = {name: i for i, name in enumerate(task_names)}
+
+    import datasets
+
+    if not progress:
+        datasets.disable_progress_bars()
+    meta = {"version": CACHE_VERSION, "task_names": task_names, "settings": settings, "source": str(path)}
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    try:
+        for split in SPLITS:
+            rows = [r for r in records if r["split"] == split]
+            ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({k: [] for k in formats.RECORD_KEYS})
+            ds = ds.map(
+                _tokenize_batch,
+                batched=True,
+                batch_size=256,
+                num_proc=num_proc if len(rows) >= 4 * 256 * num_proc else None,
+                remove_columns=[c for c in ds.column_names if c != "task"],
+                fn_kwargs={
+                    "tokenizer": tokenizer,
+                    "template": template,
+                    "num_positive_examples": num_positive_examples,
+                    "max_len": max_len,
+                    "truncate": truncate,
+                },
+                desc=f"tokenising {split}",
+                keep_in_memory=True,
+            )
+            meta[split] = _write_split(tmp / split, ds, task_index)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            tmp.rename(entry)
+        except OSError:  # another process finished the same entry first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _open(entry, from_cache=False)
+
+
+def _open(entry: Path, from_cache: bool) -> TokenizedData:
+    meta = json.loads((entry / "meta.json").read_text())
+    k = len(meta["task_names"])
+    return TokenizedData(
+        task_names=meta["task_names"],
+        train=TokenizedSplit.open(entry / "train", k),
+        validation=TokenizedSplit.open(entry / "validation", k),
+        meta=meta,
+        folder=entry,
+        from_cache=from_cache,
+    )

@@ -1,0 +1,467 @@
+"""The packed loader: micro-batches that follow the mixture p and spend the token budget exactly.
+
+Every call plans one *global* micro-step of W micro-batches (one per data-parallel rank) and returns
+this rank's. All ranks run the same deterministic plan, so they draw disjoint examples and know the
+global counts without communicating. A global micro-step:
+
+1. Capacity W·L token slots (L = tokens_per_micro_batch). A pool of (1 + lookahead)·W·L tokens is
+   split among tasks by p with largest-remainder rounding; examples left over from the previous step
+   count toward their task's share and are placed first.
+2. Each task draws from its own stream: its examples shuffled without replacement, reshuffled every
+   epoch (reuse beyond one epoch is counted). On meta steps (mixture updates) every task contributes
+   at least `meta_floor_examples` examples, placed first, so every d_k can be measured.
+3. Best-fit decreasing places the pool into W bins of L slots; what does not fit rolls over.
+4. The budget: when the step would spend more than what remains, the plan is cut in plan order and
+   the last example truncated so that exactly the budget is spent (`unit: tokens` counts non-padding
+   tokens, `unit: loss` counts tokens that carry the loss). The last step is not padded.
+
+Within a micro-batch, examples are grouped by task in task order (task_offsets), as the ghost
+kernels expect. See MicroBatch for the fields.
+"""
+
+from __future__ import annotations
+
+import warnings
+from bisect import bisect_right, insort
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from adapt_fast.data.batch import IGNORE_INDEX, PAD_TASK, MicroBatch
+from adapt_fast.data.cache import TokenizedSplit
+from adapt_fast.data.pack import best_fit_pack, cut_to_budget
+from adapt_fast.errors import DataError
+
+
+def largest_remainder(total: int, p: np.ndarray) -> np.ndarray:
+    """Integers summing to `total`, proportional to p (ties to the lower index)."""
+    p = np.asarray(p, dtype=np.float64)
+    if total <= 0 or p.sum() <= 0:
+        return np.zeros(len(p), dtype=np.int64)
+    exact = total * p / p.sum()
+    counts = np.floor(exact).astype(np.int64)
+    short = int(total - counts.sum())
+    order = np.lexsort((np.arange(len(p)), -(exact - counts)))
+    counts[order[:short]] += 1
+    return counts
+
+
+def fill_gaps(lengths: np.ndarray, placement: np.ndarray, capacity: int, priority: np.ndarray) -> np.ndarray:
+    """Shrink the gaps best fit left. Best fit decreasing leaves the shortest items unplaced, so a gap
+    is filled by swapping a placed (non-priority) item for one or two unplaced items that are longer
+    together but still fit. Deterministic; returns the new placement (n,) with -1 for unplaced."""
+    placement = placement.copy()
+    unplaced = sorted((int(lengths[i]), int(i)) for i in np.flatnonzero(placement < 0))
+    for b in range(int(placement.max()) + 1 if placement.size else 0):
+        gap = capacity - int(lengths[placement == b].sum())
+        members = np.flatnonzero((placement == b) & ~priority)
+        for a in members[np.argsort(-lengths[members], kind="stable")]:
+            if gap == 0 or not unplaced:
+                break
+            size = int(lengths[a])
+            best = _best_replacement([u for u, _ in unplaced], size, size + gap)
+            if best is None:
+                continue
+            chosen = [unplaced[j] for j in best]
+            for j in sorted(best, reverse=True):
+                unplaced.pop(j)
+            for _, u in chosen:
+                placement[u] = b
+            placement[a] = -1
+            gap -= sum(u for u, _ in chosen) - size
+            insort(unplaced, (size, int(a)))
+    return placement
+
+
+def _best_replacement(sizes: list[int], above: int, at_most: int) -> tuple[int, ...] | None:
+    """Positions of one or two entries of the sorted `sizes` whose sum is in (above, at_most],
+    the largest such sum (first found on ties); None if there is none."""
+    best, best_sum = None, above
+    j = bisect_right(sizes, at_most) - 1
+    if j >= 0 and sizes[j] > best_sum:
+        best, best_sum = (j,), sizes[j]
+    lo, hi = 0, len(sizes) - 1
+    while lo < hi:
+        total = sizes[lo] + sizes[hi]
+        if total > at_most:
+            hi -= 1
+            continue
+        if total > best_sum:
+            best, best_sum = (lo, hi), total
+        lo += 1
+    return best
+
+
+class TaskStream:
+    """Task k's examples, shuffled without replacement and reshuffled every epoch (seed, task, epoch)."""
+
+    def __init__(self, examples: np.ndarray, seed: int, task: int):
+        self.examples = np.asarray(examples, dtype=np.int64)
+        self.seed, self.task = seed, task
+        self.epoch, self.position = 0, 0
+        self._order = self._shuffle(0)
+
+    def _shuffle(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.task, epoch]).permutation(self.examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def next(self) -> tuple[int, bool]:
+        """-> (example index, reused beyond the first epoch)."""
+        if self.position == len(self._order):
+            self.epoch += 1
+            self.position = 0
+            self._order = self._shuffle(self.epoch)
+        self.position += 1
+        return int(self._order[self.position - 1]), self.epoch > 0
+
+    @property
+    def exhausted_once(self) -> bool:
+        return self.epoch > 0 or self.position == len(self._order)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._shuffle(self.epoch)
+
+
+@dataclass
+class LoaderStats:
+    """Global counts (all ranks) of what the loader has handed out."""
+
+    tokens: int = 0  # non-padding tokens fed
+    loss_tokens: int = 0  # tokens carrying the loss
+    padding: int = 0  # padding slots
+    micro_steps: int = 0  # global micro-steps (each W micro-batches)
+    examples: int = 0
+    truncated: int = 0  # examples cut by the budget
+    reused: int = 0  # examples drawn beyond their task's first epoch
+    tokens_per_task: list[int] = field(default_factory=list)
+    loss_tokens_per_task: list[int] = field(default_factory=list)
+    examples_per_task: list[int] = field(default_factory=list)
+
+    @property
+    def padding_fraction(self) -> float:
+        slots = self.tokens + self.padding
+        return self.padding / slots if slots else 0.0
+
+
+@dataclass
+class _Item:
+    example: int
+    task: int
+    length: int  # tokens fed (after a budget truncation)
+
+
+class PackedLoader:
+    """Yields this rank's packed MicroBatch until the budget is spent (then None).
+
+    split            the training split (memory-mapped)
+    budget           budget in `unit`s: "tokens" (non-padding tokens) or "loss" (loss tokens)
+    mixture          initial p (K,); change it any time with set_mixture
+    """
+
+    def __init__(
+        self,
+        split: TokenizedSplit,
+        tokens_per_micro_batch: int,
+        budget: int,
+        mixture: np.ndarray,
+        *,
+        unit: str = "tokens",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        lookahead: float = 0.1,
+        meta_floor_examples: int = 1,
+        allow_repeat: bool = True,
+        pack_backend: str = "auto",
+    ):
+        if unit not in ("tokens", "loss"):
+            raise ValueError(f"unknown budget unit {unit!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.split = split
+        self.num_tasks = split.num_tasks
+        self.capacity = int(tokens_per_micro_batch)
+        self.budget = int(budget)
+        self.unit = unit
+        self.rank, self.world_size = rank, world_size
+        self.lookahead = lookahead
+        self.meta_floor_examples = meta_floor_examples
+        self.allow_repeat = allow_repeat
+        self.pack_backend = pack_backend
+        self._lengths = np.asarray(split.lengths, dtype=np.int64)
+        self._loss_tokens = np.asarray(split.loss_tokens, dtype=np.int64)
+        if self._lengths.size and self._lengths.max() > self.capacity:
+            raise DataError(
+                f"an example of {int(self._lengths.max())} tokens exceeds tokens_per_micro_batch ({self.capacity})"
+            )
+        self.streams = [TaskStream(split.examples_of_task(k), seed, k) for k in range(self.num_tasks)]
+        self.leftovers: list[int] = []
+        self.stats = LoaderStats(
+            tokens_per_task=[0] * self.num_tasks,
+            loss_tokens_per_task=[0] * self.num_tasks,
+            examples_per_task=[0] * self.num_tasks,
+        )
+        self.last_global_loss_tokens = 0
+        self.deficit = np.zeros(self.num_tasks)  # tokens each task is owed against its share so far
+        available = int(self._unit_counts().sum())
+        if self.budget > available:
+            if not allow_repeat:
+                raise DataError(
+                    f"the budget ({self.budget} {unit}) exceeds the training data ({available} {unit}) "
+                    "and budget.allow_repeat is false"
+                )
+            warnings.warn(
+                f"the budget ({self.budget} {unit}) exceeds the training data ({available} {unit}): "
+                "examples will be reused",
+                stacklevel=2,
+            )
+        self.set_mixture(mixture)
+
+    # ------------------------------------------------------------------ public
+
+    def set_mixture(self, p: np.ndarray) -> None:
+        p = np.asarray(p, dtype=np.float64)
+        if p.shape != (self.num_tasks,) or not np.all(np.isfinite(p)) or (p < 0).any() or p.sum() <= 0:
+            raise ValueError(f"bad mixture {p} for {self.num_tasks} tasks")
+        self.mixture = p / p.sum()
+
+    @property
+    def consumed(self) -> int:
+        """Budget units spent so far, all ranks together."""
+        return self.stats.tokens if self.unit == "tokens" else self.stats.loss_tokens
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - self.consumed
+
+    def next_micro_batch(self, meta_step: bool = False) -> MicroBatch | None:
+        """Plan the next global micro-step and return this rank's micro-batch (None when spent)."""
+        if self.remaining <= 0:
+            return None
+        bins = self._plan(meta_step)
+        batches = [self._build(items, pad_to=None if self._last_step else self.capacity) for items in bins]
+        self.last_global_loss_tokens = int(sum(int(self._loss_of(items)) for items in bins))
+        for b in batches:
+            b.global_loss_tokens = self.last_global_loss_tokens
+        return batches[self.rank]
+
+    def state_dict(self) -> dict:
+        return {
+            "streams": [s.state_dict() for s in self.streams],
+            "leftovers": list(self.leftovers),
+            "stats": dict(self.stats.__dict__),
+            "mixture": self.mixture.tolist(),
+            "deficit": self.deficit.tolist(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for stream, s in zip(self.streams, state["streams"], strict=True):
+            stream.load_state_dict(s)
+        self.leftovers = [int(i) for i in state["leftovers"]]
+        self.stats = LoaderStats(**state["stats"])
+        self.set_mixture(np.asarray(state["mixture"]))
+        self.deficit = np.asarray(state["deficit"], dtype=np.float64)
+
+    # ------------------------------------------------------------------ planning
+
+    def _unit_counts(self) -> np.ndarray:
+        return self._lengths if self.unit == "tokens" else self._loss_tokens
+
+    def _draw(self, task: int) -> int | None:
+        stream = self.streams[task]
+        if len(stream) == 0 or (not self.allow_repeat and stream.exhausted_once):
+            return None
+        example, reused = stream.next()
+        self.stats.reused += int(reused)
+        return example
+
+    def _plan(self, meta_step: bool) -> list[list[_Item]]:
+        """One global micro-step: W lists of items (examples in task order)."""
+        pool = list(self.leftovers)
+        priority = [True] * len(pool)
+        per_task_pool = np.bincount(
+            self.split.task_ids[pool] if pool else np.zeros(0, np.int64),
+            weights=self._lengths[pool] if pool else None,
+            minlength=self.num_tasks,
+        )
+        live = np.array([len(s) > 0 and (self.allow_repeat or not s.exhausted_once) for s in self.streams])
+        p = np.where(live, self.mixture, 0.0)
+        # Shares are kept by integral control: each task's pool quota is its share of the step plus
+        # its running deficit (target - consumed), so packing leftovers never bias the shares.
+        p = p / p.sum()
+        desired = np.maximum(self.world_size * self.capacity * (1 + self.lookahead) * p + self.deficit, 0.0)
+        desired = np.where(live, desired, 0.0)
+        quota = largest_remainder(int(round(desired.sum())), desired) - per_task_pool.astype(np.int64)
+        if meta_step:
+            have = np.bincount(self.split.task_ids[pool], minlength=self.num_tasks) if pool else np.zeros(self.num_tasks)
+            for k in range(self.num_tasks):
+                for _ in range(max(0, self.meta_floor_examples - int(have[k]))):
+                    example = self._draw(k)
+                    if example is None:
+                        break
+                    pool.append(example)
+                    priority.append(True)
+                    quota[k] -= self._lengths[example]
+        for k in range(self.num_tasks):
+            while quota[k] > 0:
+                example = self._draw(k)
+                if example is None:
+                    break
+                pool.append(example)
+                priority.append(False)
+                quota[k] -= self._lengths[example]
+        if not pool:
+            raise DataError("the training data ran out before the budget was spent (budget.allow_repeat is false)")
+
+        pool_arr = np.asarray(pool, dtype=np.int64)
+        placement = best_fit_pack(
+            self._lengths[pool_arr],
+            np.full(self.world_size, self.capacity, dtype=np.int64),
+            np.asarray(priority, dtype=bool),
+            backend=self.pack_backend,
+        )
+        placement = fill_gaps(self._lengths[pool_arr], placement, self.capacity, np.asarray(priority, dtype=bool))
+        self.leftovers = pool_arr[placement < 0].tolist()
+        bins: list[list[_Item]] = []
+        for b in range(self.world_size):
+            members = pool_arr[placement == b]  # stable: keeps pool order within a task
+            tasks = np.asarray(self.split.task_ids[members], dtype=np.int64)
+            order = np.argsort(tasks, kind="stable")
+            bins.append([_Item(int(members[i]), int(tasks[i]), int(self._lengths[members[i]])) for i in order])
+        return self._apply_budget(bins)
+
+    def _apply_budget(self, bins: list[list[_Item]]) -> list[list[_Item]]:
+        """Cut the plan (in plan order: rank 0's items, then rank 1's, ...) to the remaining budget."""
+        flat = [item for items in bins for item in items]
+        counts = np.array([self._units(item) for item in flat], dtype=np.int64)
+        self._last_step = int(counts.sum()) >= self.remaining
+        if self._last_step:
+            n_keep, last_take = cut_to_budget(counts, self.remaining, backend=self.pack_backend)
+            cut = flat[n_keep - 1]
+            if last_take < counts[n_keep - 1]:
+                cut.length = self._length_for(cut.example, last_take)
+                self.stats.truncated += 1
+            kept = {id(item) for item in flat[:n_keep]}
+            bins = [[item for item in items if id(item) in kept] for items in bins]
+        placed = np.zeros(self.num_tasks)
+        for items in bins:
+            for item in items:
+                self._account(item)
+                placed[item.task] += item.length
+        live = np.array([len(s) > 0 and (self.allow_repeat or not s.exhausted_once) for s in self.streams])
+        share = np.where(live, self.mixture, 0.0)
+        if share.sum() > 0:
+            self.deficit += placed.sum() * share / share.sum() - placed
+        self.stats.micro_steps += 1
+        return bins
+
+    def _units(self, item: _Item) -> int:
+        if self.unit == "tokens":
+            return item.length
+        return int(self._loss_tokens[item.example])
+
+    def _length_for(self, example: int, take: int) -> int:
+        """Tokens of `example` to keep so that it spends exactly `take` budget units (take >= 1)."""
+        if self.unit == "tokens":
+            return take
+        _, mask = self.split.example(example)
+        positions = np.flatnonzero(np.asarray(mask[1:])) + 1  # loss tokens (never the first token)
+        return int(positions[take - 1]) + 1
+
+    def _account(self, item: _Item) -> None:
+        loss = self._loss_of([item])
+        self.stats.tokens += item.length
+        self.stats.loss_tokens += loss
+        self.stats.examples += 1
+        self.stats.tokens_per_task[item.task] += item.length
+        self.stats.loss_tokens_per_task[item.task] += loss
+        self.stats.examples_per_task[item.task] += 1
+
+    def _loss_of(self, items: list[_Item]) -> int:
+        total = 0
+        for item in items:
+            if item.length == self._lengths[item.example]:
+                total += int(self._loss_tokens[item.example])
+            else:
+                _, mask = self.split.example(item.example)
+                total += int(np.asarray(mask[1 : item.length]).sum())
+        return total
+
+    # ------------------------------------------------------------------ building tensors
+
+    def _build(self, items: list[_Item], pad_to: int | None) -> MicroBatch:
+        batch = pack_items(self.split, [(i.example, i.length) for i in items], self.num_tasks, pad_to)
+        self.stats.padding += batch.num_tokens - sum(i.length for i in items)
+        return batch
+
+
+def pack_items(
+    split: TokenizedSplit, items: list[tuple[int, int]], num_tasks: int, pad_to: int | None = None
+) -> MicroBatch:
+    """Lay (example, length) pairs end to end (already grouped by task) into a MicroBatch.
+    Slots up to `pad_to` become one padding segment; an empty batch gets one padding slot."""
+    lengths = np.array([length for _, length in items], dtype=np.int64)
+    used = int(lengths.sum())
+    total = max(pad_to or 0, used, 1)
+    input_ids = np.zeros(total, dtype=np.int64)
+    labels = np.full(total, IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.zeros(total, dtype=np.int64)
+    task_ids = np.full(total, PAD_TASK, dtype=np.int64)
+    tasks = np.array([split.task_ids[e] for e, _ in items], dtype=np.int64)
+    start = 0
+    for (example, length), task in zip(items, tasks, strict=True):
+        ids, mask = split.example(example)
+        end = start + length
+        input_ids[start:end] = ids[:length]
+        labels[start:end] = np.where(np.asarray(mask[:length], dtype=bool), input_ids[start:end], IGNORE_INDEX)
+        labels[start] = IGNORE_INDEX  # nothing predicts an example's first token
+        position_ids[start:end] = np.arange(length)
+        task_ids[start:end] = task
+        start = end
+    if total > used:
+        position_ids[used:] = np.arange(total - used)
+    seg = list(lengths) + ([total - used] if total > used else [])
+    cu = np.zeros(len(seg) + 1, dtype=np.int32)
+    np.cumsum(seg, out=cu[1:])
+    task_offsets = np.zeros(num_tasks + 1, dtype=np.int64)
+    task_offsets[1:] = np.cumsum(np.bincount(tasks, weights=lengths, minlength=num_tasks)[:num_tasks]).astype(np.int64)
+    return MicroBatch(
+        input_ids=torch.from_numpy(input_ids),
+        labels=torch.from_numpy(labels),
+        position_ids=torch.from_numpy(position_ids),
+        cu_seqlens=torch.from_numpy(cu),
+        task_ids=torch.from_numpy(task_ids),
+        task_offsets=torch.from_numpy(task_offsets),
+        max_seqlen=int(max(seg)),
+        num_examples=len(items),
+    )
+
+
+def pack_examples(split: TokenizedSplit, examples: np.ndarray, tokens_per_micro_batch: int) -> list[MicroBatch]:
+    """Pack a fixed set of examples (e.g. a validation batch) into as few micro-batches as best fit
+    allows, no budget, no padding to full length. Every example appears exactly once."""
+    examples = np.asarray(examples, dtype=np.int64)
+    if examples.size == 0:
+        return []
+    lengths = np.asarray(split.lengths, dtype=np.int64)[examples]
+    num_bins = max(1, int(np.ceil(lengths.sum() / tokens_per_micro_batch)))
+    while True:
+        placement = best_fit_pack(lengths, np.full(num_bins, tokens_per_micro_batch, dtype=np.int64))
+        if (placement >= 0).all():
+            break
+        num_bins += 1
+    batches = []
+    for b in range(num_bins):
+        members = examples[placement == b]
+        if members.size == 0:
+            continue
+        members = members[np.argsort(np.asarray(split.task_ids)[members], kind="stable")]
+        batches.append(pack_items(split, [(int(e), int(split.lengths[e])) for e in members], split.num_tasks))
+    return batches

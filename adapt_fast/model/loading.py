@@ -1,0 +1,209 @@
+"""Models: presets (real architectures, random init, no download) or a local HF folder.
+
+    model, tokenizer = load_model_and_tokenizer("tiny-llama")          # or "llama-3.2-1b", or "/path/to/folder"
+    decoder = base_model(model)                                         # hidden states (1, T, H)
+    weight, softcap = lm_head_and_softcap(model)                        # (V, H), final logit soft-cap or None
+
+Presets are the real models' configs written out (Llama 3.2 1B, Qwen3 0.6B, Gemma 3 1B) plus tiny
+versions of the same architectures for tests. All use the byte tokenizer (adapt_fast.data.tokenizer):
+tiny presets have its vocabulary (rounded up to a multiple of 8), the big ones keep their real
+vocabulary (the byte ids are a subset), and every preset's bos/eos/pad ids are the byte tokenizer's.
+
+Loaded models run the packed attention (adapt_fast.model.attention). The attention implementation is
+not written into a saved config.json, so `model.save_pretrained(folder)` plus
+`tokenizer.save_pretrained(folder)` gives a folder that plain transformers loads (with sdpa) and
+generates from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma3TextConfig,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen3Config,
+)
+
+from adapt_fast.data.tokenizer import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, build_byte_tokenizer
+from adapt_fast.errors import ConfigError
+from adapt_fast.model.attention import use_packed_attention
+
+TINY_VOCAB = (BYTE_VOCAB_SIZE + 7) // 8 * 8  # 264
+BYTE_IDS = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _gemma3_layer_types(num_layers: int, pattern: int) -> list[str]:
+    """Gemma 3: every pattern-th layer is global, the others local (sliding window)."""
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)]
+
+
+def _tiny_llama() -> PretrainedConfig:
+    return LlamaConfig(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=True, **BYTE_IDS,
+    )  # fmt: skip
+
+
+def _tiny_qwen3() -> PretrainedConfig:
+    return Qwen3Config(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
+        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=True, use_sliding_window=False, sliding_window=None, **BYTE_IDS,
+    )  # fmt: skip
+
+
+def _tiny_gemma3() -> PretrainedConfig:
+    return Gemma3TextConfig(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+        max_position_embeddings=4096, rms_norm_eps=1e-6, sliding_window=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, tie_word_embeddings=True, **BYTE_IDS,
+    )  # fmt: skip
+
+
+def _llama_3_2_1b() -> PretrainedConfig:
+    """meta-llama/Llama-3.2-1B."""
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, hidden_act="silu", attention_bias=False, mlp_bias=False, initializer_range=0.02,
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0, "original_max_position_embeddings": 8192,
+        },
+        tie_word_embeddings=True, **BYTE_IDS,
+    )  # fmt: skip
+
+
+def _qwen3_0_6b() -> PretrainedConfig:
+    """Qwen/Qwen3-0.6B."""
+    return Qwen3Config(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+        rms_norm_eps=1e-6, hidden_act="silu", attention_bias=False, initializer_range=0.02,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        use_sliding_window=False, sliding_window=None, max_window_layers=28,
+        tie_word_embeddings=True, **BYTE_IDS,
+    )  # fmt: skip
+
+
+def _gemma_3_1b() -> PretrainedConfig:
+    """google/gemma-3-1b-pt (text only): 5 local layers (window 512) per global one, MQA, head_dim 256."""
+    return Gemma3TextConfig(
+        vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+        max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+        sliding_window=512, layer_types=_gemma3_layer_types(26, 6),
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        attn_logit_softcapping=None, final_logit_softcapping=None, attention_bias=False,
+        initializer_range=0.02, tie_word_embeddings=True, **BYTE_IDS,
+    )  # fmt: skip
+
+
+PRESETS: dict[str, Callable[[], PretrainedConfig]] = {
+    "tiny-llama": _tiny_llama,
+    "tiny-qwen3": _tiny_qwen3,
+    "tiny-gemma3": _tiny_gemma3,
+    "llama-3.2-1b": _llama_3_2_1b,
+    "qwen3-0.6b": _qwen3_0_6b,
+    "gemma-3-1b": _gemma_3_1b,
+}
+
+
+def preset_config(name: str) -> PretrainedConfig:
+    """The config of a preset (a fresh object). Unknown name: ConfigError."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model {name!r}: not a folder and not a preset ({', '.join(PRESETS)})")
+    return PRESETS[name]()
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _load_tokenizer(folder: str, trust_remote_code: bool):
+    if not any(os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        return build_byte_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(
+    name: str,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> tuple[PreTrainedModel, object]:
+    """A preset (random init from `seed`) or a local HF folder, with the packed attention switched on.
+
+    device: default CUDA when available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU.
+    A folder without tokenizer files gets the byte tokenizer.
+    """
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or default_dtype(device)
+
+    if os.path.isdir(name):
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+        ).to(device)
+        tokenizer = _load_tokenizer(name, trust_remote_code)
+    else:
+        config = preset_config(name)
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tokenizer = build_byte_tokenizer()
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"tokenizer of {name!r} has {len(tokenizer)} tokens but the model's vocabulary is {vocab}")
+    return use_packed_attention(model), tokenizer
+
+
+def unwrap(model: torch.nn.Module) -> PreTrainedModel:
+    """The HF model inside DDP / DeepSpeed / compile wrappers."""
+    while not isinstance(model, PreTrainedModel) and hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder (model.model) whose forward returns last_hidden_state (B, T, H), final norm applied."""
+    model = unwrap(model)
+    return getattr(model, model.base_model_prefix, None) or model.get_decoder()
+
+
+def lm_head_and_softcap(model: torch.nn.Module) -> tuple[torch.nn.Parameter, float | None]:
+    """The head weight (V, H) (the embedding weight itself when tied) and the final logit soft-cap or None.
+
+    logits = softcap * tanh(hidden @ weight.T / softcap) when a soft-cap is set (Gemma 2/3), else hidden @ weight.T.
+    """
+    model = unwrap(model)
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise ConfigError(f"{type(model).__name__}: need a bias-free linear LM head")
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return head.weight, softcap

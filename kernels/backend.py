@@ -1,0 +1,61 @@
+"""Backend selection: the Triton kernels on CUDA, their plain-PyTorch references elsewhere.
+
+Triton decides between compiling and interpreting a kernel when `@triton.jit` runs, i.e. when the kernel
+module is imported, from the environment variable TRITON_INTERPRET. A test (or a user) may set the variable
+after this package was imported, so the choice is re-read at every launch: `launchable(kernel)` returns the
+kernel in the mode the environment asks for now.
+"""
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def interpret_mode() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1), read now, not at import."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """Map a backend name to "triton" or "torch" for tensors on `device`.
+
+    "auto" -> "triton" on CUDA (when Triton is installed), "torch" elsewhere. "triton" on a non-CUDA device is
+    allowed only under TRITON_INTERPRET=1 (the interpreter runs kernels on CPU tensors). Raises ValueError.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    device = torch.device(device)
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "triton":
+        if not triton_available():
+            raise ValueError("kernel backend 'triton' requested but triton is not installed")
+        if device.type != "cuda" and not interpret_mode():
+            raise ValueError(f"kernel backend 'triton' needs CUDA tensors (got {device}) or TRITON_INTERPRET=1")
+    return name
+
+
+def launchable(kernel):
+    """`kernel` (made by @triton.jit) compiled or interpreted, as TRITON_INTERPRET says at this moment."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    want_interpreted = interpret_mode()
+    if isinstance(kernel, InterpretedFunction) == want_interpreted:
+        return kernel
+    return _rebuild(kernel.fn, want_interpreted)
+
+
+@functools.cache
+def _rebuild(fn, interpreted: bool):
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    return InterpretedFunction(fn) if interpreted else JITFunction(fn)

@@ -1,0 +1,111 @@
+"""Per-task ghost dot products of a linear layer (DESIGN.md section 2).
+
+For a linear layer y = W x with output gradient delta_t = dL/dy_t, the weight gradient splits over tokens,
+grad_W = sum_t delta_t x_t^T, so its inner product with any G of W's shape splits too:
+
+    out[k] = <G, grad_W restricted to the tokens of task k> = sum_{t in task k} delta_t^T G x_t
+
+computed without per-task gradients (K x out x in) and, in the Triton kernel, without any (T, out) tensor
+beyond one tile: each program computes a (BLOCK_T, BLOCK_OUT) tile of x G^T in fp32 (a forward GEMM) and
+reduces it against the matching tile of delta into one partial per row; the partials are then summed per task.
+Cost: 2 * T * in * out FLOPs, one extra forward matmul.
+
+Tasks are given per token (task_ids, ids outside [0, K) ignored) or as contiguous ranges (task_offsets (K+1,):
+task k owns rows [off[k], off[k+1]), rows outside [off[0], off[K]) are ignored).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .backend import interpret_mode, launchable, resolve_backend
+
+
+def task_index(
+    num_rows: int,
+    device: torch.device,
+    task_ids: torch.Tensor | None = None,
+    num_tasks: int | None = None,
+    task_offsets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Per-row task ids (num_rows,) int64 and K, from task_ids or task_offsets; rows of no task get id -1."""
+    if task_ids is not None:
+        if num_tasks is None:
+            if task_offsets is None:
+                raise ValueError("per-task op: num_tasks is required with task_ids")
+            num_tasks = task_offsets.numel() - 1
+        if task_ids.shape != (num_rows,):
+            raise ValueError(f"task_ids must have shape ({num_rows},), got {tuple(task_ids.shape)}")
+        ids = task_ids.to(device=device, dtype=torch.int64)
+        return torch.where((ids >= 0) & (ids < num_tasks), ids, -1), int(num_tasks)
+    if task_offsets is None:
+        raise ValueError("per-task op: give task_ids (with num_tasks) or task_offsets")
+    offsets = task_offsets.to(device=device, dtype=torch.int64)
+    k = offsets.numel() - 1
+    if num_tasks is not None and num_tasks != k:
+        raise ValueError(f"num_tasks={num_tasks} disagrees with task_offsets of length {k + 1}")
+    rows = torch.arange(num_rows, device=device)
+    ids = torch.searchsorted(offsets, rows, right=True) - 1  # task k owns [off[k], off[k+1])
+    return torch.where((ids >= 0) & (ids < k), ids, -1), k
+
+
+def _check(x: torch.Tensor, delta: torch.Tensor, G: torch.Tensor) -> None:
+    if x.dim() != 2 or delta.dim() != 2 or G.dim() != 2:
+        raise ValueError("per_task_ghost_dot: x (T, in), delta (T, out) and G (out, in) must be 2-D")
+    if x.shape[0] != delta.shape[0] or G.shape != (delta.shape[1], x.shape[1]):
+        raise ValueError(
+            f"per_task_ghost_dot: shapes x {tuple(x.shape)}, delta {tuple(delta.shape)}, G {tuple(G.shape)} "
+            "do not match x (T, in), delta (T, out), G (out, in)"
+        )
+
+
+def _sum_per_task(row_dots: torch.Tensor, ids: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """(T,) fp32 row values summed into (K,) by task id; rows with id -1 are dropped (no host sync)."""
+    out = torch.zeros(num_tasks, dtype=torch.float32, device=row_dots.device)
+    keep = ids >= 0
+    return out.index_add_(0, ids.clamp(min=0), torch.where(keep, row_dots, 0.0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference (plain PyTorch)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def per_task_ghost_dot_reference(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    G: torch.Tensor,
+    task_ids: torch.Tensor | None = None,
+    num_tasks: int | None = None,
+    task_offsets: torch.Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """(K,) fp32: out[k] = sum_{t in task k} delta_t^T G x_t, in fp32, chunked over T (chunk_size rows)."""
+    _check(x, delta, G)
+    T, out_features = delta.shape
+    ids, K = task_index(T, x.device, task_ids, num_tasks, task_offsets)
+    g32 = G.float()
+    chunk = chunk_size or max(1, (1 << 24) // max(out_features, 1))  # (chunk, out) fp32 temporaries, 64 MiB
+    row_dots = torch.empty(T, dtype=torch.float32, device=x.device)
+    for s in range(0, T, chunk):
+        e = min(s + chunk, T)
+        row_dots[s:e] = ((x[s:e].float() @ g32.T) * delta[s:e].float()).sum(1)
+    return _sum_per_task(row_dots, ids, K)
+
+
+def per_task_ghost_dot(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    G: torch.Tensor,
+    task_ids: torch.Tensor | None = None,
+    num_tasks: int | None = None,
+    task_offsets: torch.Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """(K,) fp32 per-task ghost dot products: Triton on CUDA (backend="auto"), the reference elsewhere."""
+    if resolve_backend(backend, x.device) == "torch":
+        return per_task_ghost_dot_reference(x, delta, G, task_ids, num_tasks, task_offsets, chunk_size=chunk_size)
+    raise NotImplementedError
