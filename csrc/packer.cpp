@@ -84,10 +84,11 @@ static carray<i64> best_fit_pack(carray<i64> lengths, carray<i64> capacities, st
     const i64 n = lengths.shape(0), W = capacities.shape(0);
     const i64* len = lengths.data();
     const i64* caps = capacities.data();
-    for (i64 i = 0; i < n; ++i)
-        if (len[i] <= 0) throw std::invalid_argument("lengths must all be > 0");
-    for (i64 b = 0; b < W; ++b)
-        if (caps[b] < 0) throw std::invalid_argument("bin_capacities must all be >= 0");
+    bool bad = false;
+    for (i64 i = 0; i < n; ++i) bad |= len[i] <= 0;
+    if (bad) throw std::invalid_argument("lengths must all be > 0");
+    for (i64 b = 0; b < W; ++b) bad |= caps[b] < 0;
+    if (bad) throw std::invalid_argument("bin_capacities must all be >= 0");
 
     std::unique_ptr<bool[]> zeros;  // all-false priority when none is given
     const bool* prio;
@@ -114,11 +115,14 @@ static std::pair<i64, i64> cut_to_budget(carray<i64> counts, i64 remaining) {
     if (remaining < 0) throw std::invalid_argument("remaining must be >= 0");
     const i64 n = counts.shape(0);
     const i64* c = counts.data();
-    for (i64 i = 0; i < n; ++i)
-        if (c[i] < 0) throw std::invalid_argument("counts must all be >= 0");
-    if (n == 0 || remaining == 0) return {0, 0};
     i64 total = 0;
-    for (i64 i = 0; i < n; ++i) total += c[i];
+    bool negative = false;
+    for (i64 i = 0; i < n; ++i) {  // one vectorizable pass: check and sum
+        total += c[i];
+        negative |= c[i] < 0;
+    }
+    if (negative) throw std::invalid_argument("counts must all be >= 0");
+    if (n == 0 || remaining == 0) return {0, 0};
     if (total <= remaining) return {n, c[n - 1]};  // everything fits, trailing zeros included
     i64 cum = 0;
     i64 i = 0;

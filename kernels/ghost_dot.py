@@ -94,6 +94,73 @@ def per_task_ghost_dot_reference(
     return _sum_per_task(row_dots, ids, K)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Triton
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ghost_dot_kernel(
+    x_ptr, delta_ptr, g_ptr, part_ptr, T, IN, OUT, stride_x, stride_delta, stride_g,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, GROUP_T: tl.constexpr,
+):  # fmt: skip
+    """Tile (BLOCK_T, BLOCK_OUT) of x G^T in fp32, reduced against delta: part[pid_out, t] = sum_o (G x_t)_o delta_to."""
+    pid = tl.program_id(0)
+    n_tblocks = tl.cdiv(T, BLOCK_T)
+    n_oblocks = tl.cdiv(OUT, BLOCK_OUT)
+    # Grouped ordering (Triton matmul tutorial): GROUP_T row blocks sweep the column blocks together, for L2 reuse.
+    per_group = GROUP_T * n_oblocks
+    first_t = (pid // per_group) * GROUP_T
+    group_rows = tl.minimum(n_tblocks - first_t, GROUP_T)
+    pid_t = first_t + (pid % per_group) % group_rows
+    pid_o = (pid % per_group) // group_rows
+
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_o = pid_o * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    offs_i = tl.arange(0, BLOCK_IN)
+    mask_t, mask_o = offs_t < T, offs_o < OUT
+    x_ptrs = x_ptr + offs_t[:, None].to(tl.int64) * stride_x + offs_i[None, :]  # (BLOCK_T, BLOCK_IN)
+    g_ptrs = g_ptr + offs_o[None, :].to(tl.int64) * stride_g + offs_i[:, None]  # (BLOCK_IN, BLOCK_OUT) of G^T
+    acc = tl.zeros((BLOCK_T, BLOCK_OUT), dtype=tl.float32)
+    for k in range(0, IN, BLOCK_IN):
+        mask_i = offs_i + k < IN
+        a = tl.load(x_ptrs, mask=mask_t[:, None] & mask_i[None, :], other=0.0)
+        b = tl.load(g_ptrs, mask=mask_i[:, None] & mask_o[None, :], other=0.0)
+        if DOT_FP32:  # the Triton interpreter's tl.dot multiplies bf16 bit patterns as integers
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_IN
+        g_ptrs += BLOCK_IN
+    d_ptrs = delta_ptr + offs_t[:, None].to(tl.int64) * stride_delta + offs_o[None, :]
+    d = tl.load(d_ptrs, mask=mask_t[:, None] & mask_o[None, :], other=0.0).to(tl.float32)
+    tl.store(part_ptr + pid_o * T + offs_t, tl.sum(acc * d, axis=1), mask=mask_t)
+
+
+_CUDA_CONFIG = dict(BLOCK_T=128, BLOCK_OUT=256, BLOCK_IN=64, GROUP_T=8, num_warps=8, num_stages=3)
+_INTERPRETER_CONFIG = dict(BLOCK_T=16, BLOCK_OUT=32, BLOCK_IN=16, GROUP_T=4)  # small: odd shapes hit every mask
+
+
+def _ghost_dot_triton(x, delta, G, task_ids=None, num_tasks=None, task_offsets=None) -> torch.Tensor:
+    _check(x, delta, G)
+    if not (x.dtype == delta.dtype == G.dtype):
+        raise ValueError("per_task_ghost_dot: x, delta and G must have the same dtype")
+    T, out_features = delta.shape
+    ids, K = task_index(T, x.device, task_ids, num_tasks, task_offsets)
+    if T == 0:
+        return torch.zeros(K, dtype=torch.float32, device=x.device)
+    x, delta, G = x.contiguous(), delta.contiguous(), G.contiguous()
+    cfg = _INTERPRETER_CONFIG if interpret_mode() else _CUDA_CONFIG
+    n_oblocks = triton.cdiv(out_features, cfg["BLOCK_OUT"])
+    part = torch.empty(n_oblocks, T, dtype=torch.float32, device=x.device)
+    launchable(_ghost_dot_kernel)[(triton.cdiv(T, cfg["BLOCK_T"]) * n_oblocks,)](
+        x, delta, G, part, T, x.shape[1], out_features, x.stride(0), delta.stride(0), G.stride(0),
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_FP32=interpret_mode() and x.dtype == torch.bfloat16, **cfg,
+    )  # fmt: skip
+    return _sum_per_task(part.sum(dim=0), ids, K)
+
+
 def per_task_ghost_dot(
     x: torch.Tensor,
     delta: torch.Tensor,
@@ -105,7 +172,10 @@ def per_task_ghost_dot(
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """(K,) fp32 per-task ghost dot products: Triton on CUDA (backend="auto"), the reference elsewhere."""
+    """(K,) fp32 per-task ghost dot products: Triton on CUDA (backend="auto"), the reference elsewhere.
+
+    chunk_size (rows per chunk) applies to the reference only; the Triton kernel holds one tile at a time.
+    """
     if resolve_backend(backend, x.device) == "torch":
         return per_task_ghost_dot_reference(x, delta, G, task_ids, num_tasks, task_offsets, chunk_size=chunk_size)
-    raise NotImplementedError
+    return _ghost_dot_triton(x, delta, G, task_ids, num_tasks, task_offsets)

@@ -204,6 +204,251 @@ def per_task_linear_cross_entropy_reference(
     )  # fmt: skip
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Triton: one chunk in four kernels.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _logits_kernel(
+    h_ptr, w_ptr, labels_ptr, logits_ptr, part_max_ptr, part_sum_ptr, target_ptr,
+    C, V, H, stride_h, stride_w, stride_logits, n_vblocks, softcap,
+    HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """Tile (BLOCK_T, BLOCK_V) of s = softcap(h W^T) in fp32, stored; per row its max, sum exp(s - max) and, in
+    the tile that holds the label, the target logit (the log-sum-exp over tiles is combined on the host)."""
+    pid = tl.program_id(0)
+    n_tblocks = tl.cdiv(C, BLOCK_T)
+    pid_t = pid % n_tblocks  # row blocks vary fastest: one tile of W is read once and reused from L2
+    pid_v = pid // n_tblocks
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_t, mask_v = offs_t < C, offs_v < V
+    h_ptrs = h_ptr + offs_t[:, None].to(tl.int64) * stride_h + offs_h[None, :]  # (BLOCK_T, BLOCK_H)
+    w_ptrs = w_ptr + offs_v[None, :].to(tl.int64) * stride_w + offs_h[:, None]  # (BLOCK_H, BLOCK_V) of W^T
+    acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
+    for k in range(0, H, BLOCK_H):
+        mask_h = offs_h + k < H
+        a = tl.load(h_ptrs, mask=mask_t[:, None] & mask_h[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=mask_h[:, None] & mask_v[None, :], other=0.0)
+        if DOT_FP32:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        h_ptrs += BLOCK_H
+        w_ptrs += BLOCK_H
+    if HAS_SOFTCAP:  # softcap * tanh(z / softcap), tanh from exp (portable across Triton versions)
+        e = tl.exp(-2.0 * tl.abs(acc) / softcap)
+        th = (1.0 - e) / (1.0 + e)
+        acc = tl.where(acc < 0, -th, th) * softcap
+    out_ptrs = logits_ptr + offs_t[:, None].to(tl.int64) * stride_logits + offs_v[None, :]
+    tl.store(out_ptrs, acc, mask=mask_t[:, None] & mask_v[None, :])
+
+    s = tl.where(mask_v[None, :], acc, float("-inf"))
+    row_max = tl.max(s, axis=1)
+    row_sum = tl.sum(tl.exp(s - row_max[:, None]), axis=1)
+    tl.store(part_max_ptr + offs_t * n_vblocks + pid_v, row_max, mask=mask_t)
+    tl.store(part_sum_ptr + offs_t * n_vblocks + pid_v, row_sum, mask=mask_t)
+    labels = tl.load(labels_ptr + offs_t, mask=mask_t, other=-1)
+    target = tl.sum(tl.where(offs_v[None, :] == labels[:, None], acc, 0.0), axis=1)
+    in_tile = (labels >= pid_v * BLOCK_V) & (labels < pid_v * BLOCK_V + BLOCK_V)
+    tl.store(target_ptr + offs_t, target, mask=mask_t & in_tile)
+
+
+@triton.jit
+def _dlogits_kernel(
+    logits_ptr, dz_ptr, lse_ptr, labels_ptr, coef_ptr, V, stride_logits, stride_dz, softcap,
+    HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One row: dz = coef * (softmax(s) - onehot(label)) * ds/dz, written over the row's logits.
+
+    dz (input dtype) may alias the fp32 logits of the same row: a 2-byte dz[j] lands inside logits[j // 2], so
+    every block is read before it is overwritten, and the barrier orders the reads of all threads before any write.
+    """
+    row = tl.program_id(0)
+    lse = tl.load(lse_ptr + row)
+    label = tl.load(labels_ptr + row)
+    coef = tl.load(coef_ptr + row)
+    logits_row = logits_ptr + row.to(tl.int64) * stride_logits
+    dz_row = dz_ptr + row.to(tl.int64) * stride_dz
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < V
+        s = tl.load(logits_row + cols, mask=mask, other=0.0)
+        g = tl.exp(s - lse) - tl.where(cols == label, 1.0, 0.0)
+        if HAS_SOFTCAP:  # d(softcap * tanh(z / softcap))/dz = 1 - tanh^2
+            th = s / softcap
+            g = g * (1.0 - th * th)
+        tl.debug_barrier()
+        tl.store(dz_row + cols, (coef * g).to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dhidden_kernel(
+    dz_ptr, w_ptr, g_ptr, h_ptr, dh_ptr, ghost_part_ptr,
+    C, V, H, stride_dz, stride_w, stride_h, stride_dh,
+    STORE_DH: tl.constexpr, HAS_GHOST: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """Tile (BLOCK_T, BLOCK_H) of dh = dz W; with the ghost head G also of dz G, reduced against h to one
+    partial ghost dot per row: ghost_t = sum_j (dz G)[t, j] h[t, j]."""
+    pid = tl.program_id(0)
+    n_hblocks = tl.cdiv(H, BLOCK_H)
+    pid_h = pid % n_hblocks
+    pid_t = pid // n_hblocks
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_v = tl.arange(0, BLOCK_V)
+    mask_t, mask_h = offs_t < C, offs_h < H
+    dz_ptrs = dz_ptr + offs_t[:, None].to(tl.int64) * stride_dz + offs_v[None, :]  # (BLOCK_T, BLOCK_V)
+    w_ptrs = w_ptr + offs_v[:, None].to(tl.int64) * stride_w + offs_h[None, :]  # (BLOCK_V, BLOCK_H)
+    g_ptrs = g_ptr + offs_v[:, None].to(tl.int64) * stride_w + offs_h[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    for k in range(0, V, BLOCK_V):
+        mask_v = offs_v + k < V
+        a = tl.load(dz_ptrs, mask=mask_t[:, None] & mask_v[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+        if STORE_DH:
+            b = tl.load(w_ptrs, mask=mask_v[:, None] & mask_h[None, :], other=0.0)
+            if DOT_FP32:
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if HAS_GHOST:
+            bg = tl.load(g_ptrs, mask=mask_v[:, None] & mask_h[None, :], other=0.0)
+            if DOT_FP32:
+                bg = bg.to(tl.float32)
+            acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
+        dz_ptrs += BLOCK_V
+        w_ptrs += BLOCK_V * stride_w
+        g_ptrs += BLOCK_V * stride_w
+    mask = mask_t[:, None] & mask_h[None, :]
+    if STORE_DH:
+        dh_ptrs = dh_ptr + offs_t[:, None].to(tl.int64) * stride_dh + offs_h[None, :]
+        tl.store(dh_ptrs, acc.to(dh_ptr.dtype.element_ty), mask=mask)
+    if HAS_GHOST:
+        h = tl.load(h_ptr + offs_t[:, None].to(tl.int64) * stride_h + offs_h[None, :], mask=mask, other=0.0)
+        tl.store(ghost_part_ptr + pid_h * C + offs_t, tl.sum(acc_g * h.to(tl.float32), axis=1), mask=mask_t)
+
+
+@triton.jit
+def _dweight_kernel(
+    dz_ptr, h_ptr, dw_ptr, C, V, H, stride_dz, stride_h, stride_dw,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """Tile (BLOCK_V, BLOCK_H) of dW += dz^T h, accumulated in fp32 in place (dW spans all chunks)."""
+    pid = tl.program_id(0)
+    n_hblocks = tl.cdiv(H, BLOCK_H)
+    pid_h = pid % n_hblocks  # column blocks vary fastest: a column block of dz is reused from L2
+    pid_v = pid // n_hblocks
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_v, mask_h = offs_v < V, offs_h < H
+    dzt_ptrs = dz_ptr + offs_t[None, :].to(tl.int64) * stride_dz + offs_v[:, None]  # (BLOCK_V, BLOCK_T) of dz^T
+    h_ptrs = h_ptr + offs_t[:, None].to(tl.int64) * stride_h + offs_h[None, :]  # (BLOCK_T, BLOCK_H)
+    dw_ptrs = dw_ptr + offs_v[:, None].to(tl.int64) * stride_dw + offs_h[None, :]
+    mask = mask_v[:, None] & mask_h[None, :]
+    acc = tl.load(dw_ptrs, mask=mask, other=0.0)
+    for k in range(0, C, BLOCK_T):
+        mask_k = offs_t + k < C
+        a = tl.load(dzt_ptrs, mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(h_ptrs, mask=mask_k[:, None] & mask_h[None, :], other=0.0)
+        if DOT_FP32:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        dzt_ptrs += BLOCK_T * stride_dz
+        h_ptrs += BLOCK_T * stride_h
+    tl.store(dw_ptrs, acc, mask=mask)
+
+
+# Tiles (and num_warps, num_stages) per kernel. On CUDA: Hopper-sized GEMM tiles. Under the interpreter: small
+# tiles, so that small odd test shapes span several tiles and exercise every mask.
+_CUDA_CONFIG = {
+    "logits": dict(BLOCK_T=128, BLOCK_V=256, BLOCK_H=64, num_warps=8, num_stages=3),
+    "dlogits": dict(BLOCK=4096, num_warps=8),
+    "dhidden": dict(BLOCK_T=128, BLOCK_H=128, BLOCK_V=64, num_warps=8, num_stages=3),
+    "dhidden_ghost": dict(BLOCK_T=128, BLOCK_H=64, BLOCK_V=64, num_warps=8, num_stages=3),
+    "dweight": dict(BLOCK_V=128, BLOCK_H=128, BLOCK_T=64, num_warps=8, num_stages=3),
+}
+_INTERPRETER_CONFIG = {
+    "logits": dict(BLOCK_T=16, BLOCK_V=32, BLOCK_H=16),
+    "dlogits": dict(BLOCK=128),
+    "dhidden": dict(BLOCK_T=16, BLOCK_H=16, BLOCK_V=32),
+    "dhidden_ghost": dict(BLOCK_T=16, BLOCK_H=16, BLOCK_V=32),
+    "dweight": dict(BLOCK_V=32, BLOCK_H=16, BLOCK_T=16),
+}
+
+
+def _triton_chunk_rows(vocab: int) -> int:
+    """Rows per chunk: the chunk's fp32 logits (rows, V) take about 1 GiB (2048 rows for a 128K vocabulary)."""
+    return max(256, (1 << 30) // (4 * vocab) // 256 * 256)
+
+
+def _chunk_triton(h, weight, labels, coef, ghost_weight, softcap, d_weight, want_d_hidden):
+    """Triton version of `_chunk_torch` (same arguments and results)."""
+    C, H = h.shape
+    V = weight.shape[0]
+    config = _INTERPRETER_CONFIG if interpret_mode() else _CUDA_CONFIG
+    precision = "ieee" if h.dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
+    # The Triton interpreter's tl.dot multiplies bf16 bit patterns as integers: upcast there (exact in fp32).
+    dot_fp32 = interpret_mode() and h.dtype == torch.bfloat16
+    has_softcap, softcap = softcap is not None, float(softcap or 1.0)
+    weight = weight.contiguous()
+
+    cfg = config["logits"]
+    n_vblocks = triton.cdiv(V, cfg["BLOCK_V"])
+    logits = torch.empty(C, V, dtype=torch.float32, device=h.device)
+    part_max = torch.empty(C, n_vblocks, dtype=torch.float32, device=h.device)
+    part_sum = torch.empty_like(part_max)
+    target = torch.empty(C, dtype=torch.float32, device=h.device)
+    grid = (triton.cdiv(C, cfg["BLOCK_T"]) * n_vblocks,)
+    launchable(_logits_kernel)[grid](
+        h, weight, labels, logits, part_max, part_sum, target,
+        C, V, H, h.stride(0), weight.stride(0), logits.stride(0), n_vblocks, softcap,
+        HAS_SOFTCAP=has_softcap, PRECISION=precision, DOT_FP32=dot_fp32, **cfg,
+    )  # fmt: skip
+    row_max = part_max.max(dim=1).values
+    lse = row_max + torch.log((part_sum * torch.exp(part_max - row_max[:, None])).sum(dim=1))
+    ce = lse - target
+    if d_weight is None and not want_d_hidden and ghost_weight is None:
+        return ce, None, None
+
+    # dz in the input dtype, over the logits buffer (a 2-byte dz row is the first half of its fp32 logits row).
+    dz = logits if h.dtype == torch.float32 else logits.view(h.dtype)[:, :V]
+    launchable(_dlogits_kernel)[(C,)](
+        logits, dz, lse, labels, coef, V, logits.stride(0), dz.stride(0), softcap,
+        HAS_SOFTCAP=has_softcap, **config["dlogits"],
+    )  # fmt: skip
+
+    dh = ghost = None
+    if want_d_hidden or ghost_weight is not None:
+        cfg = config["dhidden" if ghost_weight is None else "dhidden_ghost"]
+        n_hblocks = triton.cdiv(H, cfg["BLOCK_H"])
+        dh = torch.empty_like(h) if want_d_hidden else None
+        ghost_part = torch.empty(n_hblocks, C, dtype=torch.float32, device=h.device) if ghost_weight is not None else None
+        g = ghost_weight.contiguous() if ghost_weight is not None else weight
+        launchable(_dhidden_kernel)[(triton.cdiv(C, cfg["BLOCK_T"]) * n_hblocks,)](
+            dz, weight, g, h, h if dh is None else dh, target if ghost_part is None else ghost_part,
+            C, V, H, dz.stride(0), weight.stride(0), h.stride(0), H,
+            STORE_DH=want_d_hidden, HAS_GHOST=ghost_weight is not None, PRECISION=precision, DOT_FP32=dot_fp32,
+            **cfg,
+        )  # fmt: skip
+        ghost = ghost_part.sum(dim=0) if ghost_part is not None else None
+
+    if d_weight is not None:
+        cfg = config["dweight"]
+        grid = (triton.cdiv(V, cfg["BLOCK_V"]) * triton.cdiv(H, cfg["BLOCK_H"]),)
+        launchable(_dweight_kernel)[grid](
+            dz, h, d_weight, C, V, H, dz.stride(0), h.stride(0), d_weight.stride(0),
+            PRECISION=precision, DOT_FP32=dot_fp32, **cfg,
+        )  # fmt: skip
+    return ce, dh, ghost
+
+
 def per_task_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -229,9 +474,3 @@ def per_task_linear_cross_entropy(
     )  # fmt: skip
 
 
-def _triton_chunk_rows(vocab: int) -> int:
-    raise NotImplementedError
-
-
-def _chunk_triton(*args):
-    raise NotImplementedError

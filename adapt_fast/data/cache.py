@@ -141,9 +141,9 @@ def _tokenize_batch(batch: dict, tokenizer, template: str, num_positive_examples
 def _write_split(folder: Path, dataset, task_index: dict[str, int]) -> dict:
     """Stream the tokenised dataset into the split's .npy files (two passes, batch by batch)."""
     folder.mkdir(parents=True)
-    statuses = dataset["status"]
+    statuses = dataset["status"] if len(dataset) else []
     kept = np.array([s != "dropped" for s in statuses], dtype=bool)
-    lengths = np.array(dataset["length"], dtype=np.int32)[kept]
+    lengths = np.array(dataset["length"] if len(dataset) else [], dtype=np.int32)[kept]
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     total = int(offsets[-1])
@@ -152,7 +152,7 @@ def _write_split(folder: Path, dataset, task_index: dict[str, int]) -> dict:
     loss_tokens = np.zeros(len(lengths), dtype=np.int32)
     task_ids = np.zeros(len(lengths), dtype=np.int32)
     j = 0
-    for batch in dataset.iter(batch_size=4096):
+    for batch in dataset.iter(batch_size=4096) if len(dataset) else []:
         for row_ids, row_mask, status, task in zip(
             batch["ids"], batch["loss_mask"], batch["status"], batch["task"], strict=True
         ):

@@ -150,6 +150,9 @@ class LoaderStats:
         return self.padding / slots if slots else 0.0
 
 
+FLOOR, LEFTOVER, NEW = 2, 1, 0  # placement levels of a pool item
+
+
 @dataclass
 class _Item:
     example: int
@@ -285,29 +288,30 @@ class PackedLoader:
     def _plan(self, meta_step: bool) -> list[list[_Item]]:
         """One global micro-step: W lists of items (examples in task order)."""
         pool = list(self.leftovers)
-        priority = [True] * len(pool)
-        per_task_pool = np.bincount(
-            self.split.task_ids[pool] if pool else np.zeros(0, np.int64),
-            weights=self._lengths[pool] if pool else None,
-            minlength=self.num_tasks,
-        )
+        level = [LEFTOVER] * len(pool)  # placement order: FLOOR, then LEFTOVER, then NEW
+        pool_tasks = np.asarray(self.split.task_ids[pool] if pool else [], dtype=np.int64)
+        per_task_pool = np.bincount(pool_tasks, weights=self._lengths[pool] if pool else None, minlength=self.num_tasks)
         live = np.array([len(s) > 0 and (self.allow_repeat or not s.exhausted_once) for s in self.streams])
         p = np.where(live, self.mixture, 0.0)
+        if p.sum() <= 0:  # every task with data left has a zero share: spread over the live ones
+            p = live.astype(np.float64)
         # Shares are kept by integral control: each task's pool quota is its share of the step plus
         # its running deficit (target - consumed), so packing leftovers never bias the shares.
-        p = p / p.sum()
+        p = p / max(p.sum(), 1e-300)
         desired = np.maximum(self.world_size * self.capacity * (1 + self.lookahead) * p + self.deficit, 0.0)
         desired = np.where(live, desired, 0.0)
         quota = largest_remainder(int(round(desired.sum())), desired) - per_task_pool.astype(np.int64)
         if meta_step:
-            have = np.bincount(self.split.task_ids[pool], minlength=self.num_tasks) if pool else np.zeros(self.num_tasks)
             for k in range(self.num_tasks):
-                for _ in range(max(0, self.meta_floor_examples - int(have[k]))):
+                mine = np.flatnonzero(pool_tasks == k)[: self.meta_floor_examples]
+                for i in mine:
+                    level[i] = FLOOR
+                for _ in range(self.meta_floor_examples - len(mine)):
                     example = self._draw(k)
                     if example is None:
                         break
                     pool.append(example)
-                    priority.append(True)
+                    level.append(FLOOR)
                     quota[k] -= self._lengths[example]
         for k in range(self.num_tasks):
             while quota[k] > 0:
@@ -315,19 +319,29 @@ class PackedLoader:
                 if example is None:
                     break
                 pool.append(example)
-                priority.append(False)
+                level.append(NEW)
                 quota[k] -= self._lengths[example]
         if not pool:
             raise DataError("the training data ran out before the budget was spent (budget.allow_repeat is false)")
 
         pool_arr = np.asarray(pool, dtype=np.int64)
-        placement = best_fit_pack(
-            self._lengths[pool_arr],
-            np.full(self.world_size, self.capacity, dtype=np.int64),
-            np.asarray(priority, dtype=bool),
-            backend=self.pack_backend,
+        lengths, level_arr = self._lengths[pool_arr], np.asarray(level)
+        # The floor examples go in first, on their own; then the rest into what capacity remains.
+        placement = np.full(len(pool), -1, dtype=np.int64)
+        capacities = np.full(self.world_size, self.capacity, dtype=np.int64)
+        floor = np.flatnonzero(level_arr == FLOOR)
+        if floor.size:
+            placement[floor] = best_fit_pack(lengths[floor], capacities, backend=self.pack_backend)
+            capacities -= np.bincount(
+                placement[floor][placement[floor] >= 0],
+                weights=lengths[floor][placement[floor] >= 0],
+                minlength=self.world_size,
+            ).astype(np.int64)
+        rest = np.flatnonzero(level_arr != FLOOR)
+        placement[rest] = best_fit_pack(
+            lengths[rest], capacities, level_arr[rest] == LEFTOVER, backend=self.pack_backend
         )
-        placement = fill_gaps(self._lengths[pool_arr], placement, self.capacity, np.asarray(priority, dtype=bool))
+        placement = fill_gaps(lengths, placement, self.capacity, level_arr != NEW)
         self.leftovers = pool_arr[placement < 0].tolist()
         bins: list[list[_Item]] = []
         for b in range(self.world_size):
@@ -358,7 +372,8 @@ class PackedLoader:
         live = np.array([len(s) > 0 and (self.allow_repeat or not s.exhausted_once) for s in self.streams])
         share = np.where(live, self.mixture, 0.0)
         if share.sum() > 0:
-            self.deficit += placed.sum() * share / share.sum() - placed
+            bound = self.world_size * self.capacity  # anti-windup: owe at most one step's capacity
+            self.deficit = np.clip(self.deficit + placed.sum() * share / share.sum() - placed, -bound, bound)
         self.stats.micro_steps += 1
         return bins
 

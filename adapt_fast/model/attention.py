@@ -25,8 +25,8 @@ we run a plain masked attention.
 
 Back-ends for the packed path: flash-attn's `flash_attn_varlen_func` when installed, else
 `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16); a block-diagonal masked SDPA otherwise
-(CPU, fp32, softcap without flash-attn, dropout). The masked SDPA works on chunks of whole segments
-(CHUNK_TOKENS slots), so memory stays O(chunk^2), not O(T^2).
+(CPU, fp32, softcap without flash-attn, dropout). The masked SDPA works on blocks of at most CHUNK_TOKENS
+queries (short segments grouped, long ones cut), so memory is O(CHUNK_TOKENS x segment length), not O(T^2).
 """
 
 from __future__ import annotations
@@ -72,26 +72,43 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([idx, end]).to(torch.int32)
 
 
-def segment_mask(cu_seqlens: torch.Tensor, start: int, end: int, window: int | None = None) -> torch.Tensor:
-    """(L, L) bool mask over slots [start, end): same segment, causal, and within the sliding window."""
-    idx = torch.arange(start, end, device=cu_seqlens.device)
-    seg = torch.searchsorted(cu_seqlens.to(torch.long), idx, right=True)
-    diff = idx[:, None] - idx[None, :]  # i - j
-    mask = (seg[:, None] == seg[None, :]) & (diff >= 0)
+def segment_mask(
+    cu_seqlens: torch.Tensor, start: int, end: int, window: int | None = None, key_start: int | None = None
+) -> torch.Tensor:
+    """(L, S) bool mask of queries [start, end) over keys [key_start, end) (key_start defaults to start):
+    same segment, causal, and within the sliding window."""
+    key_start = start if key_start is None else key_start
+    qi = torch.arange(start, end, device=cu_seqlens.device)
+    kj = torch.arange(key_start, end, device=cu_seqlens.device)
+    bounds = cu_seqlens.to(torch.long)
+    same = torch.searchsorted(bounds, qi, right=True)[:, None] == torch.searchsorted(bounds, kj, right=True)[None, :]
+    diff = qi[:, None] - kj[None, :]  # i - j
+    mask = same & (diff >= 0)
     if window is not None:
         mask &= diff < window
     return mask
 
 
-def _chunks(bounds: list[int], chunk_tokens: int) -> list[tuple[int, int]]:
-    """Group consecutive segments into slot ranges of at most chunk_tokens (a longer segment stands alone)."""
-    out, start = [], bounds[0]
+def _work_items(bounds: list[int], chunk_tokens: int, window: int | None) -> list[tuple[int, int, int]]:
+    """(query start, query end, key start) blocks of at most chunk_tokens queries; keys end where queries end.
+
+    Consecutive short segments are grouped; a segment longer than chunk_tokens is cut into query blocks,
+    each with the keys it can see (from its segment's start, or from the window's).
+    """
+    groups, start = [], bounds[0]
     for prev, cur in zip(bounds[1:-1], bounds[2:], strict=True):
         if cur - start > chunk_tokens:
-            out.append((start, prev))
+            groups.append((start, prev))
             start = prev
-    out.append((start, bounds[-1]))
-    return [(s, e) for s, e in out if e > s]
+    groups.append((start, bounds[-1]))
+    items = []
+    for s, e in groups:
+        if e - s <= chunk_tokens:
+            items.append((s, e, s))
+            continue
+        for qs in range(s, e, chunk_tokens):  # one long segment
+            items.append((qs, min(qs + chunk_tokens, e), s if window is None else max(s, qs - window + 1)))
+    return [(qs, qe, ks) for qs, qe, ks in items if qe > qs]
 
 
 def masked_attention(
@@ -110,7 +127,9 @@ def masked_attention(
     is tanh(s / cap) * cap on the scaled scores, before the mask (HF's eager order).
     """
     if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, is_causal=is_causal)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, is_causal=is_causal
+        )
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     scores = torch.tanh(scores / softcap) * softcap
     if is_causal:
@@ -145,16 +164,15 @@ def varlen_masked_sdpa(
     n_rep = q.shape[1] // k.shape[1]
     bounds = [int(b) for b in cu_seqlens.tolist()]
     outs = []
-    for s, e in _chunks(bounds, chunk_tokens):
-        qc = q[s:e].transpose(0, 1)  # (H, L, D)
-        kc = repeat_kv_heads(k[s:e].transpose(0, 1), n_rep)
-        vc = repeat_kv_heads(v[s:e].transpose(0, 1), n_rep)
-        one_segment = bounds[bisect.bisect_right(bounds, s)] == e
-        if one_segment and (window is None or window >= e - s):
+    for qs, qe, ks in _work_items(bounds, chunk_tokens, window):
+        qc = q[qs:qe].transpose(0, 1)  # (H, L, D)
+        kc = repeat_kv_heads(k[ks:qe].transpose(0, 1), n_rep)  # (H, S, D)
+        vc = repeat_kv_heads(v[ks:qe].transpose(0, 1), n_rep)
+        one_segment = qs == ks and bounds[bisect.bisect_right(bounds, qs)] == qe
+        if one_segment and (window is None or window >= qe - qs):
             out = masked_attention(qc, kc, vc, None, scale, softcap, dropout_p, is_causal=True)
         else:
-            mask = segment_mask(cu_seqlens, s, e, window)
-            out = masked_attention(qc, kc, vc, mask, scale, softcap, dropout_p)
+            out = masked_attention(qc, kc, vc, segment_mask(cu_seqlens, qs, qe, window, ks), scale, softcap, dropout_p)
         outs.append(out.transpose(0, 1))
     return torch.cat(outs, dim=0)
 
@@ -260,7 +278,9 @@ def packed_attention(
         if out is not None:
             return out
         if backend == "varlen":
-            raise RuntimeError(f"no varlen kernel for this call (device {q.device}, dtype {q.dtype}, softcap {softcap})")
+            raise RuntimeError(
+                f"no varlen kernel for this call (device {q.device}, dtype {q.dtype}, softcap {softcap})"
+            )
     return varlen_masked_sdpa(q, k, v, cu_seqlens, scale, window, softcap, dropout_p)
 
 

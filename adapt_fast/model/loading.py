@@ -141,13 +141,23 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _load_tokenizer(folder: str, trust_remote_code: bool):
-    if not any(os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """The tokenizer for `name`: a folder's own (pad = eos where it has no pad), else the byte tokenizer.
+
+    The byte tokenizer for presets and for folders without tokenizer files; ConfigError for an unknown name.
+    """
+    if not os.path.isdir(name):
+        preset_config(name)  # ConfigError for an unknown name
         return build_byte_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    if not any(os.path.exists(os.path.join(name, f)) for f in TOKENIZER_FILES):
+        return build_byte_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+_load_tokenizer = load_tokenizer  # the name adapt_fast.data.prepare used first
 
 
 def load_model_and_tokenizer(
@@ -169,7 +179,7 @@ def load_model_and_tokenizer(
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
         ).to(device)
-        tokenizer = _load_tokenizer(name, trust_remote_code)
+        tokenizer = load_tokenizer(name, trust_remote_code)
     else:
         config = preset_config(name)
         torch.manual_seed(seed)

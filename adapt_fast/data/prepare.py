@@ -1,0 +1,107 @@
+"""From a Config to tokenised data, a budget and a loader: the glue every entry point shares."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from adapt_fast.config import Config
+from adapt_fast.data.cache import TokenizedData, TokenizedSplit, build_or_load, default_cache_dir
+from adapt_fast.data.loader import PackedLoader
+from adapt_fast.data.synthetic import write_synthetic_suite
+from adapt_fast.errors import ConfigError
+
+
+def cache_root(cfg: Config) -> Path:
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+
+
+def data_path(cfg: Config) -> Path:
+    """`data.path`, or the embedded synthetic suite (written once under the cache folder)."""
+    if cfg.data.path:
+        return Path(cfg.data.path)
+    folder = cache_root(cfg) / f"synthetic-seed{cfg.seed}-n{cfg.data.synthetic_examples}"
+    if not (folder / "tasks").is_dir():
+        tmp = folder.with_name(folder.name + f".tmp{np.random.randint(1 << 30)}")
+        write_synthetic_suite(tmp, seed=cfg.seed, examples_per_task=cfg.data.synthetic_examples)
+        try:
+            tmp.rename(folder)
+        except OSError:  # written meanwhile by another rank
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_data(cfg: Config, tokenizer, progress: bool = True) -> TokenizedData:
+    """Tokenise (through the cache) the data named by the config."""
+    d = cfg.data
+    return build_or_load(
+        data_path(cfg),
+        tokenizer,
+        group_by=d.group_by,
+        task_column=d.task_column,
+        template=d.template,
+        num_positive_examples=d.num_positive_examples,
+        val_fraction=d.val_fraction,
+        val_examples=d.val_examples,
+        max_len=d.max_len,
+        truncate=d.truncate,
+        tasks=d.tasks,
+        seed=cfg.seed,
+        cache_dir=cache_root(cfg),
+        num_proc=d.num_proc,
+        progress=progress,
+    )
+
+
+def available_units(split: TokenizedSplit, unit: str) -> int:
+    """Training data size in budget units."""
+    return int(np.asarray(split.lengths if unit == "tokens" else split.loss_tokens, dtype=np.int64).sum())
+
+
+def resolve_budget(cfg: Config, split: TokenizedSplit) -> int:
+    """budget.tokens, or budget.fraction of the training data (in budget.unit); at least 1."""
+    if cfg.budget.tokens > 0:
+        return int(cfg.budget.tokens)
+    budget = int(cfg.budget.fraction * available_units(split, cfg.budget.unit))
+    if budget < 1:
+        raise ConfigError(f"budget.fraction {cfg.budget.fraction} of this data is less than one {cfg.budget.unit}")
+    return budget
+
+
+def check_task_names(names: list[str], data: TokenizedData, key: str) -> list[int]:
+    """Indices of `names` among the data's tasks; ConfigError naming the unknown ones."""
+    unknown = [n for n in names if n not in data.task_names]
+    if unknown:
+        raise ConfigError(f"{key}: unknown task(s) {', '.join(unknown)} (tasks: {', '.join(data.task_names)})")
+    return [data.task_names.index(n) for n in names]
+
+
+def make_loader(
+    cfg: Config, data: TokenizedData, mixture: np.ndarray, budget: int, rank: int = 0, world_size: int = 1
+) -> PackedLoader:
+    return PackedLoader(
+        data.train,
+        cfg.tokens_per_micro_batch,
+        budget,
+        mixture,
+        unit=cfg.budget.unit,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        lookahead=cfg.data.lookahead,
+        meta_floor_examples=cfg.data.meta_floor_examples,
+        allow_repeat=cfg.budget.allow_repeat,
+    )
+
+
+def load_tokenizer(cfg: Config):
+    """The tokenizer of model.name: a local folder's own (or the byte tokenizer), or a preset's."""
+    from adapt_fast.model import loading
+
+    if Path(cfg.model.name).is_dir():
+        return loading._load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    loading.preset_config(cfg.model.name)  # ConfigError for an unknown name
+    return loading.build_byte_tokenizer()

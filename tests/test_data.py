@@ -1,0 +1,342 @@
+"""Data pipeline: formats, masking, cache, packing, the budget met exactly, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapt_fast.config import load_config
+from adapt_fast.data import formats
+from adapt_fast.data.batch import IGNORE_INDEX
+from adapt_fast.data.cache import build_or_load
+from adapt_fast.data.loader import PackedLoader, largest_remainder, pack_examples
+from adapt_fast.data.synthetic import write_synthetic_suite
+from adapt_fast.data.tokenizer import build_byte_tokenizer
+from adapt_fast.errors import DataError
+
+NI_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "natural-instructions"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("suite")
+    write_synthetic_suite(root / "data", seed=0, examples_per_task=300)
+    return build_or_load(root / "data", tokenizer, cache_dir=root / "cache", seed=0, progress=False)
+
+
+def drain(loaders: list[PackedLoader], meta_every: int = 0) -> list[list]:
+    """Run every rank's loader to the end; returns per-rank lists of micro-batches."""
+    out: list[list] = [[] for _ in loaders]
+    step = 0
+    while True:
+        batches = [ld.next_micro_batch(meta_step=bool(meta_every) and step % meta_every == 0) for ld in loaders]
+        if batches[0] is None:
+            assert all(b is None for b in batches)
+            return out
+        for r, b in enumerate(batches):
+            out[r].append(b)
+        step += 1
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+@pytest.mark.skipif(not NI_SAMPLE.exists(), reason="no shared NI sample")
+def test_every_ni_sample_task_loads_with_its_instance_count():
+    manifest = (NI_SAMPLE / "MANIFEST.md").read_text()
+    expected = {m[0]: int(m[1]) for m in re.findall(r"\| (task\S+\.json) \| [^|]+ \| (\d+) \|", manifest)}
+    assert len(expected) == 17
+    for name, count in expected.items():
+        records = formats.load_ni_task_file(NI_SAMPLE / "tasks" / name)
+        assert len(records) == count, name
+        assert all(r["task"] == name.removesuffix(".json") and r["definition"] for r in records)
+    by_category = formats.load_records(NI_SAMPLE, group_by="category")
+    assert len(by_category) == sum(expected.values())
+    assert "Program Execution" in {r["task"] for r in by_category}
+
+
+def test_jsonl_parquet_and_datasets_folder_formats(tmp_path):
+    rows = [
+        {"task": "a", "prompt": "2+2=", "response": "4"},
+        {"task": "b", "instruction": "Say hi", "input": "", "output": "hi"},
+        {"task": "c", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+    ]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    records = formats.load_records(tmp_path / "d.jsonl")
+    assert [r["task"] for r in records] == ["a", "b", "c"]
+    assert [r["output"] for r in records] == ["4", "hi", "y"]
+
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"task": "a", "prompt": "p", "response": "r"}] * 3)
+    ds.to_parquet(tmp_path / "d.parquet")
+    assert len(formats.load_parquet(tmp_path / "d.parquet", "task")) == 3
+    datasets.DatasetDict({"train": ds, "validation": ds}).save_to_disk(tmp_path / "hf")
+    hf = formats.load_records(tmp_path / "hf")
+    assert sorted({r["split"] for r in hf}) == ["train", "validation"]
+
+
+def test_split_uses_data_split_else_seeded_fraction():
+    records = [formats._record(task="t", input=str(i), output="o") for i in range(50)]
+    formats.assign_splits(records, val_fraction=0.2, val_examples=0, seed=1)
+    first = [r["split"] for r in records]
+    assert first.count("validation") == 10
+    again = [formats._record(task="t", input=str(i), output="o") for i in range(50)]
+    formats.assign_splits(again, val_fraction=0.2, val_examples=0, seed=1)
+    assert [r["split"] for r in again] == first
+    fixed = [formats._record(task="t", input=str(i), output="o") for i in range(50)]
+    formats.assign_splits(fixed, val_fraction=0.2, val_examples=3, seed=1)
+    assert [r["split"] for r in fixed].count("validation") == 3
+
+
+# ----------------------------------------------------------------------------- masking and cache
+
+
+def test_loss_only_on_response_and_eos(suite, tokenizer):
+    split = suite.train
+    for i in range(0, split.num_examples, 97):
+        ids, mask = split.example(i)
+        ids, mask = np.asarray(ids), np.asarray(mask).astype(bool)
+        text = tokenizer.decode(ids[~mask].tolist())
+        response = tokenizer.decode(ids[mask][:-1].tolist())
+        assert ids[mask][-1] == tokenizer.eos_token_id
+        assert text.endswith("Output: ") and "Definition:" in text
+        assert not mask[: int(np.argmax(mask))].any() and mask[int(np.argmax(mask)) :].all()
+        assert len(response) > 0
+
+
+def test_microbatch_labels_isolate_examples(suite):
+    loader = PackedLoader(suite.train, 1024, 5000, np.ones(suite.num_tasks) / suite.num_tasks)
+    batch = loader.next_micro_batch()
+    starts = batch.cu_seqlens[:-1].long()
+    assert (batch.labels[starts] == IGNORE_INDEX).all()
+    assert (batch.position_ids[starts] == 0).all()
+    shifted = batch.shift_labels()
+    ends = batch.cu_seqlens[1:].long() - 1
+    assert (shifted[ends] == IGNORE_INDEX).all()  # no position predicts the next example's first token
+    for k in range(batch.num_tasks):  # task ranges are contiguous and in task order
+        lo, hi = batch.task_offsets[k], batch.task_offsets[k + 1]
+        assert (batch.task_ids[lo:hi] == k).all()
+    rows = batch.to_rows()
+    assert rows["input_ids"].shape[0] == batch.num_examples
+    flat = rows["index"][rows["attention_mask"]]
+    assert (batch.input_ids[flat] == rows["input_ids"][rows["attention_mask"]]).all()
+
+
+def test_second_load_hits_the_cache(tmp_path, tokenizer, monkeypatch):
+    write_synthetic_suite(tmp_path / "data", seed=3, examples_per_task=20)
+    first = build_or_load(tmp_path / "data", tokenizer, cache_dir=tmp_path / "c", progress=False)
+    assert not first.from_cache
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("tokenised again")
+
+    monkeypatch.setattr("adapt_fast.data.cache._tokenize_batch", no_tokenising)
+    second = build_or_load(tmp_path / "data", tokenizer, cache_dir=tmp_path / "c", progress=False)
+    assert second.from_cache and second.folder == first.folder
+    assert np.array_equal(second.train.ids, first.train.ids)
+    monkeypatch.undo()  # a change of settings is a different entry
+    other = build_or_load(tmp_path / "data", tokenizer, cache_dir=tmp_path / "c", max_len=64, progress=False)
+    assert other.folder != first.folder
+
+
+# ----------------------------------------------------------------------------- budget and shares
+
+
+@pytest.mark.parametrize("unit", ["tokens", "loss"])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_budget_met_exactly(suite, unit, world_size):
+    p = np.random.default_rng(world_size).dirichlet(np.ones(suite.num_tasks))
+    for budget in (1, 777, 40_003, 123_457):
+        loaders = [
+            PackedLoader(suite.train, 2048, budget, p, unit=unit, rank=r, world_size=world_size, seed=5)
+            for r in range(world_size)
+        ]
+        per_rank = drain(loaders, meta_every=3)
+        fed = sum(int((b.task_ids >= 0).sum()) for batches in per_rank for b in batches)
+        loss = sum(int((b.labels != IGNORE_INDEX).sum()) for batches in per_rank for b in batches)
+        assert (fed if unit == "tokens" else loss) == budget
+        assert loaders[0].consumed == budget
+        assert all(ld.stats.tokens == loaders[0].stats.tokens for ld in loaders)
+
+
+def test_ranks_draw_disjoint_examples(suite):
+    budget = int(np.asarray(suite.train.lengths).sum()) // 2  # within one epoch: no reuse
+    p = suite.train.tokens_per_task() / suite.train.tokens_per_task().sum()
+    loaders = [PackedLoader(suite.train, 2048, budget, p, rank=r, world_size=2, seed=1) for r in range(2)]
+    per_rank = drain(loaders)
+    assert loaders[0].stats.reused == 0
+
+    def example_starts(batches):
+        # identify examples by their token content and task (synthetic examples are distinct)
+        keys = set()
+        for b in batches:
+            for s, e in zip(b.cu_seqlens[:-1].tolist(), b.cu_seqlens[1:].tolist(), strict=True):
+                if b.task_ids[s] >= 0:
+                    keys.add(tuple(b.input_ids[s:e].tolist()))
+        return keys
+
+    a, b = example_starts(per_rank[0]), example_starts(per_rank[1])
+    assert a and b and not (a & b)
+
+
+def test_shares_follow_the_mixture_and_can_change(suite):
+    K = suite.num_tasks
+    p = np.array([0.4, 0.05, 0.2, 0.15, 0.1, 0.1])[:K]
+    loader = PackedLoader(suite.train, 4096, 400_000, p, seed=2)
+    for _ in range(40):
+        loader.next_micro_batch()
+    shares = np.array(loader.stats.tokens_per_task) / loader.stats.tokens
+    assert np.abs(shares - p).max() < 0.01, shares
+    before = np.array(loader.stats.tokens_per_task)
+    q = np.roll(p, 2)
+    loader.set_mixture(q)
+    for _ in range(40):
+        loader.next_micro_batch()
+    after = (np.array(loader.stats.tokens_per_task) - before) / (loader.stats.tokens - before.sum())
+    assert np.abs(after - q).max() < 0.02, after
+
+
+def test_meta_steps_hold_every_task(suite):
+    p = np.array([0.9] + [0.1 / (suite.num_tasks - 1)] * (suite.num_tasks - 1))
+    loader = PackedLoader(suite.train, 2048, 100_000, p, meta_floor_examples=2, seed=0)
+    for _ in range(10):
+        batch = loader.next_micro_batch(meta_step=True)
+        examples = np.bincount(batch.task_ids[batch.cu_seqlens[:-1].long()].clamp(min=0), minlength=suite.num_tasks)
+        assert (examples >= 2).all()
+
+
+def test_padding_under_half_a_percent_on_the_demo_suite(tmp_path, tokenizer):
+    cfg = load_config(None, [])
+    write_synthetic_suite(tmp_path / "d", seed=0, examples_per_task=cfg.data.synthetic_examples)
+    data = build_or_load(tmp_path / "d", tokenizer, cache_dir=tmp_path / "c", progress=False)
+    loader = PackedLoader(data.train, 4096, cfg.budget.tokens, np.ones(data.num_tasks) / data.num_tasks)
+    drain([loader], meta_every=cfg.meta.update_every)
+    assert loader.stats.padding_fraction < 0.005
+
+
+def test_budget_above_the_data_warns_or_errors(suite):
+    total = int(np.asarray(suite.train.lengths).sum())
+    p = np.ones(suite.num_tasks) / suite.num_tasks
+    with pytest.warns(UserWarning, match="reused"):
+        loader = PackedLoader(suite.train, 4096, total + 5000, p)
+    drain([loader])
+    assert loader.consumed == total + 5000 and loader.stats.reused > 0
+    with pytest.raises(DataError, match="allow_repeat"):
+        PackedLoader(suite.train, 4096, total + 1, p, allow_repeat=False)
+
+
+def test_no_repeat_run_uses_each_example_at_most_once(suite):
+    total = int(np.asarray(suite.train.lengths).sum())
+    p = np.ones(suite.num_tasks) / suite.num_tasks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader = PackedLoader(suite.train, 4096, total, p, allow_repeat=False)
+    drain([loader])
+    assert loader.consumed == total and loader.stats.reused == 0
+
+
+def test_largest_remainder():
+    assert largest_remainder(10, np.array([1, 1, 1])).tolist() == [4, 3, 3]
+    counts = largest_remainder(1001, np.random.default_rng(0).random(7))
+    assert counts.sum() == 1001
+
+
+def test_pack_examples_places_each_once(suite):
+    examples = np.arange(0, suite.validation.num_examples)
+    batches = pack_examples(suite.validation, examples, 1024)
+    assert sum(b.num_examples for b in batches) == len(examples)
+    assert all(b.num_tokens <= 1024 for b in batches)
+
+
+def test_loader_state_round_trip(suite):
+    p = np.ones(suite.num_tasks) / suite.num_tasks
+    a = PackedLoader(suite.train, 1024, 60_000, p, seed=4)
+    for _ in range(7):
+        a.next_micro_batch()
+    b = PackedLoader(suite.train, 1024, 60_000, p, seed=4)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    rest_a, rest_b = drain([a]), drain([b])
+    assert len(rest_a[0]) == len(rest_b[0])
+    for x, y in zip(rest_a[0], rest_b[0], strict=True):
+        assert x.input_ids.equal(y.input_ids) and x.task_ids.equal(y.task_ids)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def run_inspect(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "adapt_fast.data", *args], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path):
+    cache = ["--data.cache_dir", str(tmp_path / "cache")]
+    bad_json = tmp_path / "bad_json"
+    bad_json.mkdir()
+    (bad_json / "task1.json").write_text('{"Definition": ["x"], "Instances": [')
+    assert_one_line_error(run_inspect("--data.path", str(bad_json), *cache), "task1.json", "malformed JSON")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "task2.json").write_text(json.dumps({"Definition": ["x"], "Instances": []}))
+    assert_one_line_error(run_inspect("--data.path", str(empty), *cache), "task2.json", "no instances")
+
+    assert_one_line_error(run_inspect("--data.group_by", "nope", *cache), "data.group_by")
+
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text(json.dumps({"task": "a", "prompt": "p", "response": "r"}) + "\n" + json.dumps({"prompt": "q"}))
+    assert_one_line_error(run_inspect("--data.path", str(jsonl), *cache), "rows.jsonl:2", "response")
+
+    bad_line = tmp_path / "broken.jsonl"
+    bad_line.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n{not json\n")
+    assert_one_line_error(run_inspect("--data.path", str(bad_line), *cache), "broken.jsonl:2", "malformed JSON")
+
+
+def test_too_long_examples_are_dropped_and_counted(tmp_path):
+    rows = [{"task": "a", "prompt": "p" * n, "response": "r"} for n in (10, 20, 500, 30, 600)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    result = run_inspect(
+        "--data.path",
+        str(tmp_path / "d.jsonl"),
+        "--data.max_len",
+        "100",
+        "--data.truncate",
+        "false",
+        "--data.val_fraction",
+        "0",
+        "--budget.tokens",
+        "50",
+        "--tokens_per_micro_batch",
+        "128",
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["dropped_by_max_len"] == 2
+    assert report["tasks"]["a"]["train_examples"] == 3
+    assert report["tokens_consumed"] == 50

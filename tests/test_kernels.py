@@ -1,0 +1,307 @@
+"""Kernel tests.
+
+1. The references against naive formulas in float64 (full (T, V) logits, F.cross_entropy per task, autograd for
+   gradients and for the ghost dots: <G, d loss_k / d W> with the loss masked to task k).
+2. The Triton kernels against the references on fresh random inputs of odd sizes: on CUDA when present, else on
+   CPU under the Triton interpreter (TRITON_INTERPRET=1 is set per test; the kernels read it at launch).
+3. GPU tests at full size (marked `gpu`, skipped without CUDA).
+
+Every test draws a fresh seed and prints it (shown by pytest on failure). Errors are norm-wise relative errors
+||a - b|| / ||b||; tolerances: fp32 1e-5 on losses, 1e-4 on gradients and dots; bf16 1e-2.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapt_fast.kernels import (
+    PerTaskLoss,
+    per_task_ghost_dot,
+    per_task_ghost_dot_reference,
+    per_task_linear_cross_entropy,
+    per_task_linear_cross_entropy_reference,
+    resolve_backend,
+)
+
+CPU = torch.device("cpu")
+LOSS_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture
+def seed() -> int:
+    s = random.randrange(2**31)
+    torch.manual_seed(s)
+    print(f"seed={s}")
+    return s
+
+
+@pytest.fixture
+def triton_device(monkeypatch) -> torch.device:
+    """Where Triton kernels run: CUDA when present, else CPU under the Triton interpreter."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return CPU
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item() if b.norm() > 0 else a.norm().item()
+
+
+def make_batch(T: int, H: int, V: int, K: int, dtype: torch.dtype, device: torch.device = CPU) -> dict:
+    """Random inputs with every edge case: ~25% ignored labels, padding rows (task id -1) at the end, task K-2
+    present but with all labels ignored, task K-1 empty. Logits are O(1-10)."""
+    hidden = torch.randn(T, H, device=device)
+    weight = torch.randn(V, H, device=device) * (3.0 / math.sqrt(H))
+    labels = torch.randint(0, V, (T,), device=device)
+    labels[torch.rand(T, device=device) < 0.25] = -100
+    task_ids = torch.randint(0, K - 1, (T,), device=device)  # never K-1: an empty task
+    labels[task_ids == K - 2] = -100  # task K-2: all labels ignored
+    task_ids[T - T // 8 :] = -1  # padding
+    return dict(
+        hidden=hidden.to(dtype),
+        weight=weight.to(dtype),
+        labels=labels,
+        task_ids=task_ids,
+        num_tasks=K,
+        task_weights=torch.rand(K, device=device) + 0.5,
+        ghost_weight=torch.randn(V, H, device=device).to(dtype),
+    )
+
+
+def naive_lce(hidden, weight, labels, task_ids, num_tasks, task_weights, ghost_weight, softcap, ignore_index=-100):
+    """Full-logit float64 per-task cross-entropy; returns loss_sum, count, ghost_dot, d hidden, d weight."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    z = h @ w.T
+    s = softcap * torch.tanh(z / softcap) if softcap else z
+    sums = []
+    for k in range(num_tasks):
+        rows = (task_ids == k) & (labels != ignore_index)
+        sums.append(F.cross_entropy(s[rows], labels[rows], reduction="sum") if rows.any() else s.sum() * 0)
+    loss_sum = torch.stack(sums)
+    count = torch.stack([((task_ids == k) & (labels != ignore_index)).sum() for k in range(num_tasks)])
+    weighted = task_weights.double() * loss_sum
+    ghost = None
+    if ghost_weight is not None:  # <G, d (c_k loss_sum_k) / dW> per task, by autograd on the masked loss
+        grads = [torch.autograd.grad(weighted[k], w, retain_graph=True)[0] for k in range(num_tasks)]
+        ghost = torch.stack([(g * ghost_weight.double()).sum() for g in grads])
+    d_h, d_w = torch.autograd.grad(weighted.sum(), (h, w))
+    return loss_sum, count, ghost, d_h, d_w
+
+
+def run_lce(fn, batch: dict, softcap, *, ghost=True, **kwargs):
+    """Call fn with fresh leaf copies of hidden/weight; returns (result, d hidden, d weight)."""
+    h = batch["hidden"].detach().clone().requires_grad_()
+    w = batch["weight"].detach().clone().requires_grad_()
+    args = {**batch, "hidden": h, "weight": w, "ghost_weight": batch["ghost_weight"] if ghost else None}
+    r = fn(**args, softcap=softcap, **kwargs)
+    r.loss.backward()
+    return r, h.grad, w.grad
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backend selection
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_resolve_backend(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert resolve_backend("auto", CPU) == "torch"
+    assert resolve_backend("torch", torch.device("cuda")) == "torch"
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        resolve_backend("triton", CPU)
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        resolve_backend("cuda", CPU)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", "cpu") == "triton"
+    assert resolve_backend("auto", CPU) == "torch"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# References against naive float64 formulas
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_reference_lce_matches_naive(dtype, softcap, seed):
+    T, H, V, K = random.randint(40, 120), random.randint(8, 40), random.randint(30, 200), 5
+    batch = make_batch(T, H, V, K, dtype)
+    r, d_h, d_w = run_lce(per_task_linear_cross_entropy_reference, batch, softcap, chunk_size=random.randint(5, 40))
+    loss_sum, count, ghost, n_dh, n_dw = naive_lce(**batch, softcap=softcap)
+    assert isinstance(r, PerTaskLoss)
+    assert r.loss_sum.dtype == torch.float32 and r.count.dtype == torch.int64 and r.ghost_dot.dtype == torch.float32
+    assert d_h.dtype == dtype and d_w.dtype == dtype
+    assert torch.equal(r.count, count)
+    assert r.count[K - 1] == 0 and r.count[K - 2] == 0 and r.loss_sum[K - 2] == 0 and r.ghost_dot[K - 1] == 0
+    lt, gt = (1e-5, 1e-4) if dtype == torch.float32 else (1e-5, 1e-2)  # bf16: exact inputs, rounded gradients
+    assert rel_err(r.loss_sum, loss_sum) < lt
+    assert rel_err(r.loss, (batch["task_weights"].double() * loss_sum).sum()) < lt
+    assert rel_err(r.ghost_dot, ghost) < 1e-4
+    assert rel_err(d_h, n_dh) < gt
+    assert rel_err(d_w, n_dw) < gt
+
+
+def test_reference_lce_no_grad_and_no_tokens(seed):
+    batch = make_batch(50, 16, 40, 4, torch.float32)
+    with torch.no_grad():
+        r = per_task_linear_cross_entropy_reference(**batch)
+    assert not r.loss.requires_grad
+    assert rel_err(r.loss_sum, naive_lce(**batch, softcap=None)[0]) < 1e-5
+    # No loss token at all: zero loss and zero gradients, still differentiable.
+    batch["labels"][:] = -100
+    r, d_h, d_w = run_lce(per_task_linear_cross_entropy_reference, batch, None)
+    assert r.loss.item() == 0 and not r.count.any() and not r.ghost_dot.any()
+    assert not d_h.any() and not d_w.any()
+
+
+def test_reference_ghost_dot_matches_naive(seed):
+    T, n_in, n_out, K = random.randint(1, 150), random.randint(3, 50), random.randint(3, 50), 4
+    x, delta, G = torch.randn(T, n_in), torch.randn(T, n_out), torch.randn(n_out, n_in)
+    task_ids = torch.randint(-1, K - 1, (T,))  # task K-1 empty, -1 ignored
+    out = per_task_ghost_dot_reference(x, delta, G, task_ids, K, chunk_size=random.randint(1, 20))
+    W = torch.zeros(n_out, n_in, dtype=torch.float64, requires_grad=True)
+    y = x.double() @ W.T
+    naive = []
+    for k in range(K):  # <G, dW of task k's part of the loss>, the loss being sum_t delta_t . y_t
+        (g,) = torch.autograd.grad((delta.double() * y)[task_ids == k].sum(), W, retain_graph=True)
+        naive.append((g * G.double()).sum())
+    assert out.dtype == torch.float32 and out.shape == (K,) and out[K - 1] == 0
+    assert rel_err(out, torch.stack(naive)) < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ghost_dot_offsets_match_ids(backend, seed, request):
+    device = request.getfixturevalue("triton_device") if backend == "triton" else CPU
+    T, n_in, n_out, K = random.randint(20, 150), random.randint(3, 40), random.randint(3, 40), 5
+    x, delta, G = torch.randn(T, n_in), torch.randn(T, n_out), torch.randn(n_out, n_in)
+    # Contiguous tasks, task 2 empty, rows before off[0] and from off[K] on belong to no task.
+    cuts = sorted(random.sample(range(2, T - 1), 3))
+    offsets = torch.tensor([1, cuts[0], cuts[1], cuts[1], cuts[2], T - 1])
+    ids = torch.full((T,), -1)
+    for k in range(K):
+        ids[offsets[k] : offsets[k + 1]] = k
+    x, delta, G, offsets, ids = (t.to(device) for t in (x, delta, G, offsets, ids))
+    by_offsets = per_task_ghost_dot(x, delta, G, task_offsets=offsets, backend=backend)
+    by_ids = per_task_ghost_dot(x, delta, G, task_ids=ids, num_tasks=K, backend=backend)
+    assert by_offsets[2] == 0
+    assert torch.allclose(by_offsets, by_ids, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_tied_head(backend, seed, request):
+    """Head weight shared with the input embedding: both uses contribute to its gradient."""
+    device = request.getfixturevalue("triton_device") if backend == "triton" else CPU
+    T, V, H, K = random.randint(20, 80), random.randint(30, 100), random.randint(8, 32), 3
+    E0, A0 = torch.randn(V, H, device=device) * 0.5, torch.randn(H, H, device=device) / math.sqrt(H)
+    tokens, labels = torch.randint(0, V, (T,), device=device), torch.randint(0, V, (T,), device=device)
+    labels[::4] = -100
+    task_ids = torch.randint(0, K, (T,), device=device)
+    task_weights = torch.rand(K, device=device)
+
+    def grads(loss_fn):
+        E, A = E0.clone().requires_grad_(), A0.clone().requires_grad_()
+        hidden = torch.tanh(E[tokens] @ A)
+        loss_fn(hidden, E).backward()
+        return E.grad, A.grad
+
+    def ours(hidden, E):
+        return per_task_linear_cross_entropy(hidden, E, labels, task_ids, K, task_weights, backend=backend).loss
+
+    def naive(hidden, E):
+        ce = F.cross_entropy(hidden @ E.T, labels, reduction="none", ignore_index=-100)
+        return (task_weights[task_ids] * ce).sum()
+
+    (dE, dA), (n_dE, n_dA) = grads(ours), grads(naive)
+    assert rel_err(dE, n_dE) < 1e-4 and rel_err(dA, n_dA) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels against the references (CPU interpreter or CUDA)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 7.5])
+@pytest.mark.parametrize("ghost", [False, True])
+def test_triton_lce_matches_reference(dtype, softcap, ghost, seed, triton_device):
+    T, H, V, K = random.randint(1, 160), random.randint(17, 48), random.randint(33, 300), random.randint(4, 6)
+    batch = make_batch(T, H, V, K, dtype, triton_device)
+    chunk = random.choice([None, random.randint(7, 60)])
+    r, d_h, d_w = run_lce(per_task_linear_cross_entropy, batch, softcap, ghost=ghost, backend="triton", chunk_size=chunk)
+    e, e_dh, e_dw = run_lce(per_task_linear_cross_entropy_reference, batch, softcap, ghost=ghost, chunk_size=chunk)
+    assert torch.equal(r.count, e.count)
+    assert d_h.dtype == dtype and d_w.dtype == dtype
+    assert rel_err(r.loss_sum, e.loss_sum) < LOSS_TOL[dtype]
+    assert rel_err(r.loss, e.loss) < LOSS_TOL[dtype]
+    assert rel_err(d_h, e_dh) < GRAD_TOL[dtype]
+    assert rel_err(d_w, e_dw) < GRAD_TOL[dtype]
+    if ghost:
+        assert rel_err(r.ghost_dot, e.ghost_dot) < GRAD_TOL[dtype]
+    else:
+        assert r.ghost_dot is None
+
+
+def test_triton_lce_no_grad(seed, triton_device):
+    batch = make_batch(random.randint(1, 100), 24, 77, 4, torch.bfloat16, triton_device)
+    with torch.no_grad():
+        r = per_task_linear_cross_entropy(**batch, softcap=3.0, backend="triton")
+        e = per_task_linear_cross_entropy_reference(**batch, softcap=3.0)
+    assert not r.loss.requires_grad
+    assert rel_err(r.loss_sum, e.loss_sum) < 1e-2 and rel_err(r.ghost_dot, e.ghost_dot) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_ghost_dot_matches_reference(dtype, seed, triton_device):
+    T, n_in, n_out, K = random.randint(1, 300), random.randint(17, 80), random.randint(17, 80), 4
+    x, delta = torch.randn(T, n_in, device=triton_device), torch.randn(T, n_out, device=triton_device)
+    G = torch.randn(n_out, n_in, device=triton_device)
+    x, delta, G = x.to(dtype), delta.to(dtype), G.to(dtype)
+    task_ids = torch.randint(-1, K - 1, (T,), device=triton_device)
+    out = per_task_ghost_dot(x, delta, G, task_ids, K, backend="triton")
+    ref = per_task_ghost_dot_reference(x, delta, G, task_ids, K)
+    assert out.dtype == torch.float32 and out[K - 1] == 0
+    assert rel_err(out, ref) < GRAD_TOL[dtype]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU, full size
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_gpu_lce_full_size(softcap, seed):
+    T, H, V, K = 16384, 2048, 128256, 8
+    batch = make_batch(T, H, V, K, torch.bfloat16, torch.device("cuda"))
+    batch["weight"] = batch["weight"] * 0.3  # keep Llama-like logit scales
+    r, d_h, d_w = run_lce(per_task_linear_cross_entropy, batch, softcap, backend="triton")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # bf16 inputs are exact in TF32; keeps the reference fast
+    try:
+        e, e_dh, e_dw = run_lce(per_task_linear_cross_entropy_reference, batch, softcap)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert torch.equal(r.count, e.count)
+    assert rel_err(r.loss_sum, e.loss_sum) < 1e-3
+    assert rel_err(r.ghost_dot, e.ghost_dot) < 1e-2
+    assert rel_err(d_h, e_dh) < 1e-2 and rel_err(d_w, e_dw) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_out,n_in", [(2048, 2048), (8192, 2048), (2048, 8192)])
+def test_gpu_ghost_dot_full_size(n_out, n_in, seed):
+    T, K, cuda = 16384, 8, torch.device("cuda")
+    x, delta = torch.randn(T, n_in, device=cuda).bfloat16(), torch.randn(T, n_out, device=cuda).bfloat16()
+    G = torch.randn(n_out, n_in, device=cuda).bfloat16()
+    offsets = torch.linspace(0, T, K + 1, device=cuda).long()
+    out = per_task_ghost_dot(x, delta, G, task_offsets=offsets, backend="triton")
+    ref = per_task_ghost_dot_reference(x, delta, G, task_offsets=offsets)
+    assert rel_err(out, ref) < 1e-3

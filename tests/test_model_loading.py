@@ -1,0 +1,168 @@
+"""Model presets, loading from a folder, save/reload round trip, and the byte tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from adapt_fast.data.tokenizer import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, build_byte_tokenizer
+from adapt_fast.errors import ConfigError
+from adapt_fast.model.attention import ATTN_NAME
+from adapt_fast.model.loading import (
+    PRESETS,
+    base_model,
+    lm_head_and_softcap,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    preset_config,
+)
+
+TINY = ["tiny-llama", "tiny-qwen3", "tiny-gemma3"]
+TEXT = "Definition: translate.\nInput: Grüße, 世界!\tOutput:"
+
+
+def test_byte_tokenizer_ids_and_round_trip():
+    tok = build_byte_tokenizer()
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (PAD_ID, BOS_ID, EOS_ID, 3)
+    assert len(tok) == BYTE_VOCAB_SIZE == 260
+    assert tok.chat_template is None
+    ids = tok(TEXT)["input_ids"]
+    assert ids[0] == BOS_ID and ids[1:] == [4 + b for b in TEXT.encode()]
+    assert tok(TEXT, add_special_tokens=False)["input_ids"] == ids[1:]
+    assert tok.decode(ids, skip_special_tokens=True) == TEXT
+    assert build_byte_tokenizer()(TEXT)["input_ids"] == ids  # deterministic
+
+
+def test_byte_tokenizer_save_and_reload(tmp_path):
+    tok = build_byte_tokenizer()
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
+    assert (again.pad_token_id, again.bos_token_id, again.eos_token_id) == (PAD_ID, BOS_ID, EOS_ID)
+    assert again.decode(again(TEXT)["input_ids"], skip_special_tokens=True) == TEXT
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_presets_build_and_run(name):
+    model, tok = load_model_and_tokenizer(name)
+    cfg = model.config
+    assert model.config._attn_implementation == ATTN_NAME
+    assert next(model.parameters()).dtype == torch.float32 and next(model.parameters()).device.type == "cpu"
+    assert BYTE_VOCAB_SIZE <= cfg.vocab_size < BYTE_VOCAB_SIZE + 8
+    assert cfg.num_key_value_heads < cfg.num_attention_heads  # GQA
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (BOS_ID, EOS_ID, PAD_ID)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied
+    if name == "tiny-gemma3":
+        assert "sliding_attention" in cfg.layer_types and "full_attention" in cfg.layer_types
+        assert cfg.attn_logit_softcapping is not None and cfg.final_logit_softcapping is not None
+    ids = torch.tensor([tok(TEXT)["input_ids"]])
+    assert model(input_ids=ids).logits.shape == (1, ids.shape[1], cfg.vocab_size)
+
+
+def test_seed_and_dtype():
+    a, _ = load_model_and_tokenizer("tiny-llama", seed=3)
+    b, _ = load_model_and_tokenizer("tiny-llama", seed=3)
+    c, _ = load_model_and_tokenizer("tiny-llama", seed=4, dtype=torch.bfloat16)
+    w = lambda m: m.get_input_embeddings().weight  # noqa: E731
+    assert torch.equal(w(a), w(b)) and not torch.equal(w(a), w(c).float())
+    assert w(c).dtype == torch.bfloat16
+
+
+def test_unknown_name_is_a_config_error():
+    with pytest.raises(ConfigError) as err:
+        load_model_and_tokenizer("no-such-model")
+    message = str(err.value)
+    assert "\n" not in message and "no-such-model" in message
+    assert all(name in message for name in PRESETS)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_head_softcap_and_base_model_give_the_logits(name):
+    model, tok = load_model_and_tokenizer(name)
+    ids = torch.tensor([tok(TEXT)["input_ids"]])
+    weight, softcap = lm_head_and_softcap(model)
+    assert weight is model.get_input_embeddings().weight
+    assert softcap == (30.0 if name == "tiny-gemma3" else None)
+    with torch.no_grad():
+        hidden = base_model(model)(input_ids=ids).last_hidden_state
+        logits = hidden @ weight.T
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        torch.testing.assert_close(logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_save_reload_and_generate(name, tmp_path):
+    model, tok = load_model_and_tokenizer(name)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert ATTN_NAME not in (tmp_path / "config.json").read_text()
+
+    # plain transformers, our attention not involved
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    plain_tok = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert plain.config._attn_implementation in ("sdpa", "eager")
+    ids = torch.tensor([plain_tok(TEXT)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
+    out = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 6) or out[0, -1].item() == EOS_ID
+    assert isinstance(plain_tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True), str)
+
+    # and through our loader
+    again, again_tok = load_model_and_tokenizer(str(tmp_path))
+    assert again.config._attn_implementation == ATTN_NAME
+    assert again_tok(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
+    for p, q in zip(model.parameters(), again.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_folder_without_tokenizer_gets_the_byte_tokenizer(tmp_path):
+    model, _ = load_model_and_tokenizer("tiny-qwen3")
+    model.save_pretrained(tmp_path)
+    _, tok = load_model_and_tokenizer(str(tmp_path))
+    assert tok(TEXT)["input_ids"] == build_byte_tokenizer()(TEXT)["input_ids"]
+    assert load_tokenizer(str(tmp_path))(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
+    assert load_tokenizer("tiny-gemma3")(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
+    with pytest.raises(ConfigError):
+        load_tokenizer("no-such-model")
+
+
+# Real models' shapes: (vocab, hidden, layers, heads, kv heads, head_dim, intermediate, parameters in millions)
+BIG = {
+    "llama-3.2-1b": (128256, 2048, 16, 32, 8, 64, 8192, 1235.8),
+    "qwen3-0.6b": (151936, 1024, 28, 16, 8, 128, 3072, 596.0),
+    "gemma-3-1b": (262144, 1152, 26, 4, 1, 256, 6912, 999.9),
+}
+
+
+@pytest.mark.parametrize("name", list(BIG))
+def test_big_preset_shapes_on_meta(name):
+    vocab, hidden, layers, heads, kv_heads, head_dim, inter, millions = BIG[name]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(preset_config(name))
+    assert all(p.is_meta for p in model.parameters())
+    cfg = model.config
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers) == (vocab, hidden, layers)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size) == (
+        heads,
+        kv_heads,
+        head_dim,
+        inter,
+    )
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # all three tie
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (heads * head_dim, hidden)
+    assert attn.k_proj.weight.shape == (kv_heads * head_dim, hidden)
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(n - millions) < 0.5, n
+    if name == "gemma-3-1b":
+        assert cfg.sliding_window == 512 and cfg.query_pre_attn_scalar == 256
+        assert [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"] == [5, 11, 17, 23]
+    if name == "llama-3.2-1b":
+        assert cfg.rope_parameters["rope_type"] == "llama3" and cfg.rope_parameters["factor"] == 32.0
+    # the byte tokenizer's ids fit every big vocabulary
+    assert BYTE_VOCAB_SIZE < vocab and json.loads(cfg.to_json_string())["eos_token_id"] == EOS_ID
