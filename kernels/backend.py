@@ -1,9 +1,11 @@
 """Backend selection: the Triton kernels on CUDA, their plain-PyTorch references elsewhere.
 
-Triton decides between compiling and interpreting a kernel when `@triton.jit` runs, i.e. when the kernel
-module is imported, from the environment variable TRITON_INTERPRET. A test (or a user) may set the variable
-after this package was imported, so the choice is re-read at every launch: `launchable(kernel)` returns the
-kernel in the mode the environment asks for now.
+On CPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1), for tests. Triton decides between
+compiling and interpreting a function when `@triton.jit` runs, from TRITON_INTERPRET:
+  * its own library functions (tl.zeros, tl.sum, ...) are decorated when `triton` is first imported, so the
+    interpreter works only if the variable was set before that (`interpreter_ready` checks);
+  * our kernels are re-read at every launch: `launchable(kernel)` returns the kernel in the mode the
+    environment asks for now.
 """
 
 import functools
@@ -18,6 +20,14 @@ BACKENDS = ("auto", "triton", "torch")
 def interpret_mode() -> bool:
     """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1), read now, not at import."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def interpreter_ready() -> bool:
+    """True when Triton's library was imported in interpreter mode (TRITON_INTERPRET=1 set before `import triton`)."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.zeros, InterpretedFunction)
 
 
 def triton_available() -> bool:
@@ -40,6 +50,8 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
             raise ValueError("kernel backend 'triton' requested but triton is not installed")
         if device.type != "cuda" and not interpret_mode():
             raise ValueError(f"kernel backend 'triton' needs CUDA tensors (got {device}) or TRITON_INTERPRET=1")
+        if device.type != "cuda" and not interpreter_ready():
+            raise ValueError("kernel backend 'triton' on CPU: TRITON_INTERPRET=1 must be set before triton is imported")
     return name
 
 

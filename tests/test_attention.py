@@ -157,18 +157,18 @@ def test_segment_mask_matches_naive(window):
     cu = torch.tensor([0, 4, 5, 13, 20], dtype=torch.int32)
     bounds = cu.tolist()
     seg = [next(n for n in range(len(bounds) - 1) if bounds[n] <= t < bounds[n + 1]) for t in range(20)]
-    for start, end in [(0, 20), (4, 13), (5, 20)]:
+    for start, end, key_start in [(0, 20, 0), (4, 13, 4), (5, 20, 5), (9, 13, 5), (16, 20, 0)]:
         naive = torch.tensor(
             [
-                [seg[i] == seg[j] and j <= i and (window is None or i - window < j) for j in range(start, end)]
+                [seg[i] == seg[j] and j <= i and (window is None or i - window < j) for j in range(key_start, end)]
                 for i in range(start, end)
             ]
         )
-        assert torch.equal(segment_mask(cu, start, end, window), naive)
+        assert torch.equal(segment_mask(cu, start, end, window, key_start), naive)
 
 
 @pytest.mark.parametrize("window, softcap", [(None, None), (5, None), (None, 20.0), (4, 10.0)])
-@pytest.mark.parametrize("chunk_tokens", [8, 1024])
+@pytest.mark.parametrize("chunk_tokens", [4, 8, 1024])  # 4 and 8 cut the long segments into blocks
 def test_varlen_masked_sdpa_matches_naive(window, softcap, chunk_tokens):
     g = torch.Generator().manual_seed(0)
     lengths = [3, 17, 1, 9, 6]

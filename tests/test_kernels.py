@@ -3,19 +3,34 @@
 1. The references against naive formulas in float64 (full (T, V) logits, F.cross_entropy per task, autograd for
    gradients and for the ghost dots: <G, d loss_k / d W> with the loss masked to task k).
 2. The Triton kernels against the references on fresh random inputs of odd sizes: on CUDA when present, else on
-   CPU under the Triton interpreter (TRITON_INTERPRET=1 is set per test; the kernels read it at launch).
+   CPU under the Triton interpreter. The interpreter must be on when triton is first imported (Triton decorates
+   its own library then): this module switches it on if triton is not imported yet; otherwise (another test
+   module imported it first) the Triton tests run again in a subprocess started with TRITON_INTERPRET=1.
 3. GPU tests at full size (marked `gpu`, skipped without CUDA).
 
 Every test draws a fresh seed and prints it (shown by pytest on failure). Errors are norm-wise relative errors
 ||a - b|| / ||b||; tolerances: fp32 1e-5 on losses, 1e-4 on gradients and dots; bf16 1e-2.
 """
 
+import importlib
 import math
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:  # import triton in interpreter mode
+    _saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    importlib.import_module("triton")
+    if _saved is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved
 
 from adapt_fast.kernels import (
     PerTaskLoss,
@@ -25,6 +40,7 @@ from adapt_fast.kernels import (
     per_task_linear_cross_entropy_reference,
     resolve_backend,
 )
+from adapt_fast.kernels.backend import interpreter_ready
 
 CPU = torch.device("cpu")
 LOSS_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -44,6 +60,8 @@ def triton_device(monkeypatch) -> torch.device:
     """Where Triton kernels run: CUDA when present, else CPU under the Triton interpreter."""
     if torch.cuda.is_available():
         return torch.device("cuda")
+    if not interpreter_ready():
+        pytest.skip("triton was imported before TRITON_INTERPRET=1: run by test_triton_kernels_in_subprocess")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     return CPU
 
@@ -120,8 +138,23 @@ def test_resolve_backend(monkeypatch):
     with pytest.raises(ValueError, match="unknown kernel backend"):
         resolve_backend("cuda", CPU)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert resolve_backend("triton", "cpu") == "triton"
     assert resolve_backend("auto", CPU) == "torch"
+    if interpreter_ready():
+        assert resolve_backend("triton", "cpu") == "triton"
+    else:
+        with pytest.raises(ValueError, match="before triton is imported"):
+            resolve_backend("triton", "cpu")
+
+
+def test_triton_kernels_in_subprocess():
+    """Without CUDA, when triton was imported before the interpreter could be switched on, run this file's
+    Triton tests in a fresh interpreter with TRITON_INTERPRET=1."""
+    if torch.cuda.is_available() or interpreter_ready():
+        pytest.skip("the Triton tests run in this process")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton and not subprocess"]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------------------

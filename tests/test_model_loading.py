@@ -82,16 +82,25 @@ def test_unknown_name_is_a_config_error():
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
 def test_head_softcap_and_base_model_give_the_logits(name):
     model, tok = load_model_and_tokenizer(name)
-    ids = torch.tensor([tok(TEXT)["input_ids"]])
+    ids = tok([TEXT, "a second example"], add_special_tokens=False)["input_ids"]
+    cu = torch.tensor([0, len(ids[0]), len(ids[0]) + len(ids[1])], dtype=torch.int32)
+    packed = {  # the trainer's call: MicroBatch.model_inputs()
+        "input_ids": torch.tensor([ids[0] + ids[1]]),
+        "position_ids": torch.cat([torch.arange(len(ids[0])), torch.arange(len(ids[1]))])[None],
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": len(ids[0]),
+        "max_length_k": len(ids[0]),
+    }
     weight, softcap = lm_head_and_softcap(model)
     assert weight is model.get_input_embeddings().weight
     assert softcap == (30.0 if name == "tiny-gemma3" else None)
     with torch.no_grad():
-        hidden = base_model(model)(input_ids=ids).last_hidden_state
+        hidden = base_model(model)(**packed).last_hidden_state
         logits = hidden @ weight.T
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
-        torch.testing.assert_close(logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits, model(**packed).logits, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", TINY)

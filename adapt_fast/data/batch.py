@@ -70,6 +70,7 @@ class MicroBatch:
             "cu_seq_lens_k": self.cu_seqlens,
             "max_length_q": self.max_seqlen,
             "max_length_k": self.max_seqlen,
+            "use_cache": False,  # a KV cache would also switch off HF's own packing detection
         }
 
     def loss_tokens_per_task(self) -> torch.Tensor:

@@ -98,10 +98,8 @@ def make_loader(
 
 
 def load_tokenizer(cfg: Config):
-    """The tokenizer of model.name: a local folder's own (or the byte tokenizer), or a preset's."""
+    """The tokenizer of model.name: a local folder's own (or the byte tokenizer), or a preset's
+    (ConfigError for a name that is neither)."""
     from adapt_fast.model import loading
 
-    if Path(cfg.model.name).is_dir():
-        return loading._load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
-    loading.preset_config(cfg.model.name)  # ConfigError for an unknown name
-    return loading.build_byte_tokenizer()
+    return loading.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)

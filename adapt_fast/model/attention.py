@@ -210,7 +210,10 @@ def varlen_flash(
     HF's window W (i - W < j <= i) is the kernels' window_size = (W - 1, 0).
     """
     backend = _varlen_backend()
-    if backend is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] > 256:
+    head_dim = q.shape[-1]
+    if backend is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if head_dim > 256 or head_dim % 8:
         return None
     name, fn, params = backend
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
@@ -221,7 +224,7 @@ def varlen_flash(
         if window is not None:
             if "window_size" not in params:
                 return None
-            kwargs["window_size"] = (window - 1, 0)
+            kwargs["window_size"] = window_size
         if softcap is not None:
             if "softcap" not in params:
                 return None
@@ -242,7 +245,7 @@ def varlen_flash(
     if "scale" in params:
         kwargs["scale"] = scale
     else:  # the kernel uses 1/sqrt(D): fold our scale into the queries
-        q = q * (scale * math.sqrt(q.shape[-1]))
+        q = q * (scale * math.sqrt(head_dim))
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
         if "enable_gqa" in params:

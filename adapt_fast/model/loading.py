@@ -203,7 +203,8 @@ def unwrap(model: torch.nn.Module) -> PreTrainedModel:
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder (model.model) whose forward returns last_hidden_state (B, T, H), final norm applied."""
     model = unwrap(model)
-    return getattr(model, model.base_model_prefix, None) or model.get_decoder()
+    decoder = getattr(model, model.base_model_prefix, None)
+    return decoder if decoder is not None else model.get_decoder()
 
 
 def lm_head_and_softcap(model: torch.nn.Module) -> tuple[torch.nn.Parameter, float | None]:
