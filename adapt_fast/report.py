@@ -19,6 +19,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
 
 from adapt_fast.errors import DataError, UserError, exit_on_user_error
 
@@ -92,7 +93,8 @@ def write_mixture_csv(rows: list[dict], path: str | Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["step", "tokens_consumed", *names])
         for r in rows:
-            writer.writerow([r.get("step", ""), r.get("tokens_consumed", ""), *(r["mixture"].get(n, "") for n in names)])
+            shares = [r["mixture"].get(n, "") for n in names]
+            writer.writerow([r.get("step", ""), r.get("tokens_consumed", ""), *shares])
 
 
 # ----------------------------------------------------------------------------- plots
@@ -119,12 +121,18 @@ def _figure(num_series: int) -> tuple[Figure, object]:
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def _legend(ax, num_series: int) -> None:
-    if num_series:
-        ax.legend(
-            loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8 if num_series <= 12 else 7,
-            ncol=1 if num_series <= 24 else 2, frameon=False, borderaxespad=0.0,
-        )  # fmt: skip
+def _legend(ax, reverse: bool = False) -> None:
+    """Legend outside the axes on the right; `reverse` lists the last series first (top of a stack)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    if reverse:
+        handles, labels = handles[::-1], labels[::-1]
+    n = len(handles)
+    ax.legend(
+        handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8 if n <= 12 else 7,
+        ncol=1 if n <= 24 else 2, frameon=False, borderaxespad=0.0,
+    )  # fmt: skip
 
 
 def _placeholder(ax, text: str) -> None:
@@ -151,15 +159,10 @@ def plot_mixture(rows: list[dict], path: str | Path, title: str | None = None) -
         ax.set_xlim(min(x), max(x))
         ax.set_ylim(0, max(1.0, max(sum(col) for col in zip(*values, strict=True))))
         ax.set_xlabel("tokens consumed")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.set_ylabel("task share p")
         ax.margins(0)
-        _legend(ax, len(names))
-        # Legend order top-down matches the stack (last task on top).
-        handles, labels = ax.get_legend_handles_labels()
-        if handles:
-            ax.legend(handles[::-1], labels[::-1], loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                      fontsize=8 if len(names) <= 12 else 7, ncol=1 if len(names) <= 24 else 2,
-                      frameon=False, borderaxespad=0.0)  # fmt: skip
+        _legend(ax, reverse=True)  # top-down like the stack
     ax.set_title(title or "task mixture")
     _save(fig, path)
 
@@ -179,9 +182,10 @@ def plot_val_loss(rows: list[dict], path: str | Path, title: str | None = None) 
             mean = [_nanmean(col) for col in zip(*values, strict=True)]
             ax.plot(x, mean, label="mean", color="black", linestyle="--", linewidth=1.8)
         ax.set_xlabel("tokens consumed")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.set_ylabel("validation loss (nats / token)")
         ax.grid(True, alpha=0.3)
-        _legend(ax, len(names) + (len(names) > 1))
+        _legend(ax)
     ax.set_title(title or "validation loss per task")
     _save(fig, path)
 

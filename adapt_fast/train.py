@@ -412,6 +412,11 @@ class Trainer:
 
         val_losses, val_counts = self.validation_losses(self._validation_batches(None))
         stats = self.loader.stats
+        # Every rank updates the mixture itself from all-reduced numbers: check they agree bitwise.
+        mine = torch.tensor(self.mixture, dtype=torch.float64, device=self.device)
+        gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine)
+        identical = all(torch.equal(g, gathered[0]) for g in gathered)
         report = {
             "method": self.cfg.mixture.method,
             "budget_tokens": self.budget,
@@ -431,6 +436,7 @@ class Trainer:
             "val_loss_mean": float(np.nanmean(val_losses)) if np.isfinite(val_losses).any() else None,
             "val_loss_worst": float(np.nanmax(val_losses)) if np.isfinite(val_losses).any() else None,
             "world_size": self.world_size,
+            "mixture_identical_across_ranks": identical,
             "wall_seconds": time.time() - self.start_time,
             "train_seconds": train_seconds,
             "train_tokens_per_second": stats.tokens / max(train_seconds, 1e-9),

@@ -71,6 +71,7 @@ def _sum_per_task(row_dots: torch.Tensor, ids: torch.Tensor, num_tasks: int) -> 
 # ----------------------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def per_task_ghost_dot_reference(
     x: torch.Tensor,
     delta: torch.Tensor,
@@ -105,7 +106,7 @@ def _ghost_dot_kernel(
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, GROUP_T: tl.constexpr,
 ):  # fmt: skip
-    """Tile (BLOCK_T, BLOCK_OUT) of x G^T in fp32, reduced against delta: part[pid_out, t] = sum_o (G x_t)_o delta_to."""
+    """Tile (BLOCK_T, BLOCK_OUT) of x G^T in fp32, reduced against delta: part[pid_o, t] = sum_o (G x_t)_o delta_to."""
     pid = tl.program_id(0)
     n_tblocks = tl.cdiv(T, BLOCK_T)
     n_oblocks = tl.cdiv(OUT, BLOCK_OUT)
@@ -141,6 +142,7 @@ _CUDA_CONFIG = dict(BLOCK_T=128, BLOCK_OUT=256, BLOCK_IN=64, GROUP_T=8, num_warp
 _INTERPRETER_CONFIG = dict(BLOCK_T=16, BLOCK_OUT=32, BLOCK_IN=16, GROUP_T=4)  # small: odd shapes hit every mask
 
 
+@torch.no_grad()
 def _ghost_dot_triton(x, delta, G, task_ids=None, num_tasks=None, task_offsets=None) -> torch.Tensor:
     _check(x, delta, G)
     if not (x.dtype == delta.dtype == G.dtype):

@@ -15,14 +15,17 @@ With ghost_weight G (V, H) it also returns, per task, the inner product of G wit
     ghost_dot[k] = sum_{t in task k} (dloss/dz_t) . (G h_t) = <G, d loss / d W restricted to task k>
 
 where `loss` is the returned weighted scalar and its upstream gradient is taken to be 1 (it is computed in the
-forward pass and returned detached). Computed as sum_t ((dloss/dz_t) G) . h_t: one extra (chunk, V) x (V, H)
-GEMM per chunk, no per-task gradients.
+forward pass and returned detached). It costs one extra GEMM of the logits' size, no per-task gradients.
 
 Two implementations share the driver below and differ in how one chunk is processed:
-  * `_chunk_torch` (the reference): fp32 matmuls in PyTorch;
-  * `_chunk_triton`: four Triton kernels - logits GEMM with soft-cap and partial log-sum-exp fused in the
-    epilogue (fp32 logits), dlogits in place (written over the logits in the input dtype), d hidden GEMM with the
-    ghost dot fused, d weight GEMM accumulated in fp32 across chunks.
+  * `_chunk_torch` (the reference): fp32 matmuls in PyTorch; ghost_t = ((dloss/dz_t) G) . h_t;
+  * `_chunk_triton`: four Triton kernels -
+      1. logits GEMM, soft-cap and per-tile log-sum-exp partials fused in the epilogue (fp32 logits); with G,
+         the tile of h G^T is computed alongside and reduced online against the softmax: the ghost dots are
+         exact fp32 values and, without gradients (validation), this kernel is all that runs;
+      2. dlogits, written in place over the logits in the input dtype;
+      3. d hidden = dz W;   4. d weight += dz^T h, accumulated in fp32 across chunks.
+    Memory: one (chunk, V) fp32 buffer (1 GiB by default), the fp32 d weight (V, H), the gradients.
 """
 
 from dataclasses import dataclass
@@ -85,9 +88,9 @@ def _linear_cross_entropy(
     ignore_index: int,
     chunk_size: int | None,
 ) -> PerTaskLoss:
-    T, H = hidden.shape if hidden.dim() == 2 else (None, None)
-    if T is None or weight.dim() != 2 or weight.shape[1] != H:
+    if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"hidden (T, H) and weight (V, H) expected, got {tuple(hidden.shape)} {tuple(weight.shape)}")
+    (T, H), V, K, device = hidden.shape, weight.shape[0], int(num_tasks), hidden.device
     if labels.shape != (T,) or task_ids.shape != (T,):
         raise ValueError(f"labels and task_ids must have shape ({T},)")
     if weight.dtype != hidden.dtype or (ghost_weight is not None and ghost_weight.dtype != hidden.dtype):
@@ -96,7 +99,6 @@ def _linear_cross_entropy(
         raise ValueError(f"ghost_weight must have the head's shape {tuple(weight.shape)}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive or None, got {softcap}")
-    V, K, device = weight.shape[0], int(num_tasks), hidden.device
     if task_weights is None:
         task_weights = torch.ones(K, dtype=torch.float32, device=device)
     task_weights = task_weights.to(device=device, dtype=torch.float32)
@@ -160,7 +162,7 @@ def _chunk_torch(h, weight, labels, coef, ghost_weight, softcap, d_weight, want_
     Returns ce (C,) fp32, d hidden (C, H) in h's dtype or None, ghost (C,) fp32 or None; adds the chunk's
     d weight into d_weight (V, H) fp32 when given. Logits and their gradient are fp32 (C, V) tensors.
     """
-    w32 = weight.float()  # exact upcast: a product of two bf16/fp16 numbers is exact in fp32
+    w32 = weight.float()  # exact upcast (a product of two bf16/fp16 numbers is exact in fp32); a copy per chunk
     h32 = h.float()
     logits = h32 @ w32.T
     if softcap is not None:
@@ -211,13 +213,21 @@ def per_task_linear_cross_entropy_reference(
 
 @triton.jit
 def _logits_kernel(
-    h_ptr, w_ptr, labels_ptr, logits_ptr, part_max_ptr, part_sum_ptr, target_ptr,
+    h_ptr, w_ptr, g_ptr, labels_ptr, logits_ptr,
+    part_max_ptr, part_sum_ptr, part_ghost_ptr, target_ptr, target_ghost_ptr,
     C, V, H, stride_h, stride_w, stride_logits, n_vblocks, softcap,
-    HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_GHOST: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    """Tile (BLOCK_T, BLOCK_V) of s = softcap(h W^T) in fp32, stored; per row its max, sum exp(s - max) and, in
-    the tile that holds the label, the target logit (the log-sum-exp over tiles is combined on the host)."""
+    """Tile (BLOCK_T, BLOCK_V) of s = softcap(h W^T) in fp32, stored if STORE_LOGITS, and per row of the tile:
+    max_v s, sum_v exp(s - max) and, in the tile holding the label, the target logit. The host combines the
+    tiles into the log-sum-exp.
+
+    With the ghost head G, also the tile of g = (h G^T) * ds/dz, reduced online like the sum of exponentials:
+    sum_v exp(s - max) g_v per row and the label's g_y, so that on the host
+    ghost_t = coef_t (sum_v softmax(s)_v g_v - g_y) = (dloss/dz_t) . (G h_t), all in fp32.
+    """
     pid = tl.program_id(0)
     n_tblocks = tl.cdiv(C, BLOCK_T)
     pid_t = pid % n_tblocks  # row blocks vary fastest: one tile of W is read once and reused from L2
@@ -228,7 +238,9 @@ def _logits_kernel(
     mask_t, mask_v = offs_t < C, offs_v < V
     h_ptrs = h_ptr + offs_t[:, None].to(tl.int64) * stride_h + offs_h[None, :]  # (BLOCK_T, BLOCK_H)
     w_ptrs = w_ptr + offs_v[None, :].to(tl.int64) * stride_w + offs_h[:, None]  # (BLOCK_H, BLOCK_V) of W^T
+    g_ptrs = g_ptr + offs_v[None, :].to(tl.int64) * stride_w + offs_h[:, None]  # (BLOCK_H, BLOCK_V) of G^T
     acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
     for k in range(0, H, BLOCK_H):
         mask_h = offs_h + k < H
         a = tl.load(h_ptrs, mask=mask_t[:, None] & mask_h[None, :], other=0.0)
@@ -236,24 +248,37 @@ def _logits_kernel(
         if DOT_FP32:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if HAS_GHOST:
+            bg = tl.load(g_ptrs, mask=mask_h[:, None] & mask_v[None, :], other=0.0)
+            if DOT_FP32:
+                bg = bg.to(tl.float32)
+            acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
         h_ptrs += BLOCK_H
         w_ptrs += BLOCK_H
+        g_ptrs += BLOCK_H
     if HAS_SOFTCAP:  # softcap * tanh(z / softcap), tanh from exp (portable across Triton versions)
         e = tl.exp(-2.0 * tl.abs(acc) / softcap)
         th = (1.0 - e) / (1.0 + e)
         acc = tl.where(acc < 0, -th, th) * softcap
-    out_ptrs = logits_ptr + offs_t[:, None].to(tl.int64) * stride_logits + offs_v[None, :]
-    tl.store(out_ptrs, acc, mask=mask_t[:, None] & mask_v[None, :])
+    if STORE_LOGITS:
+        out_ptrs = logits_ptr + offs_t[:, None].to(tl.int64) * stride_logits + offs_v[None, :]
+        tl.store(out_ptrs, acc, mask=mask_t[:, None] & mask_v[None, :])
 
-    s = tl.where(mask_v[None, :], acc, float("-inf"))
-    row_max = tl.max(s, axis=1)
-    row_sum = tl.sum(tl.exp(s - row_max[:, None]), axis=1)
-    tl.store(part_max_ptr + offs_t * n_vblocks + pid_v, row_max, mask=mask_t)
-    tl.store(part_sum_ptr + offs_t * n_vblocks + pid_v, row_sum, mask=mask_t)
+    row_max = tl.max(tl.where(mask_v[None, :], acc, float("-inf")), axis=1)
+    p = tl.where(mask_v[None, :], tl.exp(acc - row_max[:, None]), 0.0)
+    part = offs_t * n_vblocks + pid_v
+    tl.store(part_max_ptr + part, row_max, mask=mask_t)
+    tl.store(part_sum_ptr + part, tl.sum(p, axis=1), mask=mask_t)
     labels = tl.load(labels_ptr + offs_t, mask=mask_t, other=-1)
-    target = tl.sum(tl.where(offs_v[None, :] == labels[:, None], acc, 0.0), axis=1)
-    in_tile = (labels >= pid_v * BLOCK_V) & (labels < pid_v * BLOCK_V + BLOCK_V)
-    tl.store(target_ptr + offs_t, target, mask=mask_t & in_tile)
+    is_label = offs_v[None, :] == labels[:, None]
+    in_tile = mask_t & (labels >= pid_v * BLOCK_V) & (labels < pid_v * BLOCK_V + BLOCK_V)
+    tl.store(target_ptr + offs_t, tl.sum(tl.where(is_label, acc, 0.0), axis=1), mask=in_tile)
+    if HAS_GHOST:
+        if HAS_SOFTCAP:  # d(softcap * tanh(z / softcap))/dz = 1 - tanh^2
+            th = acc / softcap
+            acc_g = acc_g * (1.0 - th * th)
+        tl.store(part_ghost_ptr + part, tl.sum(p * acc_g, axis=1), mask=mask_t)
+        tl.store(target_ghost_ptr + offs_t, tl.sum(tl.where(is_label, acc_g, 0.0), axis=1), mask=in_tile)
 
 
 @triton.jit
@@ -286,13 +311,11 @@ def _dlogits_kernel(
 
 @triton.jit
 def _dhidden_kernel(
-    dz_ptr, w_ptr, g_ptr, h_ptr, dh_ptr, ghost_part_ptr,
-    C, V, H, stride_dz, stride_w, stride_h, stride_dh,
-    STORE_DH: tl.constexpr, HAS_GHOST: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    dz_ptr, w_ptr, dh_ptr, scale_ptr, C, V, H, stride_dz, stride_w, stride_dh,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    """Tile (BLOCK_T, BLOCK_H) of dh = dz W; with the ghost head G also of dz G, reduced against h to one
-    partial ghost dot per row: ghost_t = sum_j (dz G)[t, j] h[t, j]."""
+    """Tile (BLOCK_T, BLOCK_H) of dh = scale * dz W."""
     pid = tl.program_id(0)
     n_hblocks = tl.cdiv(H, BLOCK_H)
     pid_h = pid % n_hblocks
@@ -303,43 +326,28 @@ def _dhidden_kernel(
     mask_t, mask_h = offs_t < C, offs_h < H
     dz_ptrs = dz_ptr + offs_t[:, None].to(tl.int64) * stride_dz + offs_v[None, :]  # (BLOCK_T, BLOCK_V)
     w_ptrs = w_ptr + offs_v[:, None].to(tl.int64) * stride_w + offs_h[None, :]  # (BLOCK_V, BLOCK_H)
-    g_ptrs = g_ptr + offs_v[:, None].to(tl.int64) * stride_w + offs_h[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-    acc_g = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
     for k in range(0, V, BLOCK_V):
         mask_v = offs_v + k < V
         a = tl.load(dz_ptrs, mask=mask_t[:, None] & mask_v[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=mask_v[:, None] & mask_h[None, :], other=0.0)
         if DOT_FP32:
-            a = a.to(tl.float32)
-        if STORE_DH:
-            b = tl.load(w_ptrs, mask=mask_v[:, None] & mask_h[None, :], other=0.0)
-            if DOT_FP32:
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if HAS_GHOST:
-            bg = tl.load(g_ptrs, mask=mask_v[:, None] & mask_h[None, :], other=0.0)
-            if DOT_FP32:
-                bg = bg.to(tl.float32)
-            acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
         dz_ptrs += BLOCK_V
         w_ptrs += BLOCK_V * stride_w
-        g_ptrs += BLOCK_V * stride_w
-    mask = mask_t[:, None] & mask_h[None, :]
-    if STORE_DH:
-        dh_ptrs = dh_ptr + offs_t[:, None].to(tl.int64) * stride_dh + offs_h[None, :]
-        tl.store(dh_ptrs, acc.to(dh_ptr.dtype.element_ty), mask=mask)
-    if HAS_GHOST:
-        h = tl.load(h_ptr + offs_t[:, None].to(tl.int64) * stride_h + offs_h[None, :], mask=mask, other=0.0)
-        tl.store(ghost_part_ptr + pid_h * C + offs_t, tl.sum(acc_g * h.to(tl.float32), axis=1), mask=mask_t)
+    dh_ptrs = dh_ptr + offs_t[:, None].to(tl.int64) * stride_dh + offs_h[None, :]
+    acc = tl.load(scale_ptr) * acc
+    tl.store(dh_ptrs, acc.to(dh_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_h[None, :])
 
 
 @triton.jit
 def _dweight_kernel(
-    dz_ptr, h_ptr, dw_ptr, C, V, H, stride_dz, stride_h, stride_dw,
+    dz_ptr, h_ptr, dw_ptr, scale_ptr, C, V, H, stride_dz, stride_h, stride_dw,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    """Tile (BLOCK_V, BLOCK_H) of dW += dz^T h, accumulated in fp32 in place (dW spans all chunks)."""
+    """Tile (BLOCK_V, BLOCK_H) of dW += scale * dz^T h, accumulated in fp32 in place (dW spans all chunks)."""
     pid = tl.program_id(0)
     n_hblocks = tl.cdiv(H, BLOCK_H)
     pid_h = pid % n_hblocks  # column blocks vary fastest: a column block of dz is reused from L2
@@ -350,9 +358,7 @@ def _dweight_kernel(
     mask_v, mask_h = offs_v < V, offs_h < H
     dzt_ptrs = dz_ptr + offs_t[None, :].to(tl.int64) * stride_dz + offs_v[:, None]  # (BLOCK_V, BLOCK_T) of dz^T
     h_ptrs = h_ptr + offs_t[:, None].to(tl.int64) * stride_h + offs_h[None, :]  # (BLOCK_T, BLOCK_H)
-    dw_ptrs = dw_ptr + offs_v[:, None].to(tl.int64) * stride_dw + offs_h[None, :]
-    mask = mask_v[:, None] & mask_h[None, :]
-    acc = tl.load(dw_ptrs, mask=mask, other=0.0)
+    acc = tl.zeros((BLOCK_V, BLOCK_H), dtype=tl.float32)
     for k in range(0, C, BLOCK_T):
         mask_k = offs_t + k < C
         a = tl.load(dzt_ptrs, mask=mask_v[:, None] & mask_k[None, :], other=0.0)
@@ -362,23 +368,26 @@ def _dweight_kernel(
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         dzt_ptrs += BLOCK_T * stride_dz
         h_ptrs += BLOCK_T * stride_h
-    tl.store(dw_ptrs, acc, mask=mask)
+    dw_ptrs = dw_ptr + offs_v[:, None].to(tl.int64) * stride_dw + offs_h[None, :]
+    mask = mask_v[:, None] & mask_h[None, :]
+    tl.store(dw_ptrs, tl.load(dw_ptrs, mask=mask, other=0.0) + tl.load(scale_ptr) * acc, mask=mask)
 
 
-# Tiles (and num_warps, num_stages) per kernel. On CUDA: Hopper-sized GEMM tiles. Under the interpreter: small
-# tiles, so that small odd test shapes span several tiles and exercise every mask.
+# Tiles (and num_warps, num_stages) per kernel. On CUDA: Hopper-sized GEMM tiles (the ghost variant of the logits
+# kernel holds two accumulators, hence its narrower tile). Under the interpreter: small tiles, so that small odd
+# test shapes span several tiles and exercise every mask.
 _CUDA_CONFIG = {
     "logits": dict(BLOCK_T=128, BLOCK_V=256, BLOCK_H=64, num_warps=8, num_stages=3),
+    "logits_ghost": dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
     "dlogits": dict(BLOCK=4096, num_warps=8),
     "dhidden": dict(BLOCK_T=128, BLOCK_H=128, BLOCK_V=64, num_warps=8, num_stages=3),
-    "dhidden_ghost": dict(BLOCK_T=128, BLOCK_H=64, BLOCK_V=64, num_warps=8, num_stages=3),
     "dweight": dict(BLOCK_V=128, BLOCK_H=128, BLOCK_T=64, num_warps=8, num_stages=3),
 }
 _INTERPRETER_CONFIG = {
     "logits": dict(BLOCK_T=16, BLOCK_V=32, BLOCK_H=16),
+    "logits_ghost": dict(BLOCK_T=16, BLOCK_V=32, BLOCK_H=16),
     "dlogits": dict(BLOCK=128),
     "dhidden": dict(BLOCK_T=16, BLOCK_H=16, BLOCK_V=32),
-    "dhidden_ghost": dict(BLOCK_T=16, BLOCK_H=16, BLOCK_V=32),
     "dweight": dict(BLOCK_V=32, BLOCK_H=16, BLOCK_T=16),
 }
 
@@ -392,58 +401,62 @@ def _chunk_triton(h, weight, labels, coef, ghost_weight, softcap, d_weight, want
     """Triton version of `_chunk_torch` (same arguments and results)."""
     C, H = h.shape
     V = weight.shape[0]
+    device = h.device
     config = _INTERPRETER_CONFIG if interpret_mode() else _CUDA_CONFIG
     precision = "ieee" if h.dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
     # The Triton interpreter's tl.dot multiplies bf16 bit patterns as integers: upcast there (exact in fp32).
     dot_fp32 = interpret_mode() and h.dtype == torch.bfloat16
     has_softcap, softcap = softcap is not None, float(softcap or 1.0)
+    has_ghost, need_dz = ghost_weight is not None, d_weight is not None or want_d_hidden
     weight = weight.contiguous()
 
-    cfg = config["logits"]
+    # 1. Logits (kept for step 2 only if gradients are needed), log-sum-exp, loss, ghost dots.
+    cfg = config["logits_ghost" if has_ghost else "logits"]
     n_vblocks = triton.cdiv(V, cfg["BLOCK_V"])
-    logits = torch.empty(C, V, dtype=torch.float32, device=h.device)
-    part_max = torch.empty(C, n_vblocks, dtype=torch.float32, device=h.device)
-    part_sum = torch.empty_like(part_max)
-    target = torch.empty(C, dtype=torch.float32, device=h.device)
-    grid = (triton.cdiv(C, cfg["BLOCK_T"]) * n_vblocks,)
-    launchable(_logits_kernel)[grid](
-        h, weight, labels, logits, part_max, part_sum, target,
+    logits = torch.empty((C, V) if need_dz else (1,), dtype=torch.float32, device=device)
+    part_max, part_sum, part_ghost = torch.empty(3, C, n_vblocks, dtype=torch.float32, device=device)
+    target, target_ghost = torch.empty(2, C, dtype=torch.float32, device=device)
+    launchable(_logits_kernel)[(triton.cdiv(C, cfg["BLOCK_T"]) * n_vblocks,)](
+        h, weight, ghost_weight.contiguous() if has_ghost else weight, labels, logits,
+        part_max, part_sum, part_ghost, target, target_ghost,
         C, V, H, h.stride(0), weight.stride(0), logits.stride(0), n_vblocks, softcap,
-        HAS_SOFTCAP=has_softcap, PRECISION=precision, DOT_FP32=dot_fp32, **cfg,
+        HAS_SOFTCAP=has_softcap, HAS_GHOST=has_ghost, STORE_LOGITS=need_dz,
+        PRECISION=precision, DOT_FP32=dot_fp32, **cfg,
     )  # fmt: skip
     row_max = part_max.max(dim=1).values
     lse = row_max + torch.log((part_sum * torch.exp(part_max - row_max[:, None])).sum(dim=1))
     ce = lse - target
-    if d_weight is None and not want_d_hidden and ghost_weight is None:
-        return ce, None, None
+    ghost = None
+    if has_ghost:
+        ghost = coef * ((part_ghost * torch.exp(part_max - lse[:, None])).sum(dim=1) - target_ghost)
+    if not need_dz:
+        return ce, None, ghost
 
-    # dz in the input dtype, over the logits buffer (a 2-byte dz row is the first half of its fp32 logits row).
+    # 2. dz / scale in the input dtype, over the logits buffer (a 2-byte dz row is the first half of its fp32
+    # logits row). scale = max |coef| keeps dz in [-1, 1], clear of fp16 underflow (coef is 1/N for a token-mean
+    # loss); the GEMMs below multiply it back in fp32.
+    scale = coef.abs().max().clamp_min(1e-30).reshape(1)
     dz = logits if h.dtype == torch.float32 else logits.view(h.dtype)[:, :V]
     launchable(_dlogits_kernel)[(C,)](
-        logits, dz, lse, labels, coef, V, logits.stride(0), dz.stride(0), softcap,
+        logits, dz, lse, labels, coef / scale, V, logits.stride(0), dz.stride(0), softcap,
         HAS_SOFTCAP=has_softcap, **config["dlogits"],
     )  # fmt: skip
 
-    dh = ghost = None
-    if want_d_hidden or ghost_weight is not None:
-        cfg = config["dhidden" if ghost_weight is None else "dhidden_ghost"]
-        n_hblocks = triton.cdiv(H, cfg["BLOCK_H"])
-        dh = torch.empty_like(h) if want_d_hidden else None
-        ghost_part = torch.empty(n_hblocks, C, dtype=torch.float32, device=h.device) if ghost_weight is not None else None
-        g = ghost_weight.contiguous() if ghost_weight is not None else weight
-        launchable(_dhidden_kernel)[(triton.cdiv(C, cfg["BLOCK_T"]) * n_hblocks,)](
-            dz, weight, g, h, h if dh is None else dh, target if ghost_part is None else ghost_part,
-            C, V, H, dz.stride(0), weight.stride(0), h.stride(0), H,
-            STORE_DH=want_d_hidden, HAS_GHOST=ghost_weight is not None, PRECISION=precision, DOT_FP32=dot_fp32,
-            **cfg,
+    # 3. d hidden = dz W.
+    dh = None
+    if want_d_hidden:
+        cfg = config["dhidden"]
+        dh = torch.empty_like(h)
+        launchable(_dhidden_kernel)[(triton.cdiv(C, cfg["BLOCK_T"]) * triton.cdiv(H, cfg["BLOCK_H"]),)](
+            dz, weight, dh, scale, C, V, H, dz.stride(0), weight.stride(0), dh.stride(0),
+            PRECISION=precision, DOT_FP32=dot_fp32, **cfg,
         )  # fmt: skip
-        ghost = ghost_part.sum(dim=0) if ghost_part is not None else None
 
+    # 4. d weight += dz^T h (fp32, across chunks).
     if d_weight is not None:
         cfg = config["dweight"]
-        grid = (triton.cdiv(V, cfg["BLOCK_V"]) * triton.cdiv(H, cfg["BLOCK_H"]),)
-        launchable(_dweight_kernel)[grid](
-            dz, h, d_weight, C, V, H, dz.stride(0), h.stride(0), d_weight.stride(0),
+        launchable(_dweight_kernel)[(triton.cdiv(V, cfg["BLOCK_V"]) * triton.cdiv(H, cfg["BLOCK_H"]),)](
+            dz, h, d_weight, scale, C, V, H, dz.stride(0), h.stride(0), d_weight.stride(0),
             PRECISION=precision, DOT_FP32=dot_fp32, **cfg,
         )  # fmt: skip
     return ce, dh, ghost
@@ -472,5 +485,3 @@ def per_task_linear_cross_entropy(
         chunk_fn, chunk_rows, hidden, weight, labels, task_ids, num_tasks,
         task_weights, ghost_weight, softcap, ignore_index, chunk_size,
     )  # fmt: skip
-
-

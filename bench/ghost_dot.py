@@ -1,0 +1,114 @@
+"""Benchmark the per-task ghost dot products of linear layers (CUDA, bf16), in TFLOP/s.
+
+For each linear shape (out, in) and T tokens in K contiguous tasks, times per_task_ghost_dot (Triton) with
+task_offsets and with task_ids, and the PyTorch reference, and compares with the measured rate of the bf16
+matmul of the same shape, x (T, in) @ G^T (in, out). A ghost dot costs 2 * T * in * out FLOPs.
+Writes <out>/<gpu name>/ghost_dot.json and ghost_dot.md.
+
+    python bench/ghost_dot.py [--tokens 16384 --tasks 8 --shapes 2048x2048,8192x2048,2048x8192 --out bench/results]
+"""
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
+
+
+def median_ms(fn, warmup: int = 5, repeats: int = 20) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def bench_shape(n_out: int, n_in: int, offsets: torch.Tensor, task_ids: torch.Tensor, repeats: int) -> dict:
+    from adapt_fast.kernels import per_task_ghost_dot, per_task_ghost_dot_reference
+
+    T, K = task_ids.numel(), offsets.numel() - 1
+    torch.manual_seed(0)
+    x = torch.randn(T, n_in, device="cuda", dtype=torch.bfloat16)
+    delta = torch.randn(T, n_out, device="cuda", dtype=torch.bfloat16)
+    G = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16)
+    runs = {
+        "matmul": lambda: x @ G.T,
+        "triton_offsets": lambda: per_task_ghost_dot(x, delta, G, task_offsets=offsets),
+        "triton_ids": lambda: per_task_ghost_dot(x, delta, G, task_ids, K),
+        "reference": lambda: per_task_ghost_dot_reference(x, delta, G, task_ids, K),
+    }
+    ms = {name: median_ms(fn, repeats=repeats) for name, fn in runs.items()}
+    flops = 2 * T * n_in * n_out
+    tflops = {name: flops / (t * 1e-3) / 1e12 for name, t in ms.items()}
+    ours, ref = runs["triton_offsets"](), runs["reference"]()
+    return dict(
+        out=n_out,
+        inp=n_in,
+        tokens=T,
+        ms=ms,
+        tflops=tflops,
+        fraction_of_matmul=tflops["triton_offsets"] / tflops["matmul"],
+        rel_err_vs_reference=((ours - ref).norm() / ref.norm()).item(),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--shapes", default="2048x2048,8192x2048,2048x8192", help="out x in of each linear layer")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/ghost_dot.py: needs a CUDA GPU, none found")
+
+    gpu = torch.cuda.get_device_name()
+    T, K = args.tokens, args.tasks
+    offsets = torch.linspace(0, T, K + 1, device="cuda").long()
+    task_ids = torch.repeat_interleave(torch.arange(K, device="cuda"), offsets.diff())
+    rows = []
+    for shape in args.shapes.split(","):
+        n_out, n_in = (int(v) for v in shape.lower().split("x"))
+        rows.append(bench_shape(n_out, n_in, offsets, task_ids, args.repeats))
+        print(rows[-1], flush=True)
+
+    date = time.strftime("%Y-%m-%d %H:%M:%S")
+    result = dict(gpu=gpu, torch=torch.__version__, tasks=K, dtype="bfloat16", date=date, rows=rows)
+    out_dir = args.out / re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ghost_dot.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"# Per-task ghost dot products, {gpu}",
+        "",
+        f"T={T} tokens, K={K} tasks, bf16. TFLOP/s at 2*T*in*out FLOPs (ms in parentheses).",
+        "",
+        "| out x in | bf16 matmul | triton (offsets) | triton (ids) | reference | triton / matmul | rel err |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cells = [f"{r['tflops'][k]:.0f} ({r['ms'][k]:.2f})" for k in r["ms"]]
+        shape = f"{r['out']}x{r['inp']}"
+        lines.append(
+            f"| {shape} | {' | '.join(cells)} | {r['fraction_of_matmul']:.0%} | {r['rel_err_vs_reference']:.1e} |"
+        )
+    (out_dir / "ghost_dot.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out_dir}/ghost_dot.json and .md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Benchmark the fused linear + cross-entropy loss: forward+backward time and peak memory (CUDA, bf16).
+
+At T tokens, hidden size H and vocabulary V (default 16384 x 2048 x 128256, the Llama 3.2 1B head) compares:
+
+    torch_fp32_logits   logits materialised (bf16 GEMM), upcast to fp32, F.cross_entropy
+    liger               Liger-Kernel's LigerFusedLinearCrossEntropyLoss
+    cce                 Cut Cross-Entropy's cut_cross_entropy.linear_cross_entropy (its defaults)
+    ours                adapt_fast per_task_linear_cross_entropy, K tasks, token-mean weights
+    ours_ghost          the same with ghost_weight (per-task head ghost dots: one more GEMM)
+    floor_3gemm         3 GEMMs of 2*T*H*V FLOPs (logits, d hidden, d weight) at the measured bf16 matmul rate
+                        (floor_4gemm: the same with the ghost GEMM)
+
+Every method computes the mean token loss (labels -100 excluded) and the gradients of hidden and weight.
+Peak memory is the peak allocated during one forward+backward minus what was allocated before it (inputs).
+Writes <out>/<gpu name>/loss_kernel.json and loss_kernel.md.
+
+    python bench/loss_kernel.py [--tokens 16384 --hidden 2048 --vocab 128256 --tasks 8 --out bench/results]
+"""
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
+
+
+def measure(step, warmup: int, repeats: int) -> tuple[float, float]:
+    """Median milliseconds of step() and its peak extra memory in GiB (over the memory allocated before it)."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), peak
+
+
+def matmul_tflops(m: int, n: int, k: int, repeats: int = 20) -> float:
+    """Measured bf16 TFLOP/s of a (m, k) x (k, n) GEMM."""
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+    ms, _ = measure(lambda: a @ b, warmup=5, repeats=repeats)
+    return 2 * m * n * k / (ms * 1e-3) / 1e12
+
+
+def methods(num_tasks: int, ghost_weight: torch.Tensor):
+    """name -> loss_fn(hidden, weight, labels, task_ids) or the reason it cannot run."""
+    from adapt_fast.kernels import per_task_linear_cross_entropy
+
+    def torch_fp32_logits(h, w, labels, task_ids):
+        return F.cross_entropy((h @ w.T).float(), labels, ignore_index=-100)
+
+    def ours(h, w, labels, task_ids, ghost=None):
+        n = (labels != -100).sum().clamp_min(1).float()
+        weights = torch.ones(num_tasks, device=h.device) / n
+        return per_task_linear_cross_entropy(h, w, labels, task_ids, num_tasks, weights, ghost_weight=ghost).loss
+
+    out = {"torch_fp32_logits": torch_fp32_logits}
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        out["liger"] = lambda h, w, labels, task_ids: liger(w, h, labels)
+    except ImportError:
+        out["liger"] = "not installed"
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        out["cce"] = lambda h, w, labels, task_ids: linear_cross_entropy(h, w, labels)
+    except ImportError:
+        out["cce"] = "not installed"
+    out["ours"] = ours
+    out["ours_ghost"] = lambda h, w, labels, task_ids: ours(h, w, labels, task_ids, ghost_weight)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--ignore-frac", type=float, default=0.0, help="fraction of labels set to -100 (prompts)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/loss_kernel.py: needs a CUDA GPU, none found")
+
+    gpu = torch.cuda.get_device_name()
+    T, H, V, K = args.tokens, args.hidden, args.vocab, args.tasks
+    torch.manual_seed(0)
+    hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    weight = (torch.randn(V, H, device="cuda") * H**-0.5).to(torch.bfloat16).requires_grad_()
+    ghost_weight = torch.randn(V, H, device="cuda", dtype=torch.bfloat16)
+    labels = torch.randint(0, V, (T,), device="cuda")
+    labels[torch.rand(T, device="cuda") < args.ignore_frac] = -100
+    task_ids = torch.arange(T, device="cuda") * K // T  # K contiguous tasks
+
+    rate = matmul_tflops(T, V, H)
+    gemm_ms = 2 * T * H * V / (rate * 1e12) * 1e3
+    rows = [
+        dict(method="floor_3gemm", ms=3 * gemm_ms, peak_gib=None, loss=None, status="ok"),
+        dict(method="floor_4gemm", ms=4 * gemm_ms, peak_gib=None, loss=None, status="ok"),
+    ]
+    for name, fn in methods(K, ghost_weight).items():
+        if isinstance(fn, str):
+            rows.append(dict(method=name, ms=None, peak_gib=None, loss=None, status=fn))
+            continue
+
+        def step(fn=fn):  # the gradients are dropped at the end: they count in the peak, not in the base
+            loss = fn(hidden, weight, labels, task_ids)
+            loss.backward()
+            hidden.grad = weight.grad = None
+            return loss
+
+        try:
+            loss = step().item()
+            ms, peak = measure(step, args.warmup, args.repeats)
+            rows.append(dict(method=name, ms=ms, peak_gib=peak, loss=loss, status="ok"))
+        except Exception as e:  # an OOM or a version mismatch in a third-party package: record it, go on
+            rows.append(dict(method=name, ms=None, peak_gib=None, loss=None, status=f"{type(e).__name__}: {e}"[:200]))
+        torch.cuda.empty_cache()
+        print(rows[-1], flush=True)
+
+    result = dict(
+        gpu=gpu,
+        torch=torch.__version__,
+        shape=dict(tokens=T, hidden=H, vocab=V, tasks=K, ignore_frac=args.ignore_frac, dtype="bfloat16"),
+        matmul_tflops=rate,
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        rows=rows,
+    )
+    out_dir = args.out / re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "loss_kernel.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"# Fused linear cross-entropy, {gpu}",
+        "",
+        f"T={T}, H={H}, V={V}, K={K}, bf16, ignored labels {args.ignore_frac:.0%}; forward+backward; "
+        f"bf16 matmul {rate:.0f} TFLOP/s.",
+        "",
+        "| method | ms | peak extra GiB | loss | status |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        ms = f"{r['ms']:.2f}" if r["ms"] is not None else "-"
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+        loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
+        lines.append(f"| {r['method']} | {ms} | {peak} | {loss} | {r['status']} |")
+    (out_dir / "loss_kernel.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out_dir}/loss_kernel.json and .md")
+
+
+if __name__ == "__main__":
+    main()

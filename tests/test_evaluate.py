@@ -1,0 +1,270 @@
+"""Evaluation: scoring functions, the trainer's split and prompts, packed loss vs a plain forward, batched
+greedy generation, the Python API and the CLI (JSON, table, one-line errors)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from adapt_fast.config import Config, save_config
+from adapt_fast.data.cache import build_or_load
+from adapt_fast.data.synthetic import write_synthetic_suite
+from adapt_fast.data.tokenizer import EOS_ID, build_byte_tokenizer
+from adapt_fast.evaluate import (
+    evaluate,
+    exact_match,
+    format_table,
+    generate_responses,
+    lcs_length,
+    load_split,
+    main,
+    prompt_ids,
+    references,
+    rouge_l,
+    rouge_l_max,
+    select_records,
+    tokenize_split,
+    validation_loss,
+)
+from adapt_fast.model.loading import load_model_and_tokenizer
+
+SUITE_TASKS = ("copy", "reverse", "addition", "keyword")
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def test_exact_match_normalises_and_takes_any_reference():
+    assert exact_match("  Hello   World\n", ["hello world"]) == 1.0
+    assert exact_match("b", ["a", "B "]) == 1.0
+    assert exact_match("b", "b") == 1.0
+    assert exact_match("hello", ["hello world"]) == 0.0
+    assert exact_match("", [""]) == 1.0
+
+
+def test_rouge_l_identical_disjoint_and_hand_computed():
+    assert rouge_l("the cat sat", "the cat sat") == 1.0
+    assert rouge_l("The  Cat sat", "the cat SAT ") == 1.0  # normalised first
+    assert rouge_l("a b c", "d e f") == 0.0
+    assert rouge_l("", "a") == 0.0 and rouge_l("a", "") == 0.0 and rouge_l("", " ") == 1.0
+    # LCS "the cat on the mat" = 5 of 6 tokens each way: P = R = F = 5/6
+    assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+    # LCS "a c" = 2: P = 2/3, R = 2/4, F = 2PR / (P + R) = 4/7
+    assert rouge_l("a b c", "a x c d") == pytest.approx(4 / 7)
+    assert rouge_l_max("a b c", ["d e f", "a x c d", "a b"]) == pytest.approx(0.8)  # best: "a b" (P 2/3, R 1)
+    assert lcs_length(list("ABCBDAB"), list("BDCABA")) == 4  # the textbook example
+
+
+def test_perfect_predictions_score_one(tmp_path):
+    records = load_split(write_synthetic_suite(tmp_path, examples_per_task=8, tasks=SUITE_TASKS))
+    for record in records:
+        refs = references(record)
+        assert refs == [record["output"]]
+        assert exact_match(refs[0], refs) == 1.0 and rouge_l_max(refs[0], refs) == 1.0
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    return write_synthetic_suite(tmp_path_factory.mktemp("suite"), examples_per_task=12, tasks=SUITE_TASKS)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny-llama preset (random init) and its byte tokenizer saved as a plain HF folder."""
+    folder = tmp_path_factory.mktemp("model")
+    model, tokenizer = load_model_and_tokenizer("tiny-llama", device="cpu", seed=0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def varied_model():
+    """A tiny-llama with large random weights, so greedy outputs differ from token to token."""
+    model, tokenizer = load_model_and_tokenizer("tiny-llama", device="cpu", seed=1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- same split, same tokens, same loss
+
+
+def test_split_and_tokens_match_the_trainers_cache(suite, tmp_path):
+    tokenizer = build_byte_tokenizer()
+    for val_fraction, seed in ((0.1, 0), (0.3, 5)):
+        records = select_records(load_split(suite, val_fraction=val_fraction, seed=seed), "validation")
+        data = build_or_load(suite, tokenizer, val_fraction=val_fraction, seed=seed, cache_dir=tmp_path, progress=False)
+        split = tokenize_split(records, tokenizer, data.task_names, "ni")
+        for name in ("ids", "loss_mask", "offsets", "task_ids", "loss_tokens"):
+            assert np.array_equal(getattr(split, name), getattr(data.validation, name)), name
+    # a task filter changes the per-task seeds in the trainer; load_split filters first, as build_or_load does
+    records = select_records(load_split(suite, tasks=["copy", "keyword"]), "validation")
+    data = build_or_load(suite, tokenizer, tasks=["copy", "keyword"], cache_dir=tmp_path, progress=False)
+    split = tokenize_split(records, tokenizer, data.task_names, "ni")
+    assert np.array_equal(split.ids, data.validation.ids)
+
+
+def test_prompt_is_the_training_prompt(suite):
+    tokenizer = build_byte_tokenizer()
+    record = load_split(suite)[0]
+    ids = prompt_ids(record, tokenizer, "ni")
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert text.startswith("Definition: ") and text.endswith(f"Input: {record['input']}\nOutput: ")
+    assert ids[0] == tokenizer.bos_token_id
+
+
+def test_packed_loss_equals_one_example_at_a_time(suite, varied_model):
+    model, tokenizer = varied_model
+    records = select_records(load_split(suite), "all", max_examples_per_task=3)
+    names = sorted({r["task"] for r in records})
+    split = tokenize_split(records, tokenizer, names, "ni")
+    sums, counts = validation_loss(model, split, tokens_per_micro_batch=256)  # several examples per micro-batch
+    ref_sums, ref_counts = np.zeros(len(names)), np.zeros(len(names), dtype=np.int64)
+    with torch.no_grad():
+        for i in range(split.num_examples):
+            ids, mask = (torch.as_tensor(np.asarray(a, dtype=np.int64)) for a in split.example(i))
+            logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1].float()
+            ce = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")
+            k = int(split.task_ids[i])
+            ref_sums[k] += float(ce[mask[1:].bool()].sum())
+            ref_counts[k] += int(mask[1:].sum())
+    assert np.array_equal(counts, ref_counts)
+    np.testing.assert_allclose(sums / counts, ref_sums / ref_counts, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(suite, varied_model):
+    model, tokenizer = varied_model
+    records = select_records(load_split(suite), "all", max_examples_per_task=1)
+    prompts = [prompt_ids(r, tokenizer, "ni") for r in records]
+    assert len({len(p) for p in prompts}) > 1  # rows really get padded
+    batched = generate_responses(model, tokenizer, prompts, max_new_tokens=5, batch_size=4)
+    alone = [generate_responses(model, tokenizer, [p], max_new_tokens=5, batch_size=1)[0] for p in prompts]
+    assert batched == alone
+    assert len(set(batched)) > 1  # the outputs really differ
+
+
+class ScriptedLM(torch.nn.Module):
+    """Stands in for an HF model: generate() appends a fixed continuation, records what it was given."""
+
+    def __init__(self, continuation: list[int]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(_attn_implementation="sdpa")
+        self.generation_config = SimpleNamespace(eos_token_id=EOS_ID)
+        self.continuation = continuation
+        self.calls = []
+
+    def generate(self, input_ids, attention_mask, generation_config):
+        self.calls.append((input_ids.clone(), attention_mask.clone(), generation_config))
+        new = torch.tensor(self.continuation[: generation_config.max_new_tokens]).expand(input_ids.shape[0], -1)
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_generation_decodes_new_tokens_up_to_eos_with_left_padding():
+    tokenizer = build_byte_tokenizer()
+    ab = tokenizer.encode("ab", add_special_tokens=False)
+    model = ScriptedLM(ab + [EOS_ID] + tokenizer.encode("zz", add_special_tokens=False))
+    prompts = [tokenizer.encode("long prompt"), tokenizer.encode("p")]
+    assert generate_responses(model, tokenizer, prompts, max_new_tokens=10, batch_size=2) == ["ab", "ab"]
+    input_ids, mask, config = model.calls[0]
+    assert config.do_sample is False and config.max_new_tokens == 10 and config.eos_token_id == [EOS_ID]
+    short = 1 if input_ids.shape[1] > len(prompts[1]) and mask[1, 0] == 0 else 0  # row of the short prompt
+    assert mask[short].tolist() == [0] * (input_ids.shape[1] - len(prompts[1])) + [1] * len(prompts[1])  # left pad
+    assert input_ids[short, -len(prompts[1]) :].tolist() == prompts[1]
+    assert generate_responses(model, tokenizer, prompts[:1], max_new_tokens=1, batch_size=1) == ["a"]
+
+
+# ----------------------------------------------------------------------------- API and CLI
+
+
+def test_evaluate_in_process(suite, model_dir):
+    model, tokenizer = load_model_and_tokenizer(str(model_dir), device="cpu")
+    model.set_attn_implementation("sdpa")
+    model.train()
+    records = select_records(load_split(suite), "validation", max_examples_per_task=2)
+    result = evaluate(
+        model, tokenizer, records, generate=True, max_new_tokens=3, batch_size=4, tokens_per_micro_batch=512,
+        return_predictions=True,
+    )  # fmt: skip
+    assert model.training and model.config._attn_implementation == "sdpa"  # restored
+    assert set(result["tasks"]) == set(SUITE_TASKS)
+    for task in result["tasks"].values():
+        assert set(task) == {"examples", "loss_tokens", "val_loss", "exact_match", "rouge_l"}
+        assert task["examples"] >= 1 and task["loss_tokens"] > 0
+        assert 3.0 < task["val_loss"] < 8.0  # about log(264) for a random model
+        assert 0.0 <= task["exact_match"] <= 1.0 and 0.0 <= task["rouge_l"] <= 1.0
+    losses = [t["val_loss"] for t in result["tasks"].values()]
+    assert result["mean"]["val_loss"] == pytest.approx(np.mean(losses))
+    assert result["worst"]["val_loss"] == pytest.approx(max(losses))
+    assert len(result["predictions"]) == len(records) == result["overall"]["examples"]
+    table = format_table(result)
+    assert all(name in table for name in SUITE_TASKS) and "mean" in table and "worst" in table
+
+    loss_only = evaluate(model, tokenizer, records, generate=False, max_new_tokens=4, batch_size=4,
+                         tokens_per_micro_batch=512)  # fmt: skip
+    assert "exact_match" not in loss_only["tasks"]["copy"] and "exact_match" not in loss_only["mean"]
+    assert loss_only["tasks"]["copy"]["val_loss"] == pytest.approx(result["tasks"]["copy"]["val_loss"])
+
+
+def test_cli_generate_writes_json(suite, model_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "adapt_fast.evaluate", "--model", str(model_dir), "--data", str(suite), "--generate",
+         "--max_new_tokens", "3", "--max_examples_per_task", "2", "--tokens_per_micro_batch", "256", "--out", str(out)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert set(result) >= {"tasks", "mean", "worst", "overall", "settings"}
+    assert set(result["tasks"]) == set(SUITE_TASKS)
+    assert all({"val_loss", "exact_match", "rouge_l"} <= set(t) for t in result["tasks"].values())
+    assert all(t["examples"] <= 2 for t in result["tasks"].values())
+    assert "ROUGE-L" in proc.stderr and "worst" in proc.stderr
+
+
+def test_cli_takes_split_settings_from_a_run_config(suite, model_dir, tmp_path, capsys):
+    cfg = Config()
+    cfg.data.path, cfg.data.val_fraction, cfg.data.tasks, cfg.seed = str(suite), 0.25, ["copy", "addition"], 3
+    save_config(cfg, tmp_path / "config.yaml")
+    result = main(["--model", str(model_dir), "--config", str(tmp_path / "config.yaml"), "--seed", "4"])
+    assert set(result["tasks"]) == {"copy", "addition"}
+    assert result["settings"]["val_fraction"] == 0.25 and result["settings"]["seed"] == 4  # the flag wins
+    expected = select_records(load_split(suite, tasks=["copy", "addition"], val_fraction=0.25, seed=4), "validation")
+    assert result["overall"]["examples"] == len(expected)
+    assert json.loads(capsys.readouterr().out)["tasks"].keys() == result["tasks"].keys()  # JSON on stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "{tmp}/no_model", "--data", "{suite}"], "no_model"),
+        (["--model", "{model}", "--data", "{tmp}/no_data"], "no_data: no such file or folder"),
+        (["--model", "{model}", "--data", "{tmp}/bad.jsonl"], "bad.jsonl:1: malformed JSON"),
+        (["--model", "{model}", "--data", "{suite}", "--split", "test"], "invalid choice"),
+        (["--model", "{model}", "--data", "{suite}", "--tasks", "nope"], "tasks not in the data: nope"),
+        (["--data", "{suite}"], "--model"),
+    ],
+)
+def test_cli_errors_are_one_line(args, message, suite, model_dir, tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    argv = [a.format(tmp=tmp_path, suite=suite, model=model_dir) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
