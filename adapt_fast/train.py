@@ -156,6 +156,7 @@ class Trainer:
                 cap=m.cap,
                 weights=m.weights,
             )
+        self.static_p = p0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore" if not self.is_main else "default")
             self.loader: PackedLoader = make_loader(cfg, self.data, p0, self.budget, self.rank, self.world_size)
@@ -227,7 +228,7 @@ class Trainer:
 
     @property
     def mixture(self) -> np.ndarray:
-        return self.adapt.probs if self.adapt is not None else self.loader.mixture
+        return self.adapt.probs if self.adapt is not None else self.static_p
 
     def _empty_batch(self) -> MicroBatch:
         """One padding slot: keeps every rank's micro-step count equal after the budget ends."""

@@ -6,7 +6,7 @@ layer splits exactly over tokens, and so over tasks, without ever forming a per-
 
     Linear     y = W x + b     D_k += sum_{t in k} delta_t^T G_W x_t + delta_t . G_b     (adapt_fast.kernels)
     Embedding  y = E[id]       D_k += sum_{t in k} delta_t . G_E[id_t]
-    any other token-wise module (RMSNorm, Gemma's (1 + w) form, Qwen3's per-head q_norm / k_norm):
+    any other token-wise module (RMSNorm, Gemma's (1 + w) form, Qwen3's / Gemma 3's per-head q_norm / k_norm):
                D_k += sum_{t in k} delta_t . (d y_t along G)      (forward-mode jvp of the module in its params)
 
 with delta_t = dL/dy_t, caught by a tensor hook on the module output. The LM head is not hooked: per_task_loss
@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp
+from torch.func import jvp
 
 from adapt_fast.data.batch import IGNORE_INDEX, MicroBatch
 from adapt_fast.kernels import PerTaskLoss, per_task_ghost_dot
@@ -86,6 +86,17 @@ def _per_task(row: torch.Tensor, task_ids: torch.Tensor, num_tasks: int) -> torc
     keep = (task_ids >= 0) & (task_ids < num_tasks)
     out = torch.zeros(num_tasks, dtype=torch.float64, device=row.device)
     return out.index_add_(0, torch.where(keep, task_ids, 0), torch.where(keep, row, 0).to(torch.float64))
+
+
+def _forward_with(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict):
+    """module.forward with some of its own parameters replaced, skipping every hook (functional_call runs the
+    module's hooks, e.g. HF's gradient-checkpointing make_inputs_require_grads, which fail inside jvp)."""
+    saved = {n: module._parameters[n] for n in params}
+    try:
+        module._parameters.update(params)
+        return module.forward(*args, **kwargs)
+    finally:
+        module._parameters.update(saved)
 
 
 def _detach(x):
@@ -164,7 +175,6 @@ class GhostDots:
         self.loss_grad: torch.Tensor | None = None  # gradient that reached the loss (set by add_head)
         self._handles: list = []
         self._active = False
-        self._busy = False  # inside a hook: functional_call below must not re-trigger our forward hooks
 
     # ------------------------------------------------------------------ context
 
@@ -206,7 +216,7 @@ class GhostDots:
 
     def _forward_hook(self, kind: str, params: dict):
         def hook(module, args, kwargs, output):
-            if not self._active or self._busy or not torch.is_grad_enabled():
+            if not self._active or not torch.is_grad_enabled():
                 return
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return  # e.g. reentrant checkpointing's no-grad forward; the recompute registers instead
@@ -215,11 +225,7 @@ class GhostDots:
 
             def on_grad(delta: torch.Tensor) -> None:
                 if self._active:
-                    self._busy = True
-                    try:
-                        self.dots += self._module_dots(module, kind, params, args, kwargs, delta.detach())
-                    finally:
-                        self._busy = False
+                    self.dots += self._module_dots(module, kind, params, args, kwargs, delta.detach())
 
             self._handles.append(output.register_hook(on_grad))
 
@@ -246,11 +252,8 @@ class GhostDots:
             primals = tuple(params[n][0].detach() for n in names)
             tangents = tuple(params[n][1].to(params[n][0].dtype) for n in names)
             with torch.no_grad():
-                _, tangent = jvp(
-                    lambda *p: functional_call(module, dict(zip(names, p, strict=True)), args, kwargs),
-                    primals,
-                    tangents,
-                )
+                _, tangent = jvp(lambda *p: _forward_with(module, dict(zip(names, p, strict=True)), args, kwargs),
+                                 primals, tangents)  # fmt: skip
             row = (_rows(tangent, dim, T).to(compute) * d.to(compute)).sum(1)
         if row is not None:
             if isinstance(module, nn.Embedding) and module.padding_idx is not None:  # that row gets no gradient

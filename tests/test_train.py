@@ -1,0 +1,152 @@
+"""The trainer end to end on CPU: static shares, ADAPT's direction, DeepSpeed with 2 ranks, outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapt_fast.mixture import static_mixture
+from adapt_fast.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = [
+    "--tokens_per_micro_batch", "1024",
+    "--data.max_len", "512",
+    "--data.synthetic_examples", "120",
+    "--training.warmup_steps", "2",
+]  # fmt: skip
+
+
+def train(tmp_path: Path, name: str, *args: str) -> tuple[dict, list[dict]]:
+    out = tmp_path / name
+    report = main([*SMALL, "--data.cache_dir", str(tmp_path / "cache"), "--output_dir", str(out), *args])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return report, rows
+
+
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("uniform", []),
+        ("proportional", []),
+        ("temperature", ["--mixture.temperature", "3"]),
+        ("fixed", ["--mixture.weights", "copy=3,addition=1,keyword=0,random_output=1,reverse=2,sort=1"]),
+    ],
+)
+def test_static_methods_give_their_shares(tmp_path, method, extra):
+    report, rows = train(tmp_path, method, "--mixture.method", method, "--budget.tokens", "30000", *extra)
+    assert report["tokens_consumed"] == 30000
+    names = list(report["tokens_per_task"])
+    expected = np.array([rows[0]["mixture"][n] for n in names])
+    if method == "uniform":
+        assert np.allclose(expected, 1 / len(names))
+    if method == "fixed":
+        w = np.array([1, 3, 0, 1, 2, 1], dtype=float)  # tasks in name order
+        assert np.allclose(expected, w / w.sum())
+    assert all(r["mixture"] == rows[0]["mixture"] for r in rows)
+    shares = np.array([report["tokens_per_task"][n] for n in names]) / report["tokens_consumed"]
+    assert np.abs(shares - expected).max() < 0.03, (shares, expected)
+
+
+def test_proportional_and_temperature_match_the_data(tmp_path):
+    report, rows = train(tmp_path, "prop", "--mixture.method", "temperature", "--budget.tokens", "2000")
+    names = list(report["tokens_per_task"])
+    from adapt_fast.config import load_config
+    from adapt_fast.data.prepare import load_data, load_tokenizer
+
+    cfg = load_config(None, [*SMALL, "--data.cache_dir", str(tmp_path / "cache")])
+    data = load_data(cfg, load_tokenizer(cfg), progress=False)
+    train_split = data.train
+    p = static_mixture("temperature", train_split.tokens_per_task(), train_split.examples_per_task(), names, 2.0)
+    assert np.allclose([rows[0]["mixture"][n] for n in names], p)
+
+
+def test_outputs_and_final_model_generate(tmp_path):
+    report, rows = train(tmp_path, "run", "--budget.tokens", "6000", "--meta.warmup", "1", "--meta.val_every", "2")
+    out = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "mixture.csv", "mixture.png", "val_loss.png", "report.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").iterdir())
+    for key in (
+        "method", "budget_tokens", "tokens_consumed", "tokens_per_task", "validation_tokens", "padding_fraction",
+        "steps", "mixture_final", "val_loss_per_task", "wall_seconds", "train_tokens_per_second",
+    ):  # fmt: skip
+        assert key in report, key
+    assert report["tokens_consumed"] == 6000 == rows[-1]["tokens_consumed"]
+    assert any("val_loss" in r for r in rows) and any("meta_dots" in r for r in rows)
+    assert all({"step", "tokens_consumed", "loss", "lr", "mixture"} <= set(r) for r in rows)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    ids = tokenizer("Definition: Repeat the input string exactly.\n\nInput: abc\nOutput: ", return_tensors="pt")
+    generated = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_adapt_moves_tokens_away_from_the_random_task(tmp_path):
+    report, rows = train(
+        tmp_path,
+        "adapt",
+        "--data.tasks", "copy,reverse,random_output",
+        "--meta.val_tasks", "copy,reverse",
+        "--budget.tokens", "120000",
+        "--training.lr", "3e-3",
+        "--meta.warmup", "3",
+        "--meta.val_every", "4",
+        "--mixture.lr", "0.1",
+    )  # fmt: skip
+    final = report["mixture_final"]
+    assert final["random_output"] < 0.5 / 3, final
+    assert report["tokens_per_task"]["random_output"] < report["tokens_per_task"]["copy"]
+
+
+def test_bad_config_is_one_line_exit_2(tmp_path):
+    for args, needle in (
+        (["--nope.field", "1"], "unknown config key"),
+        (["--budget.tokens", "-5"], "budget"),
+        (["--mixture.method", "magic"], "mixture.method"),
+        (["--meta.val_tasks", "copy,not_a_task"], "not_a_task"),
+        (["--model.name", "no-such-model"], "no-such-model"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "adapt_fast.train", *args, "--output_dir", str(tmp_path / "x")],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+        )
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+        assert needle in result.stderr.strip().splitlines()[-1], result.stderr[-500:]
+
+
+@pytest.mark.skipif(shutil.which("deepspeed", path=str(Path(sys.executable).parent)) is None, reason="no launcher")
+def test_two_rank_deepspeed_zero2_adapt(tmp_path):
+    out = tmp_path / "ds"
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [
+            launcher, "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000), "adapt_fast/train.py",
+            *SMALL, "--data.cache_dir", str(tmp_path / "cache"), "--output_dir", str(out),
+            "--budget.tokens", "12345", "--training.zero_stage", "2", "--meta.warmup", "1", "--meta.val_every", "2",
+        ],
+        capture_output=True, text=True, cwd=REPO, timeout=900, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2
+    assert report["tokens_consumed"] == 12345
+    assert report["mixture_identical_across_ranks"] is True
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("meta_dots" in r for r in rows)
+    assert report["mixture_final"] != rows[0]["mixture"]  # the mixture was learned, not left alone
