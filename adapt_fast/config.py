@@ -23,7 +23,8 @@ MIXTURE_METHODS = ("adapt", "uniform", "proportional", "temperature", "fixed")
 
 @dataclass
 class DataConfig:
-    path: str = ""  # a folder of NI task files, a JSONL/Parquet file, or a folder of them / an HF datasets folder; "" = synthetic suite
+    # a folder of NI task files, a JSONL/Parquet file or folder of them, an HF datasets folder; "" = synthetic suite
+    path: str = ""
     group_by: str = "task"  # task | category (NI files: first category)
     task_column: str = "task"  # JSONL/Parquet/HF: the column naming the task
     template: str = "auto"  # auto (chat template if the tokenizer has one, else ni) | ni | chat
@@ -375,4 +376,3 @@ def check_output_dir(path: str) -> Path:
     except OSError as err:
         raise ConfigError(f"output_dir is not writable: {path} ({err.strerror})") from None
     return out
-

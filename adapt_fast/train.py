@@ -130,7 +130,9 @@ class Trainer:
 
         # Mixture.
         train = self.data.train
-        proportional = static_mixture("proportional", train.tokens_per_task(), train.examples_per_task(), self.task_names)
+        proportional = static_mixture(
+            "proportional", train.tokens_per_task(), train.examples_per_task(), self.task_names
+        )
         if cfg.mixture.method == "adapt":
             m = cfg.mixture
             settings = AdaptSettings(
@@ -164,7 +166,11 @@ class Trainer:
         # Model and DeepSpeed engine.
         dtype = DTYPES.get(cfg.model.dtype) if cfg.model.dtype != "auto" else None
         model, _ = load_model_and_tokenizer(
-            cfg.model.name, dtype=dtype, device=self.device, trust_remote_code=cfg.model.trust_remote_code, seed=cfg.seed
+            cfg.model.name,
+            dtype=dtype,
+            device=self.device,
+            trust_remote_code=cfg.model.trust_remote_code,
+            seed=cfg.seed,
         )
         if len(self.tokenizer) > model.get_input_embeddings().weight.shape[0]:
             raise ConfigError(f"model.name {cfg.model.name}: its vocabulary is smaller than the tokenizer's")
@@ -383,7 +389,9 @@ class Trainer:
             }
             self._log(row)
             bar.update(self.loader.consumed - bar.n)
-            bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{self.loader.stats.tokens / max(train_seconds, 1e-9):.0f}")
+            bar.set_postfix(
+                loss=f"{result.loss:.3f}", tok_s=f"{self.loader.stats.tokens / max(train_seconds, 1e-9):.0f}"
+            )
             if self.loader.remaining <= 0:
                 break
         bar.close()

@@ -15,8 +15,6 @@ import sys
 import time
 import warnings
 
-import numpy as np
-
 from adapt_fast.config import parse_cli
 from adapt_fast.data.prepare import load_data, load_tokenizer, make_loader, resolve_budget
 from adapt_fast.errors import ConfigError, exit_on_user_error

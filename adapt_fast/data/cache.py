@@ -233,7 +233,11 @@ def build_or_load(
     try:
         for split in SPLITS:
             rows = [r for r in records if r["split"] == split]
-            ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({k: [] for k in formats.RECORD_KEYS})
+            ds = (
+                datasets.Dataset.from_list(rows)
+                if rows
+                else datasets.Dataset.from_dict({k: [] for k in formats.RECORD_KEYS})
+            )
             ds = ds.map(
                 _tokenize_batch,
                 batched=True,

@@ -23,7 +23,17 @@ import numpy as np
 
 from adapt_fast.errors import DataError
 
-RECORD_KEYS = ("task", "split", "source", "definition", "positive_examples", "input", "output", "references", "messages")
+RECORD_KEYS = (
+    "task",
+    "split",
+    "source",
+    "definition",
+    "positive_examples",
+    "input",
+    "output",
+    "references",
+    "messages",
+)
 
 
 def _record(**fields) -> dict:

@@ -45,7 +45,9 @@ def _ids(encoded) -> list[int]:
     return list(encoded)
 
 
-def tokenize_record(record: dict, tokenizer, template: str, num_positive_examples: int = 0) -> tuple[list[int], list[int]]:
+def tokenize_record(
+    record: dict, tokenizer, template: str, num_positive_examples: int = 0
+) -> tuple[list[int], list[int]]:
     """-> (ids, loss_mask), untruncated. `template` is 'ni' or 'chat' (already resolved)."""
     if template == "chat":
         if record["messages"]:
