@@ -24,9 +24,13 @@ as HF does). With a padding mask or a KV cache (batched generation) it defers to
 we run a plain masked attention.
 
 Back-ends for the packed path: flash-attn's `flash_attn_varlen_func` when installed, else
-`torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16); a block-diagonal masked SDPA otherwise
-(CPU, fp32, softcap without flash-attn, dropout). The masked SDPA works on blocks of at most CHUNK_TOKENS
-queries (short segments grouped, long ones cut), so memory is O(CHUNK_TOKENS x segment length), not O(T^2).
+`torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16); a grouped SDPA otherwise (CPU, fp32, softcap
+without flash-attn, dropout). The grouped SDPA sorts the segments by length and gathers each group of
+similar lengths into right-padded rows (B, H, Lmax, D): then plain `is_causal` SDPA needs no mask (a real
+query only sees positions <= its own, all real), a sliding window is one (Lmax, Lmax) band shared by the
+rows, and the outputs are scattered back. Memory stays O(T): scores are only materialised for softcap or
+dropout (at most CHUNK_TOKENS^2 per head and group), and a long segment that needs scores or a window mask
+runs alone in blocks of CHUNK_TOKENS queries.
 """
 
 from __future__ import annotations
