@@ -125,6 +125,8 @@ class Trainer:
         self.K = len(self.task_names)
         if self.data.validation.num_examples == 0 and cfg.mixture.method == "adapt":
             raise ConfigError("mixture.method adapt needs validation examples (data.val_fraction or data.val_examples)")
+        if cfg.meta.precondition == "adam" and (cfg.training.zero_stage > 0 or torch.cuda.is_available()):
+            raise ConfigError("meta.precondition adam needs training.zero_stage 0 in fp32 (the optimizer's moments)")
         self.objective = check_task_names(cfg.meta.val_tasks, self.data, "meta.val_tasks") or list(range(self.K))
         self.budget = resolve_budget(cfg, self.data.train)
 
@@ -295,6 +297,23 @@ class Trainer:
             self.model, batches, torch.tensor(weights_local, dtype=torch.float64), backend=self.backend
         )
         self.G = {name: all_reduce(g) for name, g in grads.items()}
+        if self.cfg.meta.precondition == "adam":
+            self._precondition_G()
+
+    def _precondition_G(self) -> None:
+        """G ← P·G with P = diag(1/(√v̂ + eps)) from AdamW's second moments (DESIGN.md section 1):
+        the model's real step is preconditioned, so d_k = <P·G, g_k>. Before AdamW has a moment
+        (step 0) G is left as it is."""
+        from adapt_fast.model.ghost import trainable_parameters
+
+        beta2, eps = self.cfg.training.betas[1], 1e-8
+        for name, param in trainable_parameters(self.model).items():
+            state = self.optimizer.state.get(param, {})
+            if "exp_avg_sq" not in state or name not in self.G:
+                continue
+            t = float(state["step"])
+            v_hat = state["exp_avg_sq"] / (1 - beta2**t)
+            self.G[name] = self.G[name] / (v_hat.sqrt() + eps).to(self.G[name].dtype)
 
     # ------------------------------------------------------------------ one optimizer step
 

@@ -332,7 +332,7 @@ def test_gpu_lce_full_size(softcap, seed):
         torch.backends.cuda.matmul.allow_tf32 = tf32
     assert torch.equal(r.count, e.count)
     assert rel_err(r.loss_sum, e.loss_sum) < 1e-4
-    assert rel_err(r.ghost_dot, e.ghost_dot) < 1e-3
+    assert rel_err(r.ghost_dot, e.ghost_dot) < 5e-3  # the TF32 reference rounds dz to 10 bits
     assert rel_err(d_h, e_dh) < 1e-2 and rel_err(d_w, e_dw) < 1e-2
 
 

@@ -150,3 +150,28 @@ def test_two_rank_deepspeed_zero2_adapt(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("meta_dots" in r for r in rows)
     assert report["mixture_final"] != rows[0]["mixture"]  # the mixture was learned, not left alone
+
+
+def test_one_pass_dots_match_exact_in_the_trainer(tmp_path):
+    common = ["--budget.tokens", "5000", "--meta.warmup", "1", "--meta.val_every", "2", "--training.max_steps", "4"]
+    _, one_pass = train(tmp_path, "one_pass", *common)
+    _, exact = train(tmp_path, "exact", *common, "--meta.dots", "exact")
+    compared = 0
+    for a, b in zip(one_pass, exact, strict=True):
+        if "meta_dots" not in a:
+            continue
+        x = np.array(list(a["meta_dots"].values()))
+        y = np.array(list(b["meta_dots"].values()))
+        ok = np.isfinite(y)
+        assert np.abs(x[ok] - y[ok]).max() <= 1e-3 * np.abs(y[ok]).max(), (x, y)
+        compared += 1
+    assert compared >= 2
+
+
+def test_preconditioned_dots_run(tmp_path):
+    report, rows = train(
+        tmp_path, "pre", "--budget.tokens", "5000", "--meta.warmup", "1", "--meta.precondition", "adam"
+    )
+    assert report["tokens_consumed"] == 5000
+    dots = [r["meta_dots"] for r in rows if "meta_dots" in r]
+    assert dots and all(np.isfinite(v) for d in dots[1:] for v in d.values() if v == v)

@@ -35,7 +35,6 @@ runs alone in blocks of CHUNK_TOKENS queries.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import inspect
 import math
@@ -93,26 +92,14 @@ def segment_mask(
     return mask
 
 
-def _work_items(bounds: list[int], chunk_tokens: int, window: int | None) -> list[tuple[int, int, int]]:
-    """(query start, query end, key start) blocks of at most chunk_tokens queries; keys end where queries end.
-
-    Consecutive short segments are grouped; a segment longer than chunk_tokens is cut into query blocks,
-    each with the keys it can see (from its segment's start, or from the window's).
-    """
-    groups, start = [], bounds[0]
-    for prev, cur in zip(bounds[1:-1], bounds[2:], strict=True):
-        if cur - start > chunk_tokens:
-            groups.append((start, prev))
-            start = prev
-    groups.append((start, bounds[-1]))
-    items = []
-    for s, e in groups:
-        if e - s <= chunk_tokens:
-            items.append((s, e, s))
-            continue
-        for qs in range(s, e, chunk_tokens):  # one long segment
-            items.append((qs, min(qs + chunk_tokens, e), s if window is None else max(s, qs - window + 1)))
-    return [(qs, qe, ks) for qs, qe, ks in items if qe > qs]
+def causal_band_mask(q_len: int, k_len: int, window: int | None = None, device=None) -> torch.Tensor:
+    """(q_len, k_len) bool mask, bottom-right aligned (query i sits at key position i + k_len - q_len):
+    key j is visible iff 0 <= pos(i) - j < window (no upper limit without a window)."""
+    diff = torch.arange(q_len, device=device)[:, None] + (k_len - q_len) - torch.arange(k_len, device=device)
+    mask = diff >= 0
+    if window is not None:
+        mask &= diff < window
+    return mask
 
 
 def masked_attention(
@@ -125,15 +112,17 @@ def masked_attention(
     dropout_p: float = 0.0,
     is_causal: bool = False,
 ) -> torch.Tensor:
-    """Attention with an explicit mask. q (.., H, L, D), k/v (.., H, S, D) (KV heads already repeated).
+    """Attention with an explicit mask. q (.., H, L, D), k/v (.., Hkv, S, D) with H a multiple of Hkv (GQA).
 
     mask: bool (True = attend) or additive float, broadcastable to (.., H, L, S). Soft-cap (Gemma 2)
     is tanh(s / cap) * cap on the scaled scores, before the mask (HF's eager order).
     """
+    n_rep = q.shape[-3] // k.shape[-3]
     if softcap is None:
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, is_causal=is_causal
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, is_causal=is_causal, enable_gqa=n_rep > 1
         )
+    k, v = repeat_kv_heads(k, n_rep), repeat_kv_heads(v, n_rep)
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     scores = torch.tanh(scores / softcap) * softcap
     if is_causal:
@@ -152,6 +141,81 @@ def masked_attention(
 
 # ----------------------------------------------------------------------------- packed (varlen) attention
 
+GROUP_PAD_RATIO = 1.5  # a segment joins a group of rows of length Lmax if Lmax <= ratio * length + slack
+GROUP_PAD_SLACK = 8
+
+
+def plan_segment_groups(
+    lengths: list[int],
+    chunk_tokens: int = CHUNK_TOKENS,
+    window: int | None = None,
+    explicit_scores: bool = False,
+    pad_ratio: float = GROUP_PAD_RATIO,
+    pad_slack: int = GROUP_PAD_SLACK,
+) -> list[tuple[list[int], int]]:
+    """Group segments of similar length into right-padded rows: [(segment indices, row length Lmax)].
+
+    Longest first. A segment joins the current group while Lmax <= pad_ratio * length + pad_slack (so
+    padding stays within ~pad_ratio x the real tokens) and, with explicit_scores (softcap, dropout: the
+    (B, H, Lmax, Lmax) scores are materialised), while B * Lmax^2 <= chunk_tokens^2. A segment longer than
+    chunk_tokens that needs scores or a window mask (longer than the window) is a group of its own, which
+    `_rows_attention` runs in query blocks.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+    groups: list[tuple[list[int], int]] = []
+    members: list[int] = []
+    lmax = 0
+    for n in order:
+        length = lengths[n]
+        if length > chunk_tokens and (explicit_scores or (window is not None and length > window)):
+            groups.append(([n], length))
+            continue
+        fits = lmax <= pad_ratio * length + pad_slack
+        if explicit_scores:
+            fits = fits and (len(members) + 1) * lmax * lmax <= chunk_tokens * chunk_tokens
+        if members and not fits:
+            groups.append((members, lmax))
+            members = []
+        if not members:
+            lmax = length
+        members.append(n)
+    if members:
+        groups.append((members, lmax))
+    return groups
+
+
+def _rows_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+    dropout_p: float,
+    chunk_tokens: int,
+) -> torch.Tensor:
+    """Causal attention over right-padded rows, each one segment: q (B, H, L, D), k/v (B, Hkv, L, D) -> (B, H, L, D).
+
+    Row b holds its segment at positions [0, len_b); a real query only sees keys at positions <= its own,
+    all real, so no padding mask is needed. Outputs at padded positions are garbage (and get no gradient).
+    """
+    L = q.shape[-2]
+    if window is not None and window >= L:
+        window = None
+    explicit_scores = softcap is not None or dropout_p > 0
+    if L <= chunk_tokens or (window is None and not explicit_scores):
+        mask = None if window is None else causal_band_mask(L, L, window, q.device)
+        return masked_attention(q, k, v, mask, scale, softcap, dropout_p, is_causal=mask is None)
+    outs = []  # one long segment (B == 1): blocks of queries, each with the keys it can see
+    for qs in range(0, L, chunk_tokens):
+        qe = min(qs + chunk_tokens, L)
+        ks = 0 if window is None else max(0, qs - window + 1)
+        mask = causal_band_mask(qe - qs, qe - ks, window, q.device)
+        outs.append(
+            masked_attention(q[..., qs:qe, :], k[..., ks:qe, :], v[..., ks:qe, :], mask, scale, softcap, dropout_p)
+        )
+    return torch.cat(outs, dim=-2)
+
 
 def varlen_masked_sdpa(
     q: torch.Tensor,
@@ -164,21 +228,53 @@ def varlen_masked_sdpa(
     dropout_p: float = 0.0,
     chunk_tokens: int = CHUNK_TOKENS,
 ) -> torch.Tensor:
-    """Block-diagonal causal attention on a flat stream, any device. q (T, H, D), k/v (T, Hkv, D) -> (T, H, D)."""
-    n_rep = q.shape[1] // k.shape[1]
-    bounds = [int(b) for b in cu_seqlens.tolist()]
-    outs = []
-    for qs, qe, ks in _work_items(bounds, chunk_tokens, window):
-        qc = q[qs:qe].transpose(0, 1)  # (H, L, D)
-        kc = repeat_kv_heads(k[ks:qe].transpose(0, 1), n_rep)  # (H, S, D)
-        vc = repeat_kv_heads(v[ks:qe].transpose(0, 1), n_rep)
-        one_segment = qs == ks and bounds[bisect.bisect_right(bounds, qs)] == qe
-        if one_segment and (window is None or window >= qe - qs):
-            out = masked_attention(qc, kc, vc, None, scale, softcap, dropout_p, is_causal=True)
-        else:
-            out = masked_attention(qc, kc, vc, segment_mask(cu_seqlens, qs, qe, window, ks), scale, softcap, dropout_p)
-        outs.append(out.transpose(0, 1))
-    return torch.cat(outs, dim=0)
+    """Block-diagonal causal attention on a flat stream, any device. q (T, H, D), k/v (T, Hkv, D) -> (T, H, D).
+
+    Segments are grouped by length (`plan_segment_groups`) and gathered into right-padded rows, one SDPA call
+    per group (`_rows_attention`), then scattered back; gathers and scatters are index_select, so autograd
+    flows through (padded slots copy a real token and get exactly zero gradient).
+    """
+    T, H, D = q.shape
+    bounds = cu_seqlens.detach().to("cpu", torch.long)
+    lengths_t = bounds[1:] - bounds[:-1]
+    starts_t = bounds[:-1]
+    keep = lengths_t > 0
+    lengths_t, starts_t = lengths_t[keep], starts_t[keep]
+    if T == 0 or lengths_t.numel() == 0:
+        return q.new_zeros(q.shape)
+    lengths = lengths_t.tolist()
+    groups = plan_segment_groups(lengths, chunk_tokens, window, softcap is not None or dropout_p > 0)
+
+    if len(groups) == 1 and len(groups[0][0]) == 1 and lengths[0] == T:  # one segment: no gather
+        rows = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, H, T, D)
+        return _rows_attention(*rows, scale, window, softcap, dropout_p, chunk_tokens)[0].transpose(0, 1)
+
+    # slot_src: the token each padded slot reads (slot b * Lmax + p of a group <- token start_b + min(p, len_b - 1));
+    # seg_slot: the first slot of each segment.
+    slot_src, seg_slot, base = [], torch.empty_like(lengths_t), 0
+    positions = torch.arange(max(lmax for _, lmax in groups))
+    for members, lmax in groups:
+        idx = torch.tensor(members)
+        rows = torch.minimum(positions[:lmax], lengths_t[idx, None] - 1)
+        slot_src.append((starts_t[idx, None] + rows).flatten())
+        seg_slot[idx] = base + lmax * torch.arange(len(members))
+        base += lmax * len(members)
+    slot_src = torch.cat(slot_src).to(q.device)
+    offsets = torch.arange(T) - torch.repeat_interleave(starts_t, lengths_t)
+    token_slot = (torch.repeat_interleave(seg_slot, lengths_t) + offsets).to(q.device)
+
+    q_slots, k_slots, v_slots = (x.index_select(0, slot_src) for x in (q, k, v))
+    outs, base = [], 0
+    for members, lmax in groups:
+        n, B = lmax * len(members), len(members)
+        qg, kg, vg = (
+            x[base : base + n].view(B, lmax, x.shape[1], D).transpose(1, 2) for x in (q_slots, k_slots, v_slots)
+        )
+        out = _rows_attention(qg, kg, vg, scale, window, softcap, dropout_p, chunk_tokens)
+        outs.append(out.transpose(1, 2).reshape(n, H, D))
+        base += n
+    out_slots = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return out_slots.index_select(0, token_slot)
 
 
 @functools.cache
@@ -347,10 +443,7 @@ def packed_attention_forward(
     k, v = repeat_kv_heads(key, n_rep), repeat_kv_heads(value, n_rep)
     mask = attention_mask
     if mask is None and Tq > 1:
-        diff = torch.arange(Tq, device=query.device)[:, None] + (Tk - Tq) - torch.arange(Tk, device=query.device)
-        mask = diff >= 0
-        if sliding_window is not None:
-            mask &= diff < sliding_window
+        mask = causal_band_mask(Tq, Tk, sliding_window, query.device)
     elif mask is not None and mask.dtype != torch.bool:
         mask = mask.to(query.dtype)
     out = masked_attention(query, k, v, mask, scale, softcap, dropout)
