@@ -93,12 +93,15 @@ def test_outputs_and_final_model_generate(tmp_path):
 
 
 def test_adapt_moves_tokens_away_from_the_random_task(tmp_path):
+    # Two learnable tasks form the objective; random outputs (letters) pull the model away from
+    # their answers (yes/no, digits), so d_random turns negative and its share falls well below 1/3.
+    # (copy/reverse are not learned by this tiny model within a CPU test's budget: all d are noise.)
     report, rows = train(
         tmp_path,
         "adapt",
-        "--data.tasks", "copy,reverse,random_output",
-        "--meta.val_tasks", "copy,reverse",
-        "--budget.tokens", "120000",
+        "--data.tasks", "keyword,addition,random_output",
+        "--meta.val_tasks", "keyword,addition",
+        "--budget.tokens", "40000",
         "--training.lr", "3e-3",
         "--meta.warmup", "3",
         "--meta.val_every", "4",
@@ -106,7 +109,9 @@ def test_adapt_moves_tokens_away_from_the_random_task(tmp_path):
     )  # fmt: skip
     final = report["mixture_final"]
     assert final["random_output"] < 0.5 / 3, final
-    assert report["tokens_per_task"]["random_output"] < report["tokens_per_task"]["copy"]
+    assert report["tokens_per_task"]["random_output"] < min(
+        report["tokens_per_task"]["keyword"], report["tokens_per_task"]["addition"]
+    )
 
 
 def test_bad_config_is_one_line_exit_2(tmp_path):
