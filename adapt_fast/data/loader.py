@@ -249,11 +249,14 @@ class PackedLoader:
         if self.remaining <= 0:
             return None
         bins = self._plan(meta_step)
-        batches = [self._build(items, pad_to=None if self._last_step else self.capacity) for items in bins]
-        self.last_global_loss_tokens = int(sum(int(self._loss_of(items)) for items in bins))
-        for b in batches:
-            b.global_loss_tokens = self.last_global_loss_tokens
-        return batches[self.rank]
+        pad_to = None if self._last_step else self.capacity
+        for items in bins:  # every bin's padding counts; only this rank's tensors are built
+            used = sum(i.length for i in items)
+            self.stats.padding += max(pad_to or 0, used, 1) - used
+        items = bins[self.rank]
+        batch = pack_items(self.split, [(i.example, i.length) for i in items], self.num_tasks, pad_to)
+        batch.global_loss_tokens = self.last_global_loss_tokens
+        return batch
 
     def state_dict(self) -> dict:
         return {
@@ -365,9 +368,10 @@ class PackedLoader:
             kept = {id(item) for item in flat[:n_keep]}
             bins = [[item for item in items if id(item) in kept] for items in bins]
         placed = np.zeros(self.num_tasks)
+        self.last_global_loss_tokens = 0
         for items in bins:
             for item in items:
-                self._account(item)
+                self.last_global_loss_tokens += self._account(item)
                 placed[item.task] += item.length
         live = np.array([len(s) > 0 and (self.allow_repeat or not s.exhausted_once) for s in self.streams])
         share = np.where(live, self.mixture, 0.0)
@@ -390,7 +394,8 @@ class PackedLoader:
         positions = np.flatnonzero(np.asarray(mask[1:])) + 1  # loss tokens (never the first token)
         return int(positions[take - 1]) + 1
 
-    def _account(self, item: _Item) -> None:
+    def _account(self, item: _Item) -> int:
+        """Count a placed item in the global statistics; returns its loss tokens."""
         loss = self._loss_of([item])
         self.stats.tokens += item.length
         self.stats.loss_tokens += loss
@@ -398,6 +403,7 @@ class PackedLoader:
         self.stats.tokens_per_task[item.task] += item.length
         self.stats.loss_tokens_per_task[item.task] += loss
         self.stats.examples_per_task[item.task] += 1
+        return loss
 
     def _loss_of(self, items: list[_Item]) -> int:
         total = 0
@@ -410,11 +416,6 @@ class PackedLoader:
         return total
 
     # ------------------------------------------------------------------ building tensors
-
-    def _build(self, items: list[_Item], pad_to: int | None) -> MicroBatch:
-        batch = pack_items(self.split, [(i.example, i.length) for i in items], self.num_tasks, pad_to)
-        self.stats.padding += batch.num_tokens - sum(i.length for i in items)
-        return batch
 
 
 def pack_items(
