@@ -95,7 +95,7 @@ class TrainingConfig:
     zero_stage: int = 0
     eval_every: int = 0  # validation losses logged every this many steps (0 = with G / at the end)
     log_every: int = 1
-    max_bad_steps: int = 5
+    max_bad_steps: int = 5  # this many non-finite (skipped) steps in a row stop the run (checkpoint, exit 3)
 
 
 @dataclass
@@ -105,8 +105,8 @@ class KernelsConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_tokens: int = 0  # 0 = only at the end
-    keep_last: int = 2
+    every_tokens: int = 0  # write one every this many budget units consumed (0 = only at the end)
+    keep_last: int = 2  # complete checkpoints kept (>= 2 leaves one to fall back on)
 
 
 @dataclass
@@ -359,9 +359,14 @@ def validate(cfg: Config) -> None:
         not (t.zero_stage == 3 and m.method == "adapt"),
         "mixture.method adapt is not supported with training.zero_stage 3 yet (use stage 0-2, or a static method)",
     )
+    _check(
+        not (meta.precondition == "adam" and m.method == "adapt" and t.zero_stage > 0),
+        f"meta.precondition adam needs training.zero_stage 0 (AdamW's moments whole on every rank), "
+        f"got zero_stage {t.zero_stage}",
+    )
     _check(t.max_bad_steps >= 1, f"training.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     _one_of(cfg.kernels.backend, "kernels.backend", ("auto", "triton", "torch"))
-    _check(cfg.checkpoint.every_tokens >= 0, "checkpoint.every_tokens must be >= 0")
+    _check(cfg.checkpoint.every_tokens >= 0, f"checkpoint.every_tokens must be >= 0, got {cfg.checkpoint.every_tokens}")
     _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
 
 
@@ -370,9 +375,9 @@ def check_output_dir(path: str) -> Path:
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"  # one per process: ranks check at the same time
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"output_dir is not writable: {path} ({err.strerror})") from None
+        raise ConfigError(f"output_dir is not writable: {path} ({err.strerror or type(err).__name__})") from None
     return out

@@ -10,6 +10,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3  # training.max_bad_steps non-finite steps in a row
+EXIT_SIGINT = 130  # 128 + SIGINT: stopped by Ctrl-C (checkpoint written)
+EXIT_SIGTERM = 143  # 128 + SIGTERM: stopped by the scheduler / kill (checkpoint written)
 
 
 class UserError(Exception):
@@ -24,8 +27,19 @@ class DataError(UserError):
     """A data file cannot be used; the message names the file (and line for JSONL)."""
 
 
+class RunStopped(Exception):
+    """The run stopped before its end, on purpose and cleanly: a signal (SIGTERM/SIGINT) or too many
+    non-finite steps. A checkpoint has been written; `exit_code` is the process's exit status and the
+    message (possibly empty, e.g. on ranks other than 0) is printed as it is."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
-    """Wrap a command's `main` so a UserError prints `error: <message>` and exits with code 2."""
+    """Wrap a command's `main` so a UserError prints `error: <message>` and exits with code 2, and a
+    RunStopped prints its message and exits with its code."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -34,5 +48,9 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
         except UserError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
+        except RunStopped as stop:
+            if str(stop):
+                print(str(stop), file=sys.stderr, flush=True)
+            sys.exit(stop.exit_code)
 
     return wrapper

@@ -13,6 +13,26 @@ random init (CPU when there is no GPU). One optimizer step:
    same backward also yields the per-task dot products D_k = <G, ∇ task k's share of the loss>
    (ghost hooks + the fused loss kernel), all-reduced, so d_k = D_k·N/N_k.
 3. The optimizer step; ADAPT updates α from d (DESIGN.md section 1) identically on every rank.
+
+Reliability (adapt_fast.checkpoint):
+- Checkpoints every checkpoint.every_tokens budget units and at the end: DeepSpeed's (weights,
+  optimizer, scheduler) plus the trainer's state (step, mixture logits and their Adam state, the
+  latest G and its step, the loader's streams/leftovers/deficit/counts, counters, every rank's RNG).
+  `--resume` (latest in output_dir) or `--resume PATH` continues bit-exactly (CPU, fp32): the
+  metrics rows after the checkpoint, the final mixture and the token counts equal the uninterrupted
+  run's; metrics.jsonl keeps the rows up to the checkpoint and the redone steps are appended.
+- SIGTERM / SIGINT: the current step finishes, every rank agrees (all-reduce), a checkpoint is
+  written, "stopped at step N ...; resume with: ..." is printed and the exit code is 143 / 130.
+- A non-finite loss or gradient (checked on every rank before the optimizer step and agreed by
+  all-reduce) skips the update of the model and of the mixture; the step still counts (its tokens
+  were fed and are spent, the LR schedule advances), is logged ("bad_step") and counted in
+  report.json. training.max_bad_steps of them in a row write a checkpoint and exit 3. A non-finite
+  meta-gradient d skips only the mixture update.
+
+Fault injection (tests only; documented so nobody is surprised by it):
+    ADAPT_FAST_INJECT_NAN_STEPS="3,4"   steps 3 and 4 (1-based, as logged) get a NaN loss
+    ADAPT_FAST_INJECT_NAN_GRAD_STEPS="3" step 3 backpropagates NaN (its loss stays finite)
+    ADAPT_FAST_INJECT_SIGNAL="5:TERM"    after step 5, rank 0 sends itself SIGTERM (or INT)
 """
 
 from __future__ import annotations
@@ -20,12 +40,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
+import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+# Nothing is fetched at run time: models, tokenizers and data come from local folders.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # A file run by the deepspeed launcher has its own folder, not the repository, on sys.path.
 if __package__ in (None, ""):
@@ -35,11 +63,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from adapt_fast import checkpoint as ckpt
 from adapt_fast.config import Config, check_output_dir, parse_cli, save_config
 from adapt_fast.data.batch import MicroBatch
 from adapt_fast.data.loader import PackedLoader, pack_examples, pack_items
 from adapt_fast.data.prepare import check_task_names, load_data, load_tokenizer, make_loader, resolve_budget
-from adapt_fast.errors import ConfigError, UserError, exit_on_user_error
+from adapt_fast.errors import (
+    EXIT_DIVERGED,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    ConfigError,
+    RunStopped,
+    UserError,
+    exit_on_user_error,
+)
 from adapt_fast.mixture import AdaptMixture, AdaptSettings, mixture_entropy, static_mixture
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -53,13 +90,17 @@ def init_distributed() -> tuple[int, int, torch.device]:
     launcher is world size 1. Returns (rank, world_size, device)."""
     import deepspeed
 
-    if "WORLD_SIZE" not in os.environ:
+    own = "WORLD_SIZE" not in os.environ  # no launcher: a world of one, on a free port
+    if own:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    if own:  # a subprocess started from here must not inherit (and collide on) this rendezvous
+        for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(var, None)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -89,6 +130,85 @@ def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
     return factor
 
 
+# ----------------------------------------------------------------------------- stopping and faults
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT set a flag instead of ending the process: the loop finishes
+    its step, checkpoints and exits. A second Ctrl-C aborts at once (KeyboardInterrupt); further
+    SIGTERMs (launchers often send two) are absorbed. Handlers are restored on exit; outside the
+    main thread (where Python cannot install handlers) this is a no-op."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.received is None:
+            self.received = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def _steps_from_env(name: str) -> set[int]:
+    return {int(x) for x in os.environ.get(name, "").split(",") if x.strip()}
+
+
+def _fault_injection() -> tuple[set[int], set[int], tuple[int, int] | None]:
+    """Testing hooks, read from the environment (see the module docstring): the 1-based steps whose
+    loss is made NaN, those whose gradient only is, and (step, signal) that rank 0 sends itself."""
+    nan_steps = _steps_from_env("ADAPT_FAST_INJECT_NAN_STEPS")
+    nan_grad_steps = _steps_from_env("ADAPT_FAST_INJECT_NAN_GRAD_STEPS")
+    sig = None
+    spec = os.environ.get("ADAPT_FAST_INJECT_SIGNAL", "").strip()
+    if spec:
+        step, _, name = spec.partition(":")
+        sig = (int(step), signal.SIGINT if name.strip().upper() in ("INT", "SIGINT") else signal.SIGTERM)
+    return nan_steps, nan_grad_steps, sig
+
+
+def resume_command(argv: list[str], world_size: int) -> str:
+    """The command line that continues this run: its own arguments (less --resume and the launcher's
+    --local_rank) plus --resume."""
+    kept, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--resume", "--local_rank", "--local-rank"):
+            i += 2 if i + 1 < len(argv) and not argv[i + 1].startswith("--") else 1
+            continue
+        if arg.startswith(("--resume=", "--local_rank=", "--local-rank=")):
+            i += 1
+            continue
+        kept.append(arg)
+        i += 1
+    args = shlex.join([*kept, "--resume"])
+    if world_size > 1:
+        return f"deepspeed [the same launcher options] adapt_fast/train.py {args}"
+    return f"python -m adapt_fast.train {args}"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and key != "weights":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -98,20 +218,22 @@ class StepResult:
     loss_sum: np.ndarray  # (K,) global
     count: np.ndarray  # (K,) global loss tokens
     dots: np.ndarray | None  # (K,) d_k on mixture updates
+    bad: str | None = None  # why the update was skipped: "non-finite loss" / "non-finite gradient"
 
 
 class Trainer:
     """Everything one run needs: data, model engine, mixture, loader, writers."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, resume: str | None = None, argv: list[str] | None = None):
         import deepspeed
 
         from adapt_fast.model.loading import load_model_and_tokenizer
 
         self.cfg = cfg
+        self.argv = list(argv or [])
         self.rank, self.world_size, self.device = init_distributed()
         self.is_main = self.rank == 0
-        self.out = check_output_dir(cfg.output_dir) if self.is_main else Path(cfg.output_dir)
+        self.out = check_output_dir(cfg.output_dir)
         self.start_time = time.time()
 
         # Data: rank 0 tokenises first (fills the cache), the others then read it.
@@ -125,7 +247,11 @@ class Trainer:
         self.K = len(self.task_names)
         if self.data.validation.num_examples == 0 and cfg.mixture.method == "adapt":
             raise ConfigError("mixture.method adapt needs validation examples (data.val_fraction or data.val_examples)")
-        if cfg.meta.precondition == "adam" and (cfg.training.zero_stage > 0 or torch.cuda.is_available()):
+        if (
+            cfg.meta.precondition == "adam"
+            and cfg.mixture.method == "adapt"
+            and (cfg.training.zero_stage > 0 or torch.cuda.is_available())
+        ):
             raise ConfigError("meta.precondition adam needs training.zero_stage 0 in fp32 (the optimizer's moments)")
         self.objective = check_task_names(cfg.meta.val_tasks, self.data, "meta.val_tasks") or list(range(self.K))
         self.budget = resolve_budget(cfg, self.data.train)
@@ -200,19 +326,223 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             config=ds_config,
         )
+        self.torch_optimizer = optimizer  # the AdamW inside DeepSpeed's wrappers (skipped on bad steps)
+        ckpt.install_safe_loader(self.engine)
         self.model = self.engine.module
         self.backend = self._kernel_backend()
         self.step = 0
         self.G: dict[str, torch.Tensor] | None = None
+        self.G_step: int | None = None  # the step G was computed at
         self.validation_tokens = 0
-        self.last_val_loss: dict[str, float] = {}
+        self.train_seconds = 0.0
+        self.bad_steps = 0  # non-finite steps (update skipped), in all
+        self.bad_in_a_row = 0
+        self.mixture_updates_skipped = 0  # non-finite meta-gradients (mixture update skipped)
+        self.inject_nan_steps, self.inject_nan_grad_steps, self.inject_signal = _fault_injection()
 
+        # Checkpoints: resume, then tidy the folder (unfinished writes, checkpoints superseded).
+        self.ckpt_root = self.out / ckpt.CHECKPOINTS
+        self.resumed_from: Path | None = self._resume(resume) if resume else None
+        self.last_checkpoint_step = self.step if self.resumed_from is not None else None
+        every = cfg.checkpoint.every_tokens
+        self.next_checkpoint = (self.loader.consumed // every + 1) * every if every > 0 else None
         if self.is_main:
+            self._tidy_checkpoints()
             save_config(cfg, self.out / "config.yaml")
-            self.metrics_file = open(self.out / "metrics.jsonl", "w")  # noqa: SIM115 (closed in finish)
-            from torch.utils.tensorboard import SummaryWriter
+            self._open_writers()
+        self._barrier()
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def state_dict(self) -> dict:
+        """The trainer's own state (DeepSpeed holds the weights, the optimizer and the scheduler):
+        tensors, lists, dicts, numbers and strings only (torch.load(weights_only=True) reads it)."""
+        return {
+            "format": ckpt.FORMAT,
+            "step": self.step,
+            "consumed": self.loader.consumed,
+            "budget": self.budget,
+            "world_size": self.world_size,
+            "task_names": list(self.task_names),
+            "config": self.cfg.to_dict(),
+            "loader": ckpt.to_plain(self.loader.state_dict()),
+            "adapt": self.adapt.state_dict() if self.adapt is not None else None,
+            "G": None if self.G is None else {name: g.detach().cpu() for name, g in self.G.items()},
+            "G_step": self.G_step,
+            "validation_tokens": self.validation_tokens,
+            "train_seconds": self.train_seconds,
+            "bad_steps": self.bad_steps,
+            "bad_in_a_row": self.bad_in_a_row,
+            "mixture_updates_skipped": self.mixture_updates_skipped,
+        }
+
+    def _check_compatible(self, state: dict, path: Path) -> None:
+        """The checkpoint must come from the same tasks and world size; other changed settings are
+        reported (one line) and used."""
+        if list(state["task_names"]) != list(self.task_names):
+            raise ConfigError(f"--resume: {path} was trained on other tasks; resume with the same data settings")
+        if state["world_size"] != self.world_size:
+            raise ConfigError(
+                f"--resume: {path} was written by {state['world_size']} rank(s), this run has {self.world_size}; "
+                "resume with the same number of ranks"
+            )
+        if (state["adapt"] is None) != (self.adapt is None):
+            kind = "a static-mixture" if state["adapt"] is None else "an ADAPT"
+            raise ConfigError(f"--resume: {path} is from {kind} run; resume with the same mixture.method")
+        ignored = ("output_dir", "checkpoint.", "data.cache_dir", "data.num_proc", "training.max_bad_steps")
+        changed = [
+            key
+            for key, value in _flatten(self.cfg.to_dict()).items()
+            if not key.startswith(ignored) and _flatten(state["config"]).get(key) != value
+        ]
+        if changed and self.is_main:
+            print(f"warning: resuming with changed settings: {', '.join(changed)}", file=sys.stderr, flush=True)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["loader"])
+        if self.adapt is not None:
+            self.adapt.load_state_dict(state["adapt"])
+        self.G = None if state["G"] is None else {n: g.to(self.device) for n, g in state["G"].items()}
+        self.G_step = state["G_step"]
+        self.validation_tokens = int(state["validation_tokens"])
+        self.train_seconds = float(state["train_seconds"])
+        self.bad_steps = int(state["bad_steps"])
+        self.bad_in_a_row = int(state["bad_in_a_row"])
+        self.mixture_updates_skipped = int(state["mixture_updates_skipped"])
+
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the state after self.step (a collective call: every rank)."""
+        name = ckpt.step_name(self.step)
+        tmp_tag = ckpt.TMP_PREFIX + name
+        tmp, final = self.ckpt_root / tmp_tag, self.ckpt_root / name
+        if self.is_main:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.ckpt_root.mkdir(parents=True, exist_ok=True)
+        self._barrier()
+        self.engine.save_checkpoint(str(self.ckpt_root), tag=tmp_tag, client_state={}, save_latest=False)
+        ckpt.save_state(ckpt.rng_state(), tmp / ckpt.rng_file(self.rank))
+        if self.is_main:
+            ckpt.save_state(self.state_dict(), tmp / ckpt.TRAINER_STATE)
+        self._barrier()
+        if self.is_main:
+            ckpt.write_marker(tmp, self.step, self.loader.consumed)
+            ckpt.finalize(tmp, final)
+            ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep_last)
+        self._barrier()
+        self.last_checkpoint_step = self.step
+        return final
+
+    def _load_checkpoint(self, path: Path) -> None:
+        state = ckpt.load_state(path / ckpt.TRAINER_STATE)
+        self._check_compatible(state, path)
+        load_path, _ = self.engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise RuntimeError("DeepSpeed found no checkpoint there")
+        rng = ckpt.load_state(path / ckpt.rng_file(self.rank))
+        self.load_state_dict(state)
+        ckpt.set_rng_state(rng)
+
+    def _resume(self, value: str) -> Path | None:
+        """Load the newest usable checkpoint `--resume value` points at (every rank the same one);
+        None when bare --resume finds no checkpoint in output_dir (the run starts from the beginning)."""
+        candidates, explicit = ckpt.resume_candidates(value, self.out)
+        if not candidates:
+            if self.is_main:
+                print(f"no checkpoint in {self.ckpt_root}: starting from the beginning", file=sys.stderr, flush=True)
+            return None
+        for path in candidates:
+            problem = ckpt.verify(path)
+            if problem is None:
+                try:
+                    self._load_checkpoint(path)
+                except UserError:
+                    raise
+                except Exception as err:  # noqa: BLE001 (any failure to read it makes it broken)
+                    problem = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+            failed = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+            failed[self.rank] = float(problem is not None)
+            failed = all_reduce(failed)
+            if not failed.any():
+                if self.is_main:
+                    print(
+                        f"resuming from {path} (step {self.step}, {self.loader.consumed} / {self.budget} "
+                        f"{self.cfg.budget.unit})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                return path
+            if explicit:
+                raise ConfigError(f"--resume: checkpoint {path} is broken ({problem or 'on another rank'})")
+            if problem is not None and self.rank == int(torch.nonzero(failed)[0]):
+                print(f"warning: checkpoint {path} is broken ({problem}); trying the previous one", file=sys.stderr)
+            self._barrier()
+            if self.is_main:
+                ckpt.set_aside(path)
+            self._barrier()
+        raise ConfigError(f"--resume: every checkpoint in {candidates[0].parent} is broken")
+
+    def _tidy_checkpoints(self) -> None:
+        """Rank 0, at the start: remove unfinished writes, and checkpoints this run supersedes (all of
+        them on a fresh start, those after the resumed step on a resume)."""
+        ckpt.remove_unfinished(self.ckpt_root)
+        same_root = self.resumed_from is not None and self.resumed_from.parent.resolve() == self.ckpt_root.resolve()
+        superseded = [
+            c for c in ckpt.complete_checkpoints(self.ckpt_root) if not same_root or ckpt.step_of(c) > self.step
+        ]
+        if superseded:
+            what = "of an earlier run" if not same_root else f"after step {self.step}"
+            print(
+                f"removing {len(superseded)} checkpoint(s) {what} in {self.ckpt_root} (this run supersedes them)",
+                file=sys.stderr,
+                flush=True,
+            )
+            import shutil
+
+            for c in superseded:
+                shutil.rmtree(c, ignore_errors=True)
+
+    def _open_writers(self) -> None:
+        """metrics.jsonl and TensorBoard (rank 0). On a resume, metrics.jsonl keeps the rows up to the
+        checkpoint's step (later ones are redone) and is appended to; TensorBoard purges later events."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        path = self.out / "metrics.jsonl"
+        if self.resumed_from is None:
+            self.metrics_file = open(path, "w")  # noqa: SIM115 (closed in close_writers)
             self.tb = SummaryWriter(str(self.out / "tensorboard"))
+            return
+        source = path
+        run_dir = self.resumed_from.parent.parent
+        if run_dir.resolve() != self.out.resolve():
+            source = run_dir / "metrics.jsonl"
+        kept = []
+        if source.is_file():
+            for line in source.read_text(encoding="utf-8").splitlines(keepends=True):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut off by the crash
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= self.step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
+        self.metrics_file = open(path, "a")  # noqa: SIM115 (closed in close_writers)
+        self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1)
+
+    def close_writers(self) -> None:
+        if self.is_main and not self.metrics_file.closed:
+            self.metrics_file.close()
+            self.tb.close()
 
     # ------------------------------------------------------------------ helpers
 
@@ -321,100 +651,242 @@ class Trainer:
         from adapt_fast.model.ghost import GhostDots
         from adapt_fast.model.loss import per_task_loss
 
-        W = self.world_size
+        W, K = self.world_size, self.K
         N = max(1, sum(b.global_loss_tokens for b in batches))
         # DeepSpeed averages gradients over ranks; scale so the result is the global token mean.
-        weights = torch.full((self.K,), W / N, dtype=torch.float32, device=self.device)
-        loss_sum = torch.zeros(self.K, dtype=torch.float64, device=self.device)
-        count = torch.zeros(self.K, dtype=torch.float64, device=self.device)
-        dots = torch.zeros(self.K, dtype=torch.float64, device=self.device)
+        weights = torch.full((K,), W / N, dtype=torch.float32, device=self.device)
+        loss_sum = torch.zeros(K, dtype=torch.float64, device=self.device)
+        count = torch.zeros(K, dtype=torch.float64, device=self.device)
+        dots = torch.zeros(K, dtype=torch.float64, device=self.device)
         exact = update_mixture and self.cfg.meta.dots == "exact"
         ghost_head = self.G[self._head_name()] if update_mixture and not exact else None
-        for batch in batches:
+        # Fault injection (tests): a NaN loss, or a NaN gradient behind a finite loss.
+        poison = float("nan") if self.step + 1 in self.inject_nan_steps else None
+        poison_grad = poison
+        if self.step + 1 in self.inject_nan_grad_steps:
+            poison_grad = float("nan")
+        for i, batch in enumerate(batches):
             batch = batch.to(self.device)
             if exact:
                 from adapt_fast.model.ghost import exact_task_dots
 
-                d_exact = exact_task_dots(self.model, batch, self.G, self.K, backend=self.backend)
+                d_exact = exact_task_dots(self.model, batch, self.G, K, backend=self.backend)
                 counts_here = batch.loss_tokens_per_task().double().to(self.device)
                 dots += d_exact.to(self.device) * counts_here * W / N  # back to this batch's share of the loss
             if update_mixture and not exact:
-                with GhostDots(self.model, self.G, batch.task_ids, self.K, backend=self.backend) as ghost:
+                with GhostDots(self.model, self.G, batch.task_ids, K, backend=self.backend) as ghost:
                     out = per_task_loss(self.model, batch, weights, ghost_weight=ghost_head, backend=self.backend)
-                    self.engine.backward(out.loss, scale_wrt_gas=False)
+                    self.engine.backward(
+                        out.loss if poison_grad is None else out.loss * poison_grad, scale_wrt_gas=False
+                    )
                 dots += ghost.dots.to(self.device, torch.float64) + out.ghost_dot.to(self.device, torch.float64)
             else:
                 out = per_task_loss(self.model, batch, weights, backend=self.backend)
-                self.engine.backward(out.loss, scale_wrt_gas=False)
-            self.engine.step()
-            loss_sum += out.loss_sum.to(self.device, torch.float64)
+                self.engine.backward(out.loss if poison_grad is None else out.loss * poison_grad, scale_wrt_gas=False)
+            if i < len(batches) - 1:
+                self.engine.step()  # within the accumulation: no optimizer step
+            loss_sum += out.loss_sum.to(self.device, torch.float64) * (1.0 if poison is None else poison)
             count += out.count.to(self.device, torch.float64)
-        loss_sum = all_reduce(loss_sum).cpu().numpy()
-        count = all_reduce(count).cpu().numpy()
+        # Before the optimizer step, every rank learns whether any rank saw a non-finite loss or gradient.
+        flags = torch.tensor(
+            [float(not bool(torch.isfinite(loss_sum).all())), float(not self._gradients_finite())],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        reduced = all_reduce(torch.cat([loss_sum, count, flags])).cpu()
+        loss_sum, count = reduced[:K].numpy(), reduced[K : 2 * K].numpy()
+        bad = "non-finite loss" if reduced[2 * K] > 0 else "non-finite gradient" if reduced[2 * K + 1] > 0 else None
+        if self._optimizer_step(skip=bad is not None) and bad is None:
+            bad = "non-finite gradient"  # DeepSpeed's own overflow check skipped it
         d = None
-        if update_mixture:
+        if update_mixture and bad is None:
             D = all_reduce(dots).cpu().numpy() / W  # <G, ∇ task k's share of the global token-mean loss>
             with np.errstate(invalid="ignore", divide="ignore"):
                 d = np.where(count > 0, D * count.sum() / np.maximum(count, 1), np.nan)
-        return StepResult(loss=float(loss_sum.sum() / max(count.sum(), 1)), loss_sum=loss_sum, count=count, dots=d)
+        return StepResult(
+            loss=float(loss_sum.sum() / max(count.sum(), 1)), loss_sum=loss_sum, count=count, dots=d, bad=bad
+        )
+
+    def _gradients_finite(self) -> bool:
+        """This rank's gradients (ZeRO 1-2: its partition of the reduced ones) hold no inf/nan."""
+        grads: list[torch.Tensor] = []
+        averaged = getattr(self.engine.optimizer, "averaged_gradients", None)
+        if self.cfg.training.zero_stage in (1, 2) and isinstance(averaged, dict):
+            for group in averaged.values():
+                grads += [g for g in (group or []) if g is not None]
+        else:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        norms = torch._foreach_norm(grads, float("inf"))  # max |g|: never overflows, nan propagates
+        return bool(torch.isfinite(torch.stack(norms)).all())
+
+    def _optimizer_step(self, skip: bool) -> bool:
+        """The accumulation boundary's engine.step(). skip: the AdamW step itself is a no-op, so
+        weights and moments stay as they were while DeepSpeed drops the gradients and advances its
+        counters; the LR schedule advances either way (a skipped step still spent its tokens).
+        Returns True if DeepSpeed itself skipped the step (its overflow check)."""
+        skipped_before = self.engine.skipped_steps
+        if skip:
+            self.torch_optimizer.step = lambda *args, **kwargs: None  # shadows the method on this instance
+        try:
+            self.engine.step()
+        finally:
+            if skip:
+                del self.torch_optimizer.step
+        native_skip = self.engine.skipped_steps > skipped_before
+        if native_skip:
+            self.scheduler.step()  # DeepSpeed does not advance the schedule on the steps it skips
+        return native_skip
 
     # ------------------------------------------------------------------ the loop
+
+    def _done(self) -> bool:
+        max_steps = self.cfg.training.max_steps
+        return self.loader.remaining <= 0 or bool(max_steps and self.step >= max_steps)
+
+    def one_step(self) -> dict:
+        """Validation/G when due, one optimizer step, the mixture update; logs and returns the row."""
+        cfg, meta = self.cfg, self.cfg.meta
+        A = cfg.training.grad_accum
+        is_val = self.step % meta.val_every == 0
+        update = (
+            self.adapt is not None and self.step >= meta.warmup and (self.step - meta.warmup) % meta.update_every == 0
+        )
+        row: dict = {}
+        if is_val or (update and self.G is None):
+            val_batches = self._validation_batches(meta.val_examples_per_task)
+            losses, counts = self.validation_losses(val_batches)
+            row["val_loss"] = {n: float(losses[k]) for k, n in enumerate(self.task_names) if counts[k] > 0}
+            if self.adapt is not None and self.step + meta.val_every > meta.warmup:
+                self.compute_G(val_batches, losses, counts)
+                self.G_step = self.step
+        self.loader.set_mixture(self.mixture)
+        mixture_used = self.mixture.copy()
+        batches = []
+        for a in range(A):  # every rank plans the same global micro-steps, so all stop together
+            batch = self.loader.next_micro_batch(meta_step=update and a == 0)
+            batches.append(batch if batch is not None else self._empty_batch())
+        t0 = time.perf_counter()
+        lr = float(self.scheduler.get_last_lr()[0])
+        result = self.train_step(batches, update)
+        self.train_seconds += time.perf_counter() - t0
+        if result.bad is not None:
+            self.bad_steps += 1
+            self.bad_in_a_row += 1
+            row["bad_step"] = result.bad
+            if update:
+                row["mixture_update_skipped"] = True
+            if self.is_main:
+                print(
+                    f"warning: step {self.step + 1}: {result.bad}, update skipped "
+                    f"({self.bad_in_a_row} in a row; training.max_bad_steps {cfg.training.max_bad_steps})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        else:
+            self.bad_in_a_row = 0
+            if update and result.dots is not None:
+                present = result.count > 0
+                d = np.where(present, result.dots, 0.0)  # a task absent from the batch contributes nothing
+                skipped = not np.all(np.isfinite(d)) or bool(self.adapt.update(d, lr).get("skipped", False))
+                self.mixture_updates_skipped += int(skipped)
+                row["meta_dots"] = {n: float(result.dots[k]) for k, n in enumerate(self.task_names)}
+                row["mixture_update_skipped"] = skipped
+        self.step += 1
+        row = {
+            "step": self.step,
+            "tokens_consumed": self.loader.consumed,
+            "loss": result.loss if math.isfinite(result.loss) else None,
+            "lr": lr,
+            "mixture": {n: float(mixture_used[k]) for k, n in enumerate(self.task_names)},
+            **row,
+        }
+        self._log(row)
+        return row
 
     def run(self) -> dict:
         from tqdm import tqdm
 
-        cfg = self.cfg
-        A = cfg.training.grad_accum
-        bar = tqdm(total=self.budget, unit="tok", unit_scale=True, disable=not self.is_main, dynamic_ncols=True)
-        train_seconds = 0.0
-        while not cfg.training.max_steps or self.step < cfg.training.max_steps:
-            meta = cfg.meta
-            is_val = self.step % meta.val_every == 0
-            update = (
-                self.adapt is not None
-                and self.step >= meta.warmup
-                and (self.step - meta.warmup) % meta.update_every == 0
-            )
-            row: dict = {}
-            if is_val or (update and self.G is None):
-                val_batches = self._validation_batches(meta.val_examples_per_task)
-                losses, counts = self.validation_losses(val_batches)
-                row["val_loss"] = {n: float(losses[k]) for k, n in enumerate(self.task_names) if counts[k] > 0}
-                if self.adapt is not None and self.step + meta.val_every > meta.warmup:
-                    self.compute_G(val_batches, losses, counts)
-            self.loader.set_mixture(self.mixture)
-            mixture_used = self.mixture.copy()
-            batches = []
-            for a in range(A):  # every rank plans the same global micro-steps, so all stop together
-                batch = self.loader.next_micro_batch(meta_step=update and a == 0)
-                batches.append(batch if batch is not None else self._empty_batch())
-            t0 = time.perf_counter()
-            lr = float(self.scheduler.get_last_lr()[0])
-            result = self.train_step(batches, update)
-            train_seconds += time.perf_counter() - t0
-            if update and result.dots is not None:
-                d = np.nan_to_num(result.dots, nan=0.0)  # a task absent from the batch contributes nothing
-                info = self.adapt.update(d, lr)
-                row["meta_dots"] = {n: float(result.dots[k]) for k, n in enumerate(self.task_names)}
-                row["mixture_update_skipped"] = bool(info.get("skipped", False))
-            self.step += 1
-            row = {
-                "step": self.step,
-                "tokens_consumed": self.loader.consumed,
-                "loss": result.loss,
-                "lr": lr,
-                "mixture": {n: float(mixture_used[k]) for k, n in enumerate(self.task_names)},
-                **row,
-            }
-            self._log(row)
-            bar.update(self.loader.consumed - bar.n)
-            bar.set_postfix(
-                loss=f"{result.loss:.3f}", tok_s=f"{self.loader.stats.tokens / max(train_seconds, 1e-9):.0f}"
-            )
-            if self.loader.remaining <= 0:
-                break
+        bar = tqdm(
+            total=self.budget,
+            initial=self.loader.consumed,
+            unit="tok",
+            unit_scale=True,
+            disable=not self.is_main,
+            dynamic_ncols=True,
+        )
+        try:
+            with StopSignals() as signals:
+                while not self._done():
+                    row = self.one_step()
+                    bar.update(self.loader.consumed - bar.n)
+                    bar.set_postfix(
+                        loss=f"{row['loss'] if row['loss'] is not None else float('nan'):.3f}",
+                        tok_s=f"{self.loader.stats.tokens / max(self.train_seconds, 1e-9):.0f}",
+                    )
+                    if self.inject_signal and self.inject_signal[0] == self.step and self.is_main:
+                        os.kill(os.getpid(), self.inject_signal[1])  # fault injection (tests)
+                    if self.bad_in_a_row >= self.cfg.training.max_bad_steps:
+                        self._stop_diverged()
+                    signum = self._agreed_signal(signals)
+                    if signum is not None:
+                        self._stop_on_signal(signum)
+                    if self.next_checkpoint is not None and self.loader.consumed >= self.next_checkpoint:
+                        every = self.cfg.checkpoint.every_tokens
+                        self.next_checkpoint = (self.loader.consumed // every + 1) * every
+                        if not self._done():  # the last one is written below
+                            self.save_checkpoint()
+        except BaseException:
+            bar.close()
+            self.close_writers()
+            raise
         bar.close()
-        return self.finish(train_seconds)
+        if self.last_checkpoint_step != self.step:
+            self.save_checkpoint()
+        return self.finish(self.train_seconds)
+
+    def _agreed_signal(self, signals: StopSignals) -> int | None:
+        """The stop signal any rank received (SIGTERM before SIGINT), the same on every rank."""
+        mine = torch.tensor(
+            [float(signals.received == signal.SIGTERM), float(signals.received == signal.SIGINT)],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        if self.world_size > 1:
+            mine = all_reduce(mine)
+        if mine[0] > 0:
+            return signal.SIGTERM
+        if mine[1] > 0:
+            return signal.SIGINT
+        return None
+
+    def _where(self) -> str:
+        return f"step {self.step} ({self.loader.consumed} / {self.budget} {self.cfg.budget.unit})"
+
+    def _stop_on_signal(self, signum: int) -> None:
+        path = self.save_checkpoint()
+        name = signal.Signals(signum).name
+        message = ""
+        if self.is_main:
+            message = (
+                f"stopped on {name} at {self._where()}; checkpoint {path}\n"
+                f"resume with: {resume_command(self.argv, self.world_size)}"
+            )
+        raise RunStopped(message, EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT)
+
+    def _stop_diverged(self) -> None:
+        path = self.save_checkpoint()
+        first = self.step - self.bad_in_a_row + 1
+        message = ""
+        if self.is_main:
+            message = (
+                f"error: {self.bad_in_a_row} non-finite steps in a row (steps {first}-{self.step}; "
+                f"training.max_bad_steps {self.cfg.training.max_bad_steps}): stopped at {self._where()}. "
+                f"The model and mixture are those of step {first - 1}, the last good one; checkpoint {path}. "
+                "Lower training.lr or check the data."
+            )
+        raise RunStopped(message, EXIT_DIVERGED)
 
     def _log(self, row: dict) -> None:
         if not self.is_main:
@@ -422,7 +894,9 @@ class Trainer:
         self.metrics_file.write(json.dumps(row) + "\n")
         self.metrics_file.flush()
         step = row["step"]
-        self.tb.add_scalar("train/loss", row["loss"], step)
+        self.tb.add_scalar("train/loss", row["loss"] if row["loss"] is not None else float("nan"), step)
+        if "bad_step" in row:
+            self.tb.add_scalar("train/bad_steps", self.bad_steps, step)
         self.tb.add_scalar("train/lr", row["lr"], step)
         self.tb.add_scalar("train/tokens_consumed", row["tokens_consumed"], step)
         for name, p in row["mixture"].items():
@@ -468,10 +942,13 @@ class Trainer:
             "wall_seconds": time.time() - self.start_time,
             "train_seconds": train_seconds,
             "train_tokens_per_second": stats.tokens / max(train_seconds, 1e-9),
+            "bad_steps": self.bad_steps,
+            "mixture_updates_skipped": self.mixture_updates_skipped,
+            "resumed_from": None if self.resumed_from is None else str(self.resumed_from),
+            "checkpoint": str(self.ckpt_root / ckpt.step_name(self.step)),
         }
         if self.is_main:
-            self.metrics_file.close()
-            self.tb.close()
+            self.close_writers()
             (self.out / "report.json").write_text(json.dumps(report, indent=1))
             from adapt_fast.report import write_outputs
 
@@ -491,12 +968,19 @@ class Trainer:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    cfg, _ = parse_cli(sys.argv[1:] if argv is None else argv, extra_flags=("resume",))
+    """Train. `--resume` continues from the latest checkpoint in output_dir (from the beginning if
+    there is none), `--resume PATH` from a checkpoint folder or a run's output_dir."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    cfg, extras = parse_cli(args, extra_flags=("resume",))
+    resume = extras.get("resume")
+    if resume is not None and resume.strip().lower() in ("false", "0", "no", "off"):
+        resume = None
+    check_output_dir(cfg.output_dir)  # before any work: one line, exit 2
+    if resume is not None:
+        ckpt.resume_candidates(resume, Path(cfg.output_dir))  # a bad --resume PATH: one line, exit 2
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, resume=resume, argv=args)
         return trainer.run()
-    except UserError:
-        raise
     finally:
         if dist.is_initialized() and argv is None:
             dist.destroy_process_group()

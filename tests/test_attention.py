@@ -9,8 +9,13 @@ from transformers.integrations.sdpa_attention import repeat_kv as hf_repeat_kv
 from adapt_fast.data.batch import IGNORE_INDEX, PAD_TASK, MicroBatch
 from adapt_fast.model.attention import (
     ATTN_NAME,
+    GROUP_PAD_RATIO,
+    GROUP_PAD_SLACK,
+    causal_band_mask,
     cu_seqlens_from_position_ids,
+    masked_attention,
     packed_attention,
+    plan_segment_groups,
     repeat_kv_heads,
     segment_mask,
     varlen_flash,
@@ -79,13 +84,18 @@ def test_packed_forward_equals_examples_alone(tiny):
 
 
 def test_plain_sdpa_with_packed_positions_leaks(tiny):
-    """The control: HF's own sdpa, given the same packed call, lets examples see each other."""
+    """The control: HF's own sdpa with a plain causal mask over the packed row lets examples see each other.
+
+    (transformers 5 finds the segments from position_ids restarts by itself when no attention_mask is
+    given, so the control passes an all-ones 2D mask, which switches that detection off.)
+    """
     _, model = tiny
     mb, examples = make_micro_batch(LENGTHS, PAD)
     model.set_attn_implementation("sdpa")
     try:
         with torch.no_grad():
-            leaky = model(**mb.model_inputs()).logits[0, : sum(LENGTHS)]
+            ones = torch.ones_like(mb.input_ids)[None]
+            leaky = model(**mb.model_inputs(), attention_mask=ones).logits[0, : sum(LENGTHS)]
     finally:
         model.set_attn_implementation(ATTN_NAME)
     assert (leaky - alone_logits(model, examples)).abs().max() > 1e-2
@@ -178,6 +188,151 @@ def test_varlen_masked_sdpa_matches_naive(window, softcap, chunk_tokens):
     scale = 0.3
     out = varlen_masked_sdpa(q, k, v, cu, scale, window, softcap, chunk_tokens=chunk_tokens)
     torch.testing.assert_close(out, naive_packed_attention(q, k, v, cu, scale, window, softcap), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def single_thread():
+    """These tensors are tiny: on a shared 2-core box a 2-thread pool waits on descheduled threads (~10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def per_segment_reference(q, k, v, cu_seqlens, scale, window=None, softcap=None):
+    """Loop over segments, dense attention in float64: q (T, H, D), k/v (T, Hkv, D) -> (T, H, D) float64."""
+    n_rep = q.shape[1] // k.shape[1]
+    bounds = cu_seqlens.tolist()
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+        qs, ks, vs = (x[s:e].double().transpose(0, 1) for x in (q, k, v))  # (heads, L, D)
+        ks, vs = ks.repeat_interleave(n_rep, 0), vs.repeat_interleave(n_rep, 0)
+        scores = qs @ ks.transpose(-1, -2) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        pos = torch.arange(e - s)
+        diff = pos[:, None] - pos[None, :]
+        visible = (diff >= 0) & (diff < (window if window is not None else e - s + 1))
+        outs.append((scores.masked_fill(~visible, float("-inf")).softmax(-1) @ vs).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def random_lengths(total: int, seed: int) -> list[int]:
+    """Segment lengths summing to `total`: runs of 1-token segments, short ones and some long ones."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < total:
+        kind = int(torch.randint(0, 4, (1,), generator=g))
+        hi = [1, 8, 40, 150][kind]
+        lengths += torch.randint(1, hi + 1, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()
+    lengths[-1] -= sum(lengths) - total
+    return [n for n in lengths if n > 0]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("window, explicit_scores", [(None, False), (24, False), (None, True), (24, True)])
+def test_plan_segment_groups(seed, window, explicit_scores):
+    lengths = random_lengths(600, seed) + [1, 300]
+    chunk = 64
+    groups = plan_segment_groups(lengths, chunk, window, explicit_scores)
+    assert sorted(n for members, _ in groups for n in members) == list(range(len(lengths)))
+    for members, lmax in groups:
+        assert lmax == max(lengths[n] for n in members)
+        blocks = lmax > chunk and (explicit_scores or (window is not None and lmax > window))
+        if blocks:  # run alone, in query blocks
+            assert len(members) == 1
+            continue
+        assert all(lmax <= GROUP_PAD_RATIO * lengths[n] + GROUP_PAD_SLACK for n in members)
+        if explicit_scores:
+            assert len(members) == 1 or len(members) * lmax * lmax <= chunk * chunk
+    padded = sum(len(members) * lmax for members, lmax in groups)
+    assert padded <= GROUP_PAD_RATIO * sum(lengths) + GROUP_PAD_SLACK * len(lengths)
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize(
+    "lengths, heads, dtype",
+    [
+        ("mixed", (4, 4), torch.float32),
+        ("mixed", (6, 2), torch.float32),
+        ("mixed", (6, 2), torch.bfloat16),
+        ("single", (6, 2), torch.float32),
+    ],
+)
+@pytest.mark.parametrize("window, softcap", [(None, None), (24, None), (None, 30.0), (24, 30.0)])
+def test_grouped_sdpa_matches_per_segment_loop(lengths, heads, dtype, window, softcap):
+    """Forward and input gradients of the grouped (padded rows) SDPA vs a per-segment dense loop in float64.
+
+    chunk_tokens=48 covers every route: grouped rows without a mask, with the shared band mask (lengths
+    25..48 with window 24), with explicit scores (softcap) in groups of B * Lmax^2 <= 48^2, the long
+    segments (> 48) alone in query blocks (window or softcap) or as one causal call (neither).
+    """
+    g = torch.Generator().manual_seed(0)
+    lengths = random_lengths(200, 3) + [1, 1, 130] if lengths == "mixed" else [150]
+    assert window is None or max(lengths) > window
+    T, (H, Hkv), D = sum(lengths), heads, 16
+    q, k, v = (torch.randn(T, h, D, generator=g).to(dtype).requires_grad_() for h in (H, Hkv, Hkv))
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    grad_out = torch.randn(T, H, D, generator=g)
+    scale = D**-0.5 * 1.3
+
+    out = varlen_masked_sdpa(q, k, v, cu, scale, window, softcap, chunk_tokens=48)
+    assert out.dtype == dtype and out.shape == (T, H, D)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype))
+    ref = per_segment_reference(q, k, v, cu, scale, window, softcap)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out.double())
+    for got, want in zip((out, *grads), (ref, *ref_grads), strict=True):
+        want = want.double()  # the gradients come back in the inputs' dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+        else:  # bf16: within 1e-2 of the tensor's scale (observed <= 1e-2 x max |ref|)
+            torch.testing.assert_close(got.double(), want, atol=2e-2 * want.abs().max().item(), rtol=0)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_grouped_sdpa_matches_dense_block_diagonal_mask():
+    """Against one dense (T, T) block-diagonal mask (`segment_mask`) through masked_attention, with a padding tail."""
+    g = torch.Generator().manual_seed(7)
+    lengths = [1] * 20 + random_lengths(250, 11) + [5]
+    T, H, Hkv, D = sum(lengths), 8, 2, 8
+    q, k, v = (torch.randn(T, h, D, generator=g) for h in (H, Hkv, Hkv))
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    for window in (None, 3, 40):
+        mask = segment_mask(cu, 0, T, window)
+        ref = masked_attention(*(x.transpose(0, 1) for x in (q, k, v)), mask, 0.5).transpose(0, 1)
+        torch.testing.assert_close(varlen_masked_sdpa(q, k, v, cu, 0.5, window), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_grouped_sdpa_dropout_stays_in_segment():
+    """With dropout (training), a segment's outputs still depend on that segment's tokens only (padded rows too)."""
+    lengths = [3, 40, 1, 17, 60, 9]  # groups: [60], [40], [17, 9 padded to 17], [3, 1 padded to 3]
+    T, H, D = sum(lengths), 4, 8
+    q, k, v = (torch.randn(T, H, D, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    out = varlen_masked_sdpa(q, k, v, cu, 0.3, dropout_p=0.5)
+    assert not torch.allclose(out, varlen_masked_sdpa(q, k, v, cu, 0.3))
+    bounds = cu.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+        for grad in torch.autograd.grad(out[s:e].sum(), (q, k, v), retain_graph=True):
+            assert torch.equal(grad[:s], torch.zeros_like(grad[:s])) and torch.equal(
+                grad[e:], torch.zeros_like(grad[e:])
+            )
+
+
+def test_varlen_masked_sdpa_rejects_bad_cu_seqlens():
+    q = torch.randn(6, 2, 4)
+    for bad in ([0, 4], [1, 6], [0, 4, 3, 6]):
+        with pytest.raises(ValueError):
+            varlen_masked_sdpa(q, q, q, torch.tensor(bad, dtype=torch.int32), 0.5)
+
+
+@pytest.mark.parametrize("window", [None, 1, 4])
+def test_causal_band_mask(window):
+    for q_len, k_len in [(5, 5), (3, 7), (1, 4)]:
+        off = k_len - q_len
+        naive = torch.tensor([[0 <= i + off - j < (window or k_len + 1) for j in range(k_len)] for i in range(q_len)])
+        assert torch.equal(causal_band_mask(q_len, k_len, window), naive)
 
 
 def test_cu_seqlens_from_position_ids():

@@ -139,11 +139,20 @@ def _tokenize_batch(batch: dict, tokenizer, template: str, num_positive_examples
 
 
 def _write_split(folder: Path, dataset, task_index: dict[str, int]) -> dict:
-    """Stream the tokenised dataset into the split's .npy files (two passes, batch by batch)."""
+    """Stream the tokenised dataset into the split's .npy files: two passes over Arrow record batches
+    (column-wise, no per-row Python objects: a million examples take seconds, not minutes)."""
+    import pyarrow.compute as pc
+
     folder.mkdir(parents=True)
-    statuses = dataset["status"] if len(dataset) else []
-    kept = np.array([s != "dropped" for s in statuses], dtype=bool)
-    lengths = np.array(dataset["length"] if len(dataset) else [], dtype=np.int32)[kept]
+    arrow = dataset.with_format("arrow")
+    n = len(dataset)
+    if n:
+        status = arrow["status"]
+        kept = ~pc.equal(status, "dropped").to_numpy(zero_copy_only=False)
+        truncated = int(pc.sum(pc.equal(status, "truncated")).as_py() or 0)
+        lengths = arrow["length"].to_numpy().astype(np.int32)[kept]
+    else:
+        kept, truncated, lengths = np.zeros(0, dtype=bool), 0, np.zeros(0, dtype=np.int32)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     total = int(offsets[-1])
@@ -151,24 +160,31 @@ def _write_split(folder: Path, dataset, task_index: dict[str, int]) -> dict:
     mask = np.lib.format.open_memmap(folder / "loss_mask.npy", mode="w+", dtype=np.uint8, shape=(total,))
     loss_tokens = np.zeros(len(lengths), dtype=np.int32)
     task_ids = np.zeros(len(lengths), dtype=np.int32)
-    j = 0
-    for batch in dataset.iter(batch_size=4096) if len(dataset) else []:
-        for row_ids, row_mask, status, task in zip(
-            batch["ids"], batch["loss_mask"], batch["status"], batch["task"], strict=True
-        ):
-            if status == "dropped":
-                continue
-            start, end = offsets[j], offsets[j + 1]
-            ids[start:end] = row_ids
-            mask[start:end] = row_mask
-            loss_tokens[j] = int(np.sum(row_mask[1:]))
-            task_ids[j] = task_index[task]
-            j += 1
+    row, j = 0, 0  # rows of the dataset read so far, kept examples written so far
+    for table in arrow.iter(batch_size=65536) if n else []:
+        keep = kept[row : row + table.num_rows]
+        row += table.num_rows
+        m = int(keep.sum())
+        if m == 0:
+            continue
+        chosen = table.filter(keep)
+        start, end = offsets[j], offsets[j + m]
+        flat_ids = pc.list_flatten(chosen["ids"]).to_numpy(zero_copy_only=False)
+        flat_mask = pc.list_flatten(chosen["loss_mask"]).to_numpy(zero_copy_only=False).astype(np.uint8)
+        ids[start:end] = flat_ids
+        mask[start:end] = flat_mask
+        # loss tokens of an example: its mask summed, less its first token (nothing predicts it)
+        rel = offsets[j : j + m + 1] - start
+        cum = np.concatenate([[0], np.cumsum(flat_mask, dtype=np.int64)])
+        first = np.where(rel[1:] > rel[:-1], flat_mask[np.minimum(rel[:-1], max(len(flat_mask) - 1, 0))], 0)
+        loss_tokens[j : j + m] = cum[rel[1:]] - cum[rel[:-1]] - first
+        task_ids[j : j + m] = [task_index[t] for t in chosen["task"].to_pylist()]
+        j += m
     ids.flush()
     mask.flush()
     for name, arr in (("offsets", offsets), ("lengths", lengths), ("loss_tokens", loss_tokens), ("task_ids", task_ids)):
         np.save(folder / f"{name}.npy", arr)
-    return {"examples": len(lengths), "truncated": statuses.count("truncated"), "dropped": statuses.count("dropped")}
+    return {"examples": len(lengths), "truncated": truncated, "dropped": int((~kept).sum())}
 
 
 def build_or_load(

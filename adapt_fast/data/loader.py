@@ -97,7 +97,9 @@ class TaskStream:
     """Task k's examples, shuffled without replacement and reshuffled every epoch (seed, task, epoch)."""
 
     def __init__(self, examples: np.ndarray, seed: int, task: int):
-        self.examples = np.asarray(examples, dtype=np.int64)
+        examples = np.asarray(examples)
+        small = examples.size == 0 or int(examples.max()) < np.iinfo(np.int32).max
+        self.examples = examples.astype(np.int32 if small else np.int64)  # int32: same shuffles, half the memory
         self.seed, self.task = seed, task
         self.epoch, self.position = 0, 0
         self._order = self._shuffle(0)
@@ -198,8 +200,10 @@ class PackedLoader:
         self.meta_floor_examples = meta_floor_examples
         self.allow_repeat = allow_repeat
         self.pack_backend = pack_backend
-        self._lengths = np.asarray(split.lengths, dtype=np.int64)
-        self._loss_tokens = np.asarray(split.loss_tokens, dtype=np.int64)
+        # Per-example arrays stay memory-mapped (no copy): the loader's own memory grows with the number
+        # of examples only by each task's example list and current shuffle (int32: 8 bytes an example).
+        self._lengths = np.asarray(split.lengths)
+        self._loss_tokens = np.asarray(split.loss_tokens)
         if self._lengths.size and self._lengths.max() > self.capacity:
             raise DataError(
                 f"an example of {int(self._lengths.max())} tokens exceeds tokens_per_micro_batch ({self.capacity})"
@@ -328,7 +332,7 @@ class PackedLoader:
             raise DataError("the training data ran out before the budget was spent (budget.allow_repeat is false)")
 
         pool_arr = np.asarray(pool, dtype=np.int64)
-        lengths, level_arr = self._lengths[pool_arr], np.asarray(level)
+        lengths, level_arr = self._lengths[pool_arr].astype(np.int64), np.asarray(level)
         # The floor examples go in first, on their own; then the rest into what capacity remains.
         placement = np.full(len(pool), -1, dtype=np.int64)
         capacities = np.full(self.world_size, self.capacity, dtype=np.int64)

@@ -30,7 +30,7 @@ similar lengths into right-padded rows (B, H, Lmax, D): then plain `is_causal` S
 query only sees positions <= its own, all real), a sliding window is one (Lmax, Lmax) band shared by the
 rows, and the outputs are scattered back. Memory stays O(T): scores are only materialised for softcap or
 dropout (at most CHUNK_TOKENS^2 per head and group), and a long segment that needs scores or a window mask
-runs alone in blocks of CHUNK_TOKENS queries.
+runs alone in blocks of at most CHUNK_TOKENS queries (recomputed in the backward when they hold scores).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -141,7 +142,7 @@ def masked_attention(
 
 # ----------------------------------------------------------------------------- packed (varlen) attention
 
-GROUP_PAD_RATIO = 1.5  # a segment joins a group of rows of length Lmax if Lmax <= ratio * length + slack
+GROUP_PAD_RATIO = 1.25  # a segment joins a group of rows of length Lmax if Lmax <= ratio * length + slack
 GROUP_PAD_SLACK = 8
 
 
@@ -206,15 +207,28 @@ def _rows_attention(
     if L <= chunk_tokens or (window is None and not explicit_scores):
         mask = None if window is None else causal_band_mask(L, L, window, q.device)
         return masked_attention(q, k, v, mask, scale, softcap, dropout_p, is_causal=mask is None)
-    outs = []  # one long segment (B == 1): blocks of queries, each with the keys it can see
-    for qs in range(0, L, chunk_tokens):
-        qe = min(qs + chunk_tokens, L)
+    # One long segment (B == 1): blocks of queries, each with the keys it can see. With explicit scores a
+    # block is (H, qb, <= qb + span) floats, span = the keys a query sees: keep qb * span <= chunk_tokens^2;
+    # and where autograd would keep more than ~8 chunk_tokens^2 scores per head over all blocks (O(L^2)
+    # without a window), recompute each block in the backward (checkpoint) instead.
+    span = L if window is None else window
+    qb = max(1, min(chunk_tokens, chunk_tokens * chunk_tokens // span)) if explicit_scores else chunk_tokens
+    recompute = (
+        explicit_scores
+        and L * min(L, qb + span) > 8 * chunk_tokens * chunk_tokens
+        and torch.is_grad_enabled()
+        and any(x.requires_grad for x in (q, k, v))
+    )
+    # Last block first: the blocks' buffers then shrink, so the allocator can reuse them (growing sizes
+    # fragment glibc's heap into GBs of RSS for a 16k segment).
+    outs = []
+    for qs in reversed(range(0, L, qb)):
+        qe = min(qs + qb, L)
         ks = 0 if window is None else max(0, qs - window + 1)
         mask = causal_band_mask(qe - qs, qe - ks, window, q.device)
-        outs.append(
-            masked_attention(q[..., qs:qe, :], k[..., ks:qe, :], v[..., ks:qe, :], mask, scale, softcap, dropout_p)
-        )
-    return torch.cat(outs, dim=-2)
+        args = (q[..., qs:qe, :], k[..., ks:qe, :], v[..., ks:qe, :], mask, scale, softcap, dropout_p)
+        outs.append(checkpoint(masked_attention, *args, use_reentrant=False) if recompute else masked_attention(*args))
+    return torch.cat(outs[::-1], dim=-2)
 
 
 def varlen_masked_sdpa(
@@ -237,10 +251,12 @@ def varlen_masked_sdpa(
     T, H, D = q.shape
     bounds = cu_seqlens.detach().to("cpu", torch.long)
     lengths_t = bounds[1:] - bounds[:-1]
+    if bounds.numel() == 0 or int(bounds[0]) != 0 or int(bounds[-1]) != T or bool((lengths_t < 0).any()):
+        raise ValueError(f"cu_seqlens must rise from 0 to T = {T}, got {bounds.tolist()}")
     starts_t = bounds[:-1]
     keep = lengths_t > 0
     lengths_t, starts_t = lengths_t[keep], starts_t[keep]
-    if T == 0 or lengths_t.numel() == 0:
+    if T == 0:
         return q.new_zeros(q.shape)
     lengths = lengths_t.tolist()
     groups = plan_segment_groups(lengths, chunk_tokens, window, softcap is not None or dropout_p > 0)
@@ -263,16 +279,14 @@ def varlen_masked_sdpa(
     offsets = torch.arange(T) - torch.repeat_interleave(starts_t, lengths_t)
     token_slot = (torch.repeat_interleave(seg_slot, lengths_t) + offsets).to(q.device)
 
-    q_slots, k_slots, v_slots = (x.index_select(0, slot_src) for x in (q, k, v))
-    outs, base = [], 0
-    for members, lmax in groups:
-        n, B = lmax * len(members), len(members)
-        qg, kg, vg = (
-            x[base : base + n].view(B, lmax, x.shape[1], D).transpose(1, 2) for x in (q_slots, k_slots, v_slots)
-        )
+    # split (not slicing) keeps the backward one cat instead of a full-size zeros + add per group
+    sizes = [lmax * len(members) for members, lmax in groups]
+    q_split, k_split, v_split = (x.index_select(0, slot_src).split(sizes) for x in (q, k, v))
+    outs = []
+    for (members, lmax), qg, kg, vg in zip(groups, q_split, k_split, v_split, strict=True):
+        qg, kg, vg = (x.view(len(members), lmax, x.shape[1], D).transpose(1, 2) for x in (qg, kg, vg))
         out = _rows_attention(qg, kg, vg, scale, window, softcap, dropout_p, chunk_tokens)
-        outs.append(out.transpose(1, 2).reshape(n, H, D))
-        base += n
+        outs.append(out.transpose(1, 2).reshape(-1, H, D))
     out_slots = torch.cat(outs) if len(outs) > 1 else outs[0]
     return out_slots.index_select(0, token_slot)
 
