@@ -50,7 +50,7 @@ class ModelConfig:
 
 @dataclass
 class BudgetConfig:
-    tokens: int = 300_000  # budget in `unit`s (setting `fraction` instead clears this)
+    tokens: int = 150_000  # budget in `unit`s (setting `fraction` instead clears this)
     fraction: float = 0.0  # of the training tokens available (in `unit`s)
     unit: str = "tokens"  # tokens (non-padding tokens fed) | loss (response tokens only)
     allow_repeat: bool = True  # a budget above what the data holds reuses examples (with a warning)
