@@ -578,10 +578,16 @@ def run_study(scale: Scale, paths: Paths, specs: list[RunSpec], workers: int, th
         build_ni(paths)
     for seed in sorted({s.seed for s in todo}):
         build_model(paths, scale, seed)
-    prepare_cache(scale, paths, todo)
+    # Tokenise in a child process: the parent stays small while the workers run (2 workers + a fat parent
+    # holding the Arrow tables of a 24M-token suite is how a shared machine runs out of memory).
+    ctx = mp.get_context("spawn")
+    child = ctx.Process(target=prepare_cache, args=(scale, paths, todo))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"tokenising the data failed (exit code {child.exitcode})")
 
     total_cost, done_cost, t_start = sum(cost(s) for s in todo), 0.0, time.time()
-    ctx = mp.get_context("spawn")
     failures = 0
     with ctx.Pool(workers, initializer=_worker_init, initargs=(threads,), maxtasksperchild=None) as pool:
         items = [(s, scale, paths) for s in todo]
@@ -1013,24 +1019,33 @@ def adapt_diagnostics(results: list[dict], paths: Paths) -> list[dict]:
             d = np.array([np.nan if row["meta_dots"][n] is None else row["meta_dots"][n] for n in names], float)
             p = np.array([row["mixture"][n] for n in names])
             present = np.isfinite(d)
-            look = row["lr"] * d[present]
-            ent = lam * (np.log(p[present]) + 1)
-            rms = lambda x: float(np.sqrt(np.mean((x - x.mean()) ** 2))) if x.size > 1 else 0.0  # noqa: E731
-            phases[phase].append((rms(look), rms(ent), 1 - present.mean(), row["lr"]))
+            phases[phase].append((row["lr"] * d, p, 1 - present.mean()))
         entry = {"id": r["id"], "variant": r["variant"], "budget": r["budget_fraction"], "updates": len(updates),
                  "lambda": lam, "tau": tau}  # fmt: skip
         for phase, vals in phases.items():
             if vals:
-                a = np.array(vals)
-                entry[phase] = {"lookahead_rms": float(np.median(a[:, 0])), "entropy_rms": float(np.median(a[:, 1])),
-                                "absent_fraction": float(a[:, 2].mean()), "lr": float(np.median(a[:, 3]))}  # fmt: skip
+                look = np.array([v[0] for v in vals])  # (updates, K) eta * d_k, nan where absent
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    per_update = np.nanmean(np.sqrt(np.nanmean((look - np.nanmean(look, 1, keepdims=True)) ** 2, 1)))
+                    mean_look = np.nanmean(look, 0)
+                signal = float(np.sqrt(np.mean((mean_look - mean_look.mean()) ** 2)))
+                logp = np.log(np.array([v[1] for v in vals]))
+                entry[phase] = {
+                    "lookahead_rms_per_update": float(per_update),  # signal + noise of one update
+                    "lookahead_rms_of_mean": signal,  # the phase's mean eta * d_k: the part that persists
+                    "logp_spread": float(np.mean(np.std(logp, 1))),
+                    "absent_fraction": float(np.mean([v[2] for v in vals])),
+                }
         tv = [0.5 * sum(abs(row["mixture"][n] - 1 / K) for n in names) for row in rows]
         entry["tv_from_uniform_max"], entry["tv_from_uniform_final"] = float(max(tv)), float(tv[-1])
         entry["tv_peak_at_fraction"] = float(np.argmax(tv) / max(1, len(tv) - 1))
         vals = [row for row in rows if "val_loss" in row]
         if vals:
             last = vals[-1]["val_loss"]
-            loss = np.array([last[n] for n in names])
+            objective = r["args"][r["args"].index("--meta.val_tasks") + 1].split(",") if "--meta.val_tasks" in r[
+                "args"] else names  # fmt: skip
+            loss = np.array([last[n] if n in objective else -np.inf for n in names])
             w = np.exp((loss - loss.max()) / tau)
             w /= w.sum()
             top = np.argsort(-w)[:3]
@@ -1054,31 +1069,29 @@ def diagnostics_markdown(diags: list[dict]) -> str:
     lines = [
         "## ADAPT diagnostics (seed 0 traces)",
         "",
-        "Medians over each third of the mixture updates. `look` = RMS over tasks of the centred lookahead term "
-        "eta·d_k, `ent` = RMS of the centred entropy term lambda·(log p_k + 1); the mixture's equilibrium is "
-        "p_k ∝ exp(eta·d_k / lambda), so look/ent ≪ 1 means the entropy term holds p near uniform. `absent`: "
-        "share of tasks missing from the meta batch (their d_k is nan; the trainer uses 0). TV: total variation "
-        "distance of p from uniform (max, where in training, final). Objective weights: softmax(l/tau) on the "
-        "final validation losses.",
+        "Per third of the mixture updates (early / middle / late). The update's stationary point is "
+        "p_k ∝ exp(eta·d_k / lambda): a persistent difference of eta·d between tasks, measured against lambda, "
+        "is what can hold the mixture away from uniform. `signal/λ`: RMS over tasks of the phase's *mean* "
+        "eta·d_k (centred), over lambda; `noise`: mean over updates of the RMS over tasks of one update's eta·d_k "
+        "(centred), over the signal (≫ 1: single updates are mostly noise, Adam moves alpha by ~lr per update "
+        "anyway). `std log p`: spread of the mixture actually reached. `absent`: share of tasks missing from the "
+        "meta batch (d_k is nan in metrics.jsonl; the trainer uses 0). TV: total variation distance of p from "
+        "uniform (max, where in training as a fraction, final). Objective weights: softmax(l/tau) on the final "
+        "validation losses (top 3, and on random_output).",
         "",
-        "| run | updates | look/ent early | middle | late | absent | TV max (at) | TV final | objective weight: top | "
-        "on random_output |",
+        "| run | updates | signal/λ early, mid, late | noise early, mid, late | std log p early, mid, late | absent | "
+        "TV max (at) | TV final | objective weight: top | on random_output |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in diags:
-        ratio = []
-        for phase in ("early", "middle", "late"):
-            ph = e.get(phase)
-            if not ph:
-                ratio.append("-")
-            elif e["lambda"] == 0:
-                ratio.append("∞ (λ=0)")
-            else:
-                ratio.append(f"{ph['lookahead_rms'] / max(ph['entropy_rms'], 1e-30):.2g}")
+        ph = [e[p] for p in ("early", "middle", "late") if p in e]
+        sig = ", ".join("∞" if e["lambda"] == 0 else f"{x['lookahead_rms_of_mean'] / e['lambda']:.2g}" for x in ph)
+        noise = ", ".join(f"{x['lookahead_rms_per_update'] / max(x['lookahead_rms_of_mean'], 1e-30):.2g}" for x in ph)
+        spread = ", ".join(f"{x['logp_spread']:.2f}" for x in ph)
         absent = np.mean([e[p]["absent_fraction"] for p in ("early", "middle", "late") if p in e])
         top = ", ".join(f"{k} {v:.2f}" for k, v in e.get("objective_weights_final", {}).items())
         lines.append(
-            f"| {e['id']} | {e['updates']} | {' | '.join(ratio)} | {100 * absent:.1f}% | "
+            f"| {e['id']} | {e['updates']} | {sig} | {noise} | {spread} | {100 * absent:.1f}% | "
             f"{e['tv_from_uniform_max']:.3f} ({e['tv_peak_at_fraction']:.2f}) | {e['tv_from_uniform_final']:.3f} | "
             f"{top} | {e.get('objective_weight_random_final', float('nan')):.2f} |"
         )

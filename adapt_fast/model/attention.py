@@ -30,7 +30,7 @@ similar lengths into right-padded rows (B, H, Lmax, D): then plain `is_causal` S
 query only sees positions <= its own, all real), a sliding window is one (Lmax, Lmax) band shared by the
 rows, and the outputs are scattered back. Memory stays O(T): scores are only materialised for softcap or
 dropout (at most CHUNK_TOKENS^2 per head and group), and a long segment that needs scores or a window mask
-runs alone in blocks of at most CHUNK_TOKENS queries (recomputed in the backward when they hold scores).
+runs alone in blocks of at most CHUNK_TOKENS queries (with scores adding up to O(L^2): recomputed in the backward).
 """
 
 from __future__ import annotations
