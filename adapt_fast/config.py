@@ -69,6 +69,7 @@ class MixtureConfig:
     optimizer: str = "adam"  # adam | sgd
     prior: str = "uniform"  # uniform | proportional
     relative_loss: bool = False  # use ℓ_k / ℓ_k(θ_0)
+    normalize: str = "none"  # ADAPT: none (λ absolute) | rms (η·d_k over its running RMS: λ dimensionless)
 
 
 @dataclass

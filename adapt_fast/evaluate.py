@@ -358,14 +358,10 @@ def load_split(
     val_fraction: float = 0.1, val_examples: int = 0, seed: int = 0,
 ) -> list[dict]:  # fmt: skip
     """Load records and assign splits exactly as data.cache.build_or_load does (filter tasks, then split)."""
-    records = formats.load_records(path, group_by=group_by, task_column=task_column)
-    if tasks:
-        unknown = sorted(set(tasks) - {r["task"] for r in records})
-        if unknown:
-            raise DataError(f"{path}: --tasks names tasks not in the data: {', '.join(unknown)}")
-        records = [r for r in records if r["task"] in set(tasks)]
-    formats.assign_splits(records, val_fraction, val_examples, seed)
-    return records
+    return formats.load_split_records(
+        path, group_by=group_by, task_column=task_column, tasks=tasks,
+        val_fraction=val_fraction, val_examples=val_examples, seed=seed, option="--tasks",
+    )  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):

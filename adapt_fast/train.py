@@ -271,6 +271,7 @@ class Trainer:
                 optimizer=m.optimizer,
                 prior=m.prior,
                 relative_loss=m.relative_loss,
+                normalize=m.normalize,
             )
             self.adapt: AdaptMixture | None = AdaptMixture(self.task_names, settings, proportional, self.objective)
             p0 = self.adapt.probs

@@ -18,8 +18,9 @@ The protocol (the ADAPT paper's comparison, scaled down so that it runs on 2 CPU
 - Model. A small Llama (byte tokenizer) from random init, one initialisation per seed, written once as a
   local HF folder under <out>/work/models (model.name accepts a folder).
 - Methods. uniform, proportional (tokens), proportional with a T5/FLAN examples cap, temperature (T = 3),
-  adapt (the trainer's defaults); ablations of adapt: tau near-max / near-mean (the default tau = 1 is the
-  moderate one), lambda = 0, val_every = 1.
+  adapt (the trainer's defaults), adapt_rms (mixture.normalize rms, lambda 1: the lookahead term in units of
+  its running RMS, so the mixture's sharpness does not follow the learning-rate schedule); ablations of adapt
+  at 5%: tau near-max / near-mean (the default tau = 1 is the moderate one), lambda = 0, val_every = 1.
 - Budgets. 1%, 5%, 10% of the suite's training tokens (budget.fraction), seeds 0, 1, 2. Every method at a
   budget has the same steps and the same learning-rate schedule: the trainer's cosine schedule is a function
   of budget / tokens_per_micro_batch, and both are fixed per budget (same lr, warm-up, micro-batch).
@@ -28,7 +29,8 @@ The protocol (the ADAPT paper's comparison, scaled down so that it runs on 2 CPU
   the same on the held-out tasks, tokens given to each task, tokens needed to reach uniform's final worst-case
   loss (on the validation curve), the final mixture's entropy and its largest share (collapse check).
 - Then the same methods on the Super-NaturalInstructions sample (../shared/data/natural-instructions, grouped by
-  category, 15% of each task's instances held out as test), validation loss only.
+  category, 15% of each task's instances held out as test), validation loss only. The sample is small (1% of
+  its tokens is a single micro-batch), so its budgets are 50% and 200% (two epochs) of its training tokens.
 
 Runs are independent processes' work items: `--workers` processes (one torch thread each on CPU) take them in
 order of budget, then seed. Each finished run writes <out>/runs/<suite>/<budget>/<variant>/s<seed>.json; a
@@ -40,7 +42,6 @@ Scratch (trainer outputs, tokenised cache, models) lives in <out>/work, removed 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -79,7 +80,7 @@ SIZES = {
 }  # fmt: skip
 HELDOUT_TASKS = ("final_letter", "has_capital", "praise_unseen", "count_words")
 NI_CAP = 40
-QUICK_NI_VARIANTS = ("uniform", "adapt")  # --quick keeps the NI part to a smoke test
+QUICK_NI_VARIANTS = ("uniform", "adapt", "adapt_rms")  # --quick keeps the NI part to a smoke test
 DATA_SEED = 0  # the data are the same for every run; seeds vary the initialisation and the sampling order
 
 
@@ -108,9 +109,9 @@ class Scale:
 
 
 FULL = Scale(
-    name="full", examples_per_task=15000, val_per_task=48, test_per_task=60, hidden=64, layers=2, lr=1e-2,
+    name="full", examples_per_task=7500, val_per_task=48, test_per_task=60, hidden=64, layers=2, lr=1e-2,
     seeds=(0, 1, 2), budgets=(0.01, 0.05, 0.10), ablation_budgets=(0.05,),
-    ni_budgets=(0.01, 0.05, 0.10, 1.0), ni_seeds=(0, 1, 2),
+    ni_budgets=(0.5, 2.0), ni_seeds=(0, 1, 2), ni_tokens_per_micro_batch=4096,
 )  # fmt: skip
 QUICK = Scale(
     name="quick", examples_per_task=200, val_per_task=8, test_per_task=6, hidden=32, layers=1, lr=1e-2,
@@ -126,7 +127,6 @@ class Variant:
     args: tuple[str, ...]
     ablation: bool = False
     label: str = ""
-    patch: str = ""  # PROTOTYPE fixes of ADAPT, monkeypatched in this script only (see `prototype`)
 
 
 def variants(scale: Scale, suite: str = "synthetic") -> list[Variant]:
@@ -138,29 +138,15 @@ def variants(scale: Scale, suite: str = "synthetic") -> list[Variant]:
         Variant("proportional_cap", ("--mixture.method", "proportional", "--mixture.cap", cap), label=f"cap {cap}"),
         Variant("temperature", ("--mixture.method", "temperature", "--mixture.temperature", str(scale.temperature))),
         Variant("adapt", ("--mixture.method", "adapt"), label="tau 1, lambda 1e-3, val_every 10"),
+        Variant("adapt_rms", ADAPT_RMS, label="normalize rms, lambda 1"),
         Variant("adapt_tau0.05", ("--mixture.method", "adapt", "--mixture.tau", "0.05"), True, "tau 0.05: near-max"),
         Variant("adapt_tau20", ("--mixture.method", "adapt", "--mixture.tau", "20"), True, "tau 20: near-mean"),
         Variant("adapt_lambda0", ("--mixture.method", "adapt", "--mixture.entropy_weight", "0"), True, "lambda 0"),
         Variant("adapt_val1", ("--mixture.method", "adapt", "--meta.val_every", "1"), True, "val_every 1"),
-        # Diagnosis (see the README section): the objective without the random task, AdamW-preconditioned dots,
-        # and a PROTOTYPE of a scale-free entropy weight (monkeypatched here, not the trainer's code).
-        Variant(
-            "adapt_obj_norandom",
-            ("--mixture.method", "adapt", "--meta.val_tasks", ",".join(t for t in TRAIN_TASKS if t != RANDOM_TASK)),
-            True,
-            f"Φ without {RANDOM_TASK}",
-        ),
-        Variant("adapt_precond", ("--mixture.method", "adapt", "--meta.precondition", "adam"), True, "P·G (AdamW)"),
-        Variant(
-            "adapt_proto_scale",
-            ("--mixture.method", "adapt", "--mixture.entropy_weight", "1"),
-            True,
-            "PROTOTYPE: eta·d / RMS, lambda 1 (dimensionless)",
-            patch="scale",
-        ),
     ]
 
 
+ADAPT_RMS = ("--mixture.method", "adapt", "--mixture.normalize", "rms", "--mixture.entropy_weight", "1")
 STATIC = ("uniform", "proportional", "proportional_cap", "temperature")
 
 
@@ -300,61 +286,6 @@ def build_model(paths: Paths, scale: Scale, seed: int) -> Path:
     return folder
 
 
-# ----------------------------------------------------------------------------- PROTOTYPE fixes (not shipped)
-
-
-@contextlib.contextmanager
-def prototype(patch: str):
-    """PROTOTYPE, for an experiment only: run ADAPT with AdaptMixture.update replaced (restored after).
-
-    patch holds any of
-      "mask"  a task absent from the meta batch (the trainer passes d_k = 0 for it, after nan_to_num) takes
-              no part in the update: its entry of dJ/dalpha is 0 (the shipped update treats d_k = 0 as a
-              measurement: an absent task loses share to every task with d > 0);
-      "scale" the lookahead term is normalised by a running RMS over tasks of eta * d_k, so lambda
-              (mixture.entropy_weight) is dimensionless and the mixture's temperature does not follow the
-              learning-rate schedule and the shrinking gradients (the shipped lambda is absolute:
-              p_k -> exp(eta d_k / lambda) flattens as eta * d falls during training).
-    """
-    if not patch:
-        yield
-        return
-    from adapt_fast.mixture import adapt as A
-
-    original = A.AdaptMixture.update
-
-    def update(self, dots, lr_model):
-        d = np.asarray(dots, dtype=np.float64)
-        eta = float(lr_model)
-        if d.shape != (self.num_tasks,) or not (np.all(np.isfinite(d)) and math.isfinite(eta)):
-            return original(self, dots, lr_model)
-        st = self.settings
-        present = d != 0.0 if "mask" in patch else np.ones(self.num_tasks, dtype=bool)
-        g = eta * d
-        if "scale" in patch:
-            rms = math.sqrt(float(np.mean(g[present] ** 2))) if present.any() else 0.0
-            prev = getattr(self, "_proto_scale", None)
-            self._proto_scale = rms if prev is None else 0.9 * prev + 0.1 * rms
-            g = g / max(self._proto_scale, 1e-300)
-        p, q = self.probs, A.softmax(self.alpha)
-        u = -g + st.entropy_weight * (np.log(np.maximum(p, 1e-300)) + 1.0)
-        grad = (1.0 - st.floor) * q * (u - q @ u)
-        grad = np.where(present, grad, 0.0)
-        self.step += 1
-        b1, b2 = st.adam_betas
-        self.m = b1 * self.m + (1.0 - b1) * grad
-        self.v = b2 * self.v + (1.0 - b2) * grad * grad
-        delta = -st.lr * (self.m / (1.0 - b1**self.step)) / (np.sqrt(self.v / (1.0 - b2**self.step)) + st.adam_eps)
-        self.alpha = self.alpha + delta
-        return {"skipped": False, "step": self.step, "probs": self.probs}
-
-    A.AdaptMixture.update = update
-    try:
-        yield
-    finally:
-        A.AdaptMixture.update = original
-
-
 # ----------------------------------------------------------------------------- one run
 
 
@@ -387,9 +318,7 @@ def trainer_args(spec: RunSpec, scale: Scale, paths: Paths, work: Path) -> list[
 
 def settings_hash(spec: RunSpec, scale: Scale, paths: Paths) -> str:
     args = trainer_args(spec, scale, paths, Path("-"))
-    parts = [args, dataclasses.asdict(scale), SIZES, HELDOUT_TASKS] + (
-        [spec.variant.patch] if spec.variant.patch else []
-    )
+    parts = [args, dataclasses.asdict(scale), SIZES, HELDOUT_TASKS]
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.replace(str(paths.out), "<out>").encode()).hexdigest()[:16]
 
@@ -419,8 +348,7 @@ def run_one(spec: RunSpec, scale: Scale, paths: Paths) -> dict:
     work = paths.work / "runs" / spec.id.replace("/", "_")
     shutil.rmtree(work, ignore_errors=True)
     t0, cpu0 = time.time(), time.process_time()
-    with prototype(spec.variant.patch):
-        report = main(trainer_args(spec, scale, paths, work))
+    report = main(trainer_args(spec, scale, paths, work))
     train_wall = time.time() - t0
     if not isinstance(report, dict):
         raise RuntimeError(f"the trainer stopped ({report!r})")
@@ -1085,7 +1013,14 @@ def diagnostics_markdown(diags: list[dict]) -> str:
     ]
     for e in diags:
         ph = [e[p] for p in ("early", "middle", "late") if p in e]
-        sig = ", ".join("∞" if e["lambda"] == 0 else f"{x['lookahead_rms_of_mean'] / e['lambda']:.2g}" for x in ph)
+        sig = ", ".join(
+            "∞"
+            if e["lambda"] == 0
+            else "n/a"
+            if "rms" in e["variant"]
+            else f"{x['lookahead_rms_of_mean'] / e['lambda']:.2g}"
+            for x in ph
+        )  # (normalize rms divides eta·d by its running RMS: lambda there has no unit)
         noise = ", ".join(f"{x['lookahead_rms_per_update'] / max(x['lookahead_rms_of_mean'], 1e-30):.2g}" for x in ph)
         spread = ", ".join(f"{x['logp_spread']:.2f}" for x in ph)
         absent = np.mean([e[p]["absent_fraction"] for p in ("early", "middle", "late") if p in e])

@@ -42,9 +42,9 @@ class PerTaskLoss:
     """Result of per_task_linear_cross_entropy.
 
     loss:      () scalar sum_k task_weights[k] * loss_sum[k]; backpropagates into hidden and weight.
-    loss_sum:  (K,) fp32, per-task sum of token cross-entropies (detached).
+    loss_sum:  (K,) fp32 (float64 for float64 inputs), per-task sum of token cross-entropies (detached).
     count:     (K,) int64, per-task number of loss tokens (label != ignore_index, task id in [0, K)).
-    ghost_dot: (K,) fp32 <ghost_weight, d loss / d weight restricted to task k> (detached), or None.
+    ghost_dot: (K,) fp32 (float64 likewise) <ghost_weight, d loss / d weight restricted to task k> (detached), or None.
     """
 
     loss: torch.Tensor
@@ -99,9 +99,10 @@ def _linear_cross_entropy(
         raise ValueError(f"ghost_weight must have the head's shape {tuple(weight.shape)}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive or None, got {softcap}")
+    acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or float64 for float64 inputs (reference only)
     if task_weights is None:
-        task_weights = torch.ones(K, dtype=torch.float32, device=device)
-    task_weights = task_weights.to(device=device, dtype=torch.float32)
+        task_weights = torch.ones(K, dtype=acc, device=device)
+    task_weights = task_weights.to(device=device, dtype=acc)
     if task_weights.shape != (K,):
         raise ValueError(f"task_weights must have shape ({K},)")
 
@@ -118,9 +119,9 @@ def _linear_cross_entropy(
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.no_grad():
         d_hidden = torch.zeros_like(hidden) if need_grad and hidden.requires_grad else None
-        d_weight = torch.zeros(V, H, dtype=torch.float32, device=device) if need_grad and weight.requires_grad else None
-        row_ce = torch.empty(n, dtype=torch.float32, device=device)
-        row_ghost = torch.empty(n, dtype=torch.float32, device=device) if ghost_weight is not None else None
+        d_weight = torch.zeros(V, H, dtype=acc, device=device) if need_grad and weight.requires_grad else None
+        row_ce = torch.empty(n, dtype=acc, device=device)
+        row_ghost = torch.empty(n, dtype=acc, device=device) if ghost_weight is not None else None
         chunk = max(1, chunk_size or default_chunk_rows(V))
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
@@ -134,11 +135,11 @@ def _linear_cross_entropy(
             if row_ghost is not None:
                 row_ghost[s:e] = ghost
 
-        loss_sum = torch.zeros(K, dtype=torch.float32, device=device).index_add_(0, row_tasks, row_ce)
+        loss_sum = torch.zeros(K, dtype=acc, device=device).index_add_(0, row_tasks, row_ce)
         count = torch.bincount(row_tasks, minlength=K)[:K]
         ghost_dot = None
         if row_ghost is not None:
-            ghost_dot = torch.zeros(K, dtype=torch.float32, device=device).index_add_(0, row_tasks, row_ghost)
+            ghost_dot = torch.zeros(K, dtype=acc, device=device).index_add_(0, row_tasks, row_ghost)
         loss = (task_weights * loss_sum).sum()
 
     if need_grad:
@@ -148,7 +149,7 @@ def _linear_cross_entropy(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reference (plain PyTorch): one chunk in fp32.
+# Reference (plain PyTorch): one chunk in fp32 (float64 for float64 inputs).
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -161,9 +162,11 @@ def _chunk_torch(h, weight, labels, coef, ghost_weight, softcap, d_weight, want_
 
     Returns ce (C,) fp32, d hidden (C, H) in h's dtype or None, ghost (C,) fp32 or None; adds the chunk's
     d weight into d_weight (V, H) fp32 when given. Logits and their gradient are fp32 (C, V) tensors.
+    Float64 inputs are computed in float64 throughout (tests of exactness).
     """
-    w32 = weight.float()  # exact upcast (a product of two bf16/fp16 numbers is exact in fp32); a copy per chunk
-    h32 = h.float()
+    acc = torch.promote_types(h.dtype, torch.float32)
+    w32 = weight.to(acc)  # exact upcast (a product of two bf16/fp16 numbers is exact in fp32); a copy per chunk
+    h32 = h.to(acc)
     logits = h32 @ w32.T
     if softcap is not None:
         logits.div_(softcap).tanh_().mul_(softcap)
@@ -182,7 +185,7 @@ def _chunk_torch(h, weight, labels, coef, ghost_weight, softcap, d_weight, want_
     dh = (dz @ w32).to(h.dtype) if want_d_hidden else None
     if d_weight is not None:
         d_weight.addmm_(dz.T, h32)
-    ghost = ((dz @ ghost_weight.float()) * h32).sum(1) if ghost_weight is not None else None
+    ghost = ((dz @ ghost_weight.to(acc)) * h32).sum(1) if ghost_weight is not None else None
     return ce, dh, ghost
 
 
@@ -476,8 +479,13 @@ def per_task_linear_cross_entropy(
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> PerTaskLoss:
-    """Per-task linear cross-entropy: Triton kernels on CUDA (backend="auto"), the reference elsewhere."""
-    if resolve_backend(backend, hidden.device) == "torch":
+    """Per-task linear cross-entropy: Triton kernels on CUDA (backend="auto"), the reference elsewhere.
+
+    The Triton kernels take bf16, fp16 and fp32; float64 (tests) runs the reference with backend="auto" and is
+    an error with backend="triton"."""
+    if hidden.dtype == torch.float64 and backend == "triton":
+        raise ValueError("the Triton kernel takes bf16, fp16 or fp32 inputs, not float64 (use backend='torch')")
+    if hidden.dtype == torch.float64 or resolve_backend(backend, hidden.device) == "torch":
         chunk_fn, chunk_rows = _chunk_torch, _reference_chunk_rows
     else:
         chunk_fn, chunk_rows = _chunk_triton, _triton_chunk_rows

@@ -189,6 +189,19 @@ def test_reference_lce_matches_naive(dtype, softcap, seed):
     assert rel_err(d_w, n_dw) < gt
 
 
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_reference_lce_float64_is_float64_exact(softcap, seed):
+    """Float64 inputs are computed in float64 (exactness tests of the meta-gradient rely on it)."""
+    batch = make_batch(random.randint(20, 90), random.randint(8, 40), random.randint(30, 200), 4, torch.float64)
+    r, d_h, d_w = run_lce(per_task_linear_cross_entropy_reference, batch, softcap, chunk_size=random.randint(5, 40))
+    loss_sum, _, ghost, n_dh, n_dw = naive_lce(**batch, softcap=softcap)
+    assert r.loss_sum.dtype == r.ghost_dot.dtype == d_h.dtype == d_w.dtype == torch.float64
+    for ours, naive in ((r.loss_sum, loss_sum), (r.ghost_dot, ghost), (d_h, n_dh), (d_w, n_dw)):
+        assert rel_err(ours, naive) < 1e-12
+    with pytest.raises(ValueError, match="float64"):
+        per_task_linear_cross_entropy(**batch, backend="triton")
+
+
 def test_reference_lce_no_grad_and_no_tokens(seed):
     batch = make_batch(50, 16, 40, 4, torch.float32)
     with torch.no_grad():

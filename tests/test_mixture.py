@@ -10,6 +10,7 @@ import torch
 
 from adapt_fast.errors import ConfigError
 from adapt_fast.mixture import AdaptMixture, AdaptSettings, mixture_entropy, static_mixture
+from adapt_fast.mixture.adapt import softmax
 
 NAMES = ["a", "b", "c"]
 
@@ -353,3 +354,41 @@ def test_static_errors():
         static_mixture("fixed", TOKENS, EXAMPLES, NAMES, weights={"zz": 1.0})
     except ConfigError as err:
         assert "\n" not in str(err) and "zz" in str(err)
+
+
+# ---------------------------------------------------------------------------------------------
+# normalize: rms makes lambda dimensionless
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rms_normalised_update_is_scale_free():
+    """With normalize=rms the trajectory does not depend on the scale of eta * d; with none it does."""
+    rng = np.random.default_rng()
+    stream = [rng.normal(size=5) + np.arange(5) for _ in range(50)]
+    trajectories = {}
+    for normalize in ("rms", "none"):
+        for scale, eta in ((1.0, 1e-2), (1e-7, 3.0)):
+            mix = AdaptMixture(list("abcde"), AdaptSettings(normalize=normalize, entropy_weight=0.5))
+            for d in stream:
+                mix.update(d * scale, lr_model=eta)
+            trajectories[normalize, scale] = mix.probs
+    np.testing.assert_allclose(trajectories["rms", 1.0], trajectories["rms", 1e-7], rtol=1e-9)
+    assert np.abs(trajectories["none", 1.0] - trajectories["none", 1e-7]).max() > 1e-3
+
+
+def test_rms_normalised_stationary_point_and_state():
+    """Constant dots: p converges to softmax(z / lambda), z = eta d / RMS(eta d); the RMS survives a round trip."""
+    d = np.array([3.0, 1.0, 0.0, -1.0, -2.0])
+    s = AdaptSettings(normalize="rms", entropy_weight=0.7, floor=0.0, optimizer="sgd", lr=2.0)
+    mix = AdaptMixture(list("abcde"), s)
+    for _ in range(3000):
+        mix.update(d, lr_model=1e-4)
+    z = d / math.sqrt(np.mean(d * d))
+    np.testing.assert_allclose(mix.probs, softmax(z / 0.7), rtol=1e-6)
+    clone = AdaptMixture(list("abcde"), s)
+    clone.load_state_dict(mix.state_dict())
+    assert clone.lookahead_rms == mix.lookahead_rms
+    a, b = mix.update(d * 2, lr_model=1e-4), clone.update(d * 2, lr_model=1e-4)
+    np.testing.assert_array_equal(a["probs"], b["probs"])
+    with pytest.raises(ConfigError):
+        AdaptSettings(normalize="l2")

@@ -229,13 +229,10 @@ def build_or_load(
     if (entry / "meta.json").exists():
         return _open(entry, from_cache=True)
 
-    records = formats.load_records(path, group_by=group_by, task_column=task_column)
-    if tasks:
-        unknown = sorted(set(tasks) - {r["task"] for r in records})
-        if unknown:
-            raise DataError(f"{path}: data.tasks names tasks not in the data: {', '.join(unknown)}")
-        records = [r for r in records if r["task"] in set(tasks)]
-    formats.assign_splits(records, val_fraction, val_examples, seed)
+    records = formats.load_split_records(
+        path, group_by=group_by, task_column=task_column, tasks=tasks,
+        val_fraction=val_fraction, val_examples=val_examples, seed=seed,
+    )  # fmt: skip
     task_names = sorted({r["task"] for r in records})
     task_index = {name: i for i, name in enumerate(task_names)}
 

@@ -286,3 +286,19 @@ def assign_splits(records: list[dict], val_fraction: float, val_examples: int, s
         val = set(rng.permutation(n)[:n_val].tolist())
         for j, i in enumerate(indices):
             records[i]["split"] = "validation" if j in val else "train"
+
+
+def load_split_records(
+    path: str | Path, *, group_by: str = "task", task_column: str = "task", tasks: list[str] | None = None,
+    val_fraction: float = 0.1, val_examples: int = 0, seed: int = 0, option: str = "data.tasks",
+) -> list[dict]:  # fmt: skip
+    """Records of `path`, kept to `tasks` (if given; `option` names the setting in the error), then split
+    by `assign_splits`. The trainer's cache and the evaluator both call this, so their splits agree."""
+    records = load_records(path, group_by=group_by, task_column=task_column)
+    if tasks:
+        unknown = sorted(set(tasks) - {r["task"] for r in records})
+        if unknown:
+            raise DataError(f"{path}: {option} names tasks not in the data: {', '.join(unknown)}")
+        records = [r for r in records if r["task"] in set(tasks)]
+    assign_splits(records, val_fraction, val_examples, seed)
+    return records

@@ -14,6 +14,12 @@ learning rate, J(alpha) = Phi(theta+) - lambda * H(p) has
 and alpha takes one step of its own optimizer (Adam or SGD, learning rate beta) downhill on J.
 A task whose gradient agrees with the objective's (d_k > 0) gains share.
 
+Scale (`normalize`). At a stationary point p_k ∝ exp(eta * d_k / lambda): with `none` (the formula
+above) lambda is in units of eta * d, so the mixture's sharpness follows the learning-rate schedule
+and the shrinking gradients (flat early or late, sharp in between). With `rms`, eta * d is divided
+by a running RMS over tasks of eta * d (EMA, decay 0.9), so lambda is dimensionless: p_k ∝
+exp(z_k / lambda) with z_k the task's lookahead gain in RMS units, at every point of training.
+
 Everything is float64 numpy and deterministic, so every rank updates alpha identically and a
 resumed run continues bit-exactly (state_dict holds alpha, Adam's moments, the step count and l0).
 """
@@ -47,6 +53,9 @@ class AdaptSettings:
       a factor e in ~20 updates. SGD's step is proportional to d_k, and lr then needs tuning per model.
     - prior = uniform: alpha_0 = 0. "proportional": alpha_0 = log(prior_weights), so
       p_0 = (1 - eps) * prior + eps / K.
+    - normalize = none: u_k as in DESIGN.md (lambda absolute). "rms": the lookahead term in units of
+      its running RMS over tasks, so lambda is dimensionless (use lambda ~ 1; bench/reproduce.py
+      compares both).
     - adam_betas, adam_eps: Adam's usual betas; eps far below any real gradient of alpha (float64),
       so Adam stays scale-free even when eta * d_k is ~1e-8.
     """
@@ -58,6 +67,7 @@ class AdaptSettings:
     optimizer: str = "adam"  # adam | sgd
     prior: str = "uniform"  # uniform | proportional (alpha_0 = 0 or log of the prior)
     relative_loss: bool = False  # use l_k / l_k(theta_0)
+    normalize: str = "none"  # none | rms: eta * d_k divided by its running RMS over tasks
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-12
 
@@ -72,6 +82,7 @@ class AdaptSettings:
                 self.prior in ("uniform", "proportional"),
                 f"mixture.prior must be uniform or proportional, got {self.prior!r}",
             ),
+            (self.normalize in ("none", "rms"), f"mixture.normalize must be none or rms, got {self.normalize!r}"),
             (all(0.0 <= b < 1.0 for b in self.adam_betas), f"adam_betas must be in [0, 1), got {self.adam_betas}"),
             (self.adam_eps >= 0, f"adam_eps must be >= 0, got {self.adam_eps}"),
         ]
@@ -139,6 +150,7 @@ class AdaptMixture:
         self.v = np.zeros(K)
         self.step = 0  # mixture updates taken (skipped ones are not counted)
         self.l0: np.ndarray | None = None  # (K_obj,) reference losses l_k(theta_0) for relative_loss
+        self.lookahead_rms: float | None = None  # normalize = rms: running RMS over tasks of eta * d_k
 
     @property
     def probs(self) -> np.ndarray:
@@ -188,8 +200,13 @@ class AdaptMixture:
             return {"skipped": True}
 
         s = self.settings
+        gain = eta * d  # first-order decrease of Phi per unit of p_k
+        if s.normalize == "rms":
+            rms = math.sqrt(float(np.mean(gain * gain)))
+            self.lookahead_rms = rms if self.lookahead_rms is None else 0.9 * self.lookahead_rms + 0.1 * rms
+            gain = gain / max(self.lookahead_rms, 1e-300)
         p, q = self.probs, softmax(self.alpha)
-        u = -eta * d + s.entropy_weight * (np.log(np.maximum(p, 1e-300)) + 1.0)  # dJ/dp (p >= eps/K > 0)
+        u = -gain + s.entropy_weight * (np.log(np.maximum(p, 1e-300)) + 1.0)  # dJ/dp (p >= eps/K > 0)
         grad = (1.0 - s.floor) * q * (u - q @ u)  # dJ/dalpha through the floored softmax
 
         self.step += 1
@@ -226,6 +243,7 @@ class AdaptMixture:
             "v": self.v.tolist(),
             "step": self.step,
             "l0": None if self.l0 is None else self.l0.tolist(),
+            "lookahead_rms": self.lookahead_rms,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -237,3 +255,4 @@ class AdaptMixture:
         self.v = np.array(state["v"], dtype=np.float64)
         self.step = int(state["step"])
         self.l0 = None if state["l0"] is None else np.array(state["l0"], dtype=np.float64)
+        self.lookahead_rms = state.get("lookahead_rms")  # absent in checkpoints from before `normalize`
