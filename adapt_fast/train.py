@@ -788,9 +788,9 @@ class Trainer:
         else:
             self.bad_in_a_row = 0
             if update and result.dots is not None:
-                present = result.count > 0
-                d = np.where(present, result.dots, 0.0)  # a task absent from the batch contributes nothing
-                skipped = not np.all(np.isfinite(d)) or bool(self.adapt.update(d, lr).get("skipped", False))
+                # a task absent from the batch (no loss token on any rank: d_k is nan) is not measured
+                info = self.adapt.update(result.dots, lr, present=result.count > 0)
+                skipped = bool(info.get("skipped", False))
                 self.mixture_updates_skipped += int(skipped)
                 row["meta_dots"] = {n: float(result.dots[k]) for k, n in enumerate(self.task_names)}
                 row["mixture_update_skipped"] = skipped

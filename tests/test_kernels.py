@@ -15,12 +15,14 @@ each result's final rounding counts once, not twice.
 """
 
 import importlib
+import json
 import math
 import os
 import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,6 +164,52 @@ def test_triton_kernels_in_subprocess():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+TRAINER_TWICE = """
+import sys
+from adapt_fast.kernels import ghost_dot, linear_cross_entropy as lce
+# Large tiles, so that the interpreter runs few programs (the kernel tests above cover the masks with small ones).
+ghost_dot._INTERPRETER_CONFIG = dict(BLOCK_T=128, BLOCK_OUT=256, BLOCK_IN=64, GROUP_T=8)
+lce._INTERPRETER_CONFIG = {
+    k: {n: v for n, v in c.items() if n.startswith("BLOCK")} for k, c in lce._CUDA_CONFIG.items()
+}
+from adapt_fast.train import main
+out = sys.argv[1]
+args = ["--budget.tokens", "3072", "--tokens_per_micro_batch", "1024", "--data.max_len", "256",
+        "--data.synthetic_examples", "30", "--training.warmup_steps", "1", "--meta.warmup", "1",
+        "--meta.val_every", "2", "--meta.val_examples_per_task", "2", "--data.cache_dir", out + "/cache"]
+for backend in ("torch", "triton"):
+    main([*args, "--kernels.backend", backend, "--output_dir", f"{out}/{backend}"])
+"""
+
+
+def test_trainer_with_triton_backend_matches_torch(tmp_path):
+    """An ADAPT run of the trainer with kernels.backend triton (interpreted on CPU) against backend torch: the
+    same losses, one-pass meta dots, validation losses and mixtures, to fp32 tolerance."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU interpreter check (on CUDA, tests/test_ghost.py and the gpu tests cover Triton)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", TRAINER_TWICE, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = {}
+    for backend in ("torch", "triton"):
+        lines = (tmp_path / backend / "metrics.jsonl").read_text().splitlines()
+        runs[backend] = [json.loads(line) for line in lines]
+    torch_rows, triton_rows = runs["torch"], runs["triton"]
+    assert len(torch_rows) == len(triton_rows) >= 3  # the last step may hold only what was left of the budget
+    assert sum("meta_dots" in r for r in triton_rows) >= 2 and sum("val_loss" in r for r in triton_rows) >= 1
+    for a, b in zip(torch_rows, triton_rows, strict=True):
+        assert a["tokens_consumed"] == b["tokens_consumed"]
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
+        for key, tol in (("meta_dots", 1e-4), ("val_loss", 1e-5)):
+            if key in a:  # (a task with no loss token on a step has d_k = nan, in both runs)
+                x, y = np.array(list(a[key].values())), np.array([b[key][k] for k in a[key]])
+                assert np.array_equal(np.isnan(x), np.isnan(y)), (key, a[key], b[key])
+                x, y = x[~np.isnan(x)], y[~np.isnan(y)]
+                assert x.size == 0 or np.abs(x - y).max() <= tol * np.abs(x).max(), (key, a[key], b[key])
+        assert max(abs(a["mixture"][k] - b["mixture"][k]) for k in a["mixture"]) <= 1e-6
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -392,3 +392,27 @@ def test_rms_normalised_stationary_point_and_state():
     np.testing.assert_array_equal(a["probs"], b["probs"])
     with pytest.raises(ConfigError):
         AdaptSettings(normalize="l2")
+
+
+def test_absent_tasks_are_not_measured():
+    """A task absent from the batch (d_k nan) is neither favoured nor penalised by the lookahead term."""
+    rng = np.random.default_rng()
+    mix = AdaptMixture(list("abcde"), AdaptSettings(entropy_weight=0.0, prior="proportional"), rng.random(5) + 0.1)
+    dots = rng.normal(size=5)
+    dots[2] = np.nan
+    present = ~np.isnan(dots)
+    info = mix.update(dots, lr_model=0.1, present=present)
+    assert not info["skipped"] and abs(info["grad_alpha"][2]) < 1e-15 and np.all(info["grad_alpha"][present] != 0)
+    # with entropy the absent task feels only the entropy term: as if its d were the q-weighted mean of the others
+    a = AdaptMixture(list("abcde"), AdaptSettings(entropy_weight=0.05), objective_tasks=[0, 1])
+    b = AdaptMixture(list("abcde"), AdaptSettings(entropy_weight=0.05), objective_tasks=[0, 1])
+    a.alpha = b.alpha = rng.normal(size=5)
+    q = softmax(a.alpha)
+    imputed = dots.copy()
+    imputed[2] = q[present] @ dots[present] / q[present].sum()
+    np.testing.assert_allclose(a.update(dots, 0.1, present)["probs"], b.update(imputed, 0.1)["probs"], rtol=1e-12)
+    # nothing measured, or a present task's dot non-finite: nothing changes
+    before = a.state_dict()
+    assert a.update(dots, 0.1, present=np.zeros(5, dtype=bool))["skipped"]
+    assert a.update(dots, 0.1)["skipped"]
+    assert a.state_dict() == before

@@ -184,28 +184,37 @@ class AdaptMixture:
         w = softmax(x) * scale
         return torch.from_numpy(w).to(device=val_losses.device, dtype=val_losses.dtype), phi
 
-    def update(self, dots: np.ndarray, lr_model: float) -> dict:
+    def update(self, dots: np.ndarray, lr_model: float, present: np.ndarray | None = None) -> dict:
         """One mixture step from d (K,) = <grad Phi, g_k> for every training task; eta = lr_model.
 
+        present (K,) bool: the tasks measured on this step (None: all). An absent task's d_k (nan or
+        anything) is replaced by the q-weighted mean of the present ones, so the lookahead term neither
+        favours nor penalises it and only the entropy term acts on it.
         Returns diagnostics: skipped, step, u (K,), grad_alpha (K,) = dJ/dalpha, alpha_step (K,)
         (the change in alpha), probs (K,) after the step, entropy H(p) after the step (nats), and
         lookahead = -eta * <p, d>, the first-order change of Phi this step's mixture predicts.
-        Non-finite dots (or lr_model) leave every state untouched and return {"skipped": True}.
+        Non-finite dots of present tasks (or lr_model), or no task present, leave every state untouched
+        and return {"skipped": True}.
         """
-        d = np.asarray(dots, dtype=np.float64)
+        d = np.array(dots, dtype=np.float64)
         if d.shape != (self.num_tasks,):
             raise ValueError(f"dots must have shape ({self.num_tasks},), got {d.shape}")
+        mask = np.ones(self.num_tasks, dtype=bool) if present is None else np.asarray(present, dtype=bool)
+        if mask.shape != (self.num_tasks,):
+            raise ValueError(f"present must have shape ({self.num_tasks},), got {mask.shape}")
         eta = float(lr_model)
-        if not (np.all(np.isfinite(d)) and math.isfinite(eta)):
+        if not (mask.any() and np.all(np.isfinite(d[mask])) and math.isfinite(eta)):
             return {"skipped": True}
 
         s = self.settings
+        p, q = self.probs, softmax(self.alpha)
+        if not mask.all():
+            d[~mask] = float(q[mask] @ d[mask]) / float(q[mask].sum())
         gain = eta * d  # first-order decrease of Phi per unit of p_k
         if s.normalize == "rms":
-            rms = math.sqrt(float(np.mean(gain * gain)))
+            rms = math.sqrt(float(np.mean(gain[mask] ** 2)))
             self.lookahead_rms = rms if self.lookahead_rms is None else 0.9 * self.lookahead_rms + 0.1 * rms
             gain = gain / max(self.lookahead_rms, 1e-300)
-        p, q = self.probs, softmax(self.alpha)
         u = -gain + s.entropy_weight * (np.log(np.maximum(p, 1e-300)) + 1.0)  # dJ/dp (p >= eps/K > 0)
         grad = (1.0 - s.floor) * q * (u - q @ u)  # dJ/dalpha through the floored softmax
 
