@@ -252,3 +252,29 @@ def test_validation_losses_and_gradient(data):
     N = sum(n for _, n in per_batch)
     want = (w * sum(n * d for d, n in per_batch) / N).sum()
     assert abs(got - want) <= 1e-6 * abs(want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", PRESETS)
+def test_gpu_triton_one_pass_matches_exact(name, data):
+    """CUDA: one backward with the Triton kernels (loss layer with the head's ghost, every linear layer's ghost
+    dot) on the fp32 model against the float64 exact K-backward reference on CPU; fp32 tolerance 1e-4."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    batch, _ = data
+    model = tiny_model(name)
+    G = random_G(model)
+    exact = exact_task_dots(model, batch, G, K)
+    model = model.float().cuda()
+    G = {n: g.float().cuda() for n, g in G.items()}
+    batch = batch.to("cuda")
+    n = int(batch.loss_tokens_per_task().sum())
+    with GhostDots(model, G, batch.task_ids, K, backend="triton") as ghost:
+        out = per_task_loss(model, batch, torch.full((K,), 1.0 / n, device="cuda"),
+                            ghost_weight=ghost.head_ghost_weight, backend="triton")  # fmt: skip
+        out.loss.backward()
+    d, missing = task_mean_dots((ghost.dots + out.ghost_dot).cpu(), out.count.cpu(), n)
+    assert missing.tolist() == [k == EMPTY for k in range(K)]
+    err = rel_err(d, exact)
+    print(f"{name} triton one pass (fp32, cuda) vs float64 exact: max rel err {err:.2e}")
+    assert err <= 1e-4

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Every GPU check of the kernels issue in one device command (tests marked `gpu`, then the three benchmarks):
+#   source .device/setup.sh && bash bench/gpu_checks.sh "$OUT"
+# Results land in OUT/<gpu name>/ (JSON and markdown) and OUT/gpu_tests.txt; commit them under bench/results/.
+set -uo pipefail
+out=${1:?usage: bench/gpu_checks.sh OUT_FOLDER}
+mkdir -p "$out"
+status=0
+python3 -m pytest -q -m gpu -p no:cacheprovider -rA -s tests/test_kernels.py tests/test_attention.py tests/test_ghost.py \
+    2>&1 | tee "$out/gpu_tests.txt" || status=1
+for bench in loss_kernel ghost_dot meta_gradient; do
+    python3 "bench/$bench.py" --out "$out" 2>&1 | tee "$out/$bench.log" || status=1
+done
+exit $status

@@ -1,0 +1,151 @@
+"""Whole-model meta-gradient: one-pass ghost dots against K separate per-task backward passes (CUDA, bf16).
+
+On a Llama-3.2-1B-shaped model from random init and one packed micro-batch of T tokens holding K tasks, times
+  * `train_step`: forward + backward of the token-mean loss (a plain training step, for the overhead),
+  * `one_pass`:   the same step with every linear layer's ghost dot and the loss kernel's head ghost
+                  (GhostDots, kernels.backend triton): what an ADAPT mixture-update step costs,
+  * `exact`:      exact_task_dots, one backward per task (K of them) and K dot products with G,
+and checks that the two sets of dots agree (bf16 model: agreement to bf16 rounding, reported, not asserted).
+Writes <out>/<gpu name>/meta_gradient.json and meta_gradient.md.
+
+    python bench/meta_gradient.py [--model llama-3.2-1b --tokens 16384 --tasks 20 --out bench/results]
+"""
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
+
+
+def packed_batch(tokens: int, tasks: int, vocab: int, example_len: int, seed: int = 0):
+    """A MicroBatch of `tokens` slots: examples of about example_len tokens (half prompt), tasks in turn."""
+    from adapt_fast.data.batch import IGNORE_INDEX, MicroBatch
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < tokens:
+        lengths.append(min(tokens - sum(lengths), int(torch.randint(example_len // 2, example_len * 3 // 2, (1,),
+                                                                        generator=gen))))  # fmt: skip
+    n = len(lengths)
+    task_of = sorted(i % tasks for i in range(n))  # grouped by task, in task order
+    input_ids = torch.randint(0, vocab, (tokens,), generator=gen)
+    labels = input_ids.clone()
+    position_ids = torch.empty(tokens, dtype=torch.int64)
+    task_ids = torch.empty(tokens, dtype=torch.int64)
+    cu = [0]
+    for length, k in zip(lengths, task_of, strict=True):
+        s = cu[-1]
+        labels[s : s + max(1, length // 2)] = IGNORE_INDEX  # the prompt and the first token carry no loss
+        position_ids[s : s + length] = torch.arange(length)
+        task_ids[s : s + length] = k
+        cu.append(s + length)
+    offsets = torch.searchsorted(task_ids, torch.arange(tasks + 1))
+    return MicroBatch(
+        input_ids=input_ids, labels=labels, position_ids=position_ids,
+        cu_seqlens=torch.tensor(cu, dtype=torch.int32), task_ids=task_ids, task_offsets=offsets,
+        max_seqlen=max(lengths), num_examples=n,
+    )  # fmt: skip
+
+
+def timed(fn, warmup: int, repeats: int) -> tuple[float, object]:
+    """Median seconds of fn() over repeats (after warmup calls), and its last result."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-3.2-1b")
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--tasks", type=int, default=20)
+    parser.add_argument("--example-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/meta_gradient.py needs a CUDA GPU")
+
+    from adapt_fast.model.ghost import GhostDots, exact_task_dots, task_mean_dots, trainable_parameters
+    from adapt_fast.model.loading import load_model_and_tokenizer
+    from adapt_fast.model.loss import per_task_loss
+
+    K = args.tasks
+    model, _ = load_model_and_tokenizer(args.model, dtype=torch.bfloat16, device="cuda", seed=0)
+    model.train()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    batch = packed_batch(args.tokens, K, vocab, args.example_len).to("cuda")
+    n = int(batch.loss_tokens_per_task().sum())
+    weights = torch.full((K,), 1.0 / n, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    G = {name: torch.randn(p.shape, generator=gen, device="cuda", dtype=p.dtype) * 1e-3
+         for name, p in trainable_parameters(model).items()}  # fmt: skip
+
+    def train_step():
+        out = per_task_loss(model, batch, weights, backend="triton")
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def one_pass():
+        with GhostDots(model, G, batch.task_ids, K, backend="triton") as ghost:
+            out = per_task_loss(model, batch, weights, ghost_weight=ghost.head_ghost_weight, backend="triton")
+            out.loss.backward()
+        model.zero_grad(set_to_none=True)
+        return task_mean_dots(ghost.dots + out.ghost_dot, out.count, n)[0]
+
+    def exact():
+        return exact_task_dots(model, batch, G, K, backend="triton")
+
+    results = {}
+    for name, fn, repeats in (("train_step", train_step, args.repeats), ("one_pass", one_pass, args.repeats),
+                              ("exact", exact, max(1, args.repeats // 2))):  # fmt: skip
+        torch.cuda.reset_peak_memory_stats()
+        seconds, value = timed(fn, warmup=1, repeats=repeats)
+        results[name] = {"seconds": seconds, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+        if name != "train_step":
+            results[name]["dots"] = value.double().cpu().tolist()
+        print(f"{name}: {seconds * 1e3:.1f} ms, peak {results[name]['peak_memory_gib']:.1f} GiB", flush=True)
+    d1, dx = (torch.tensor(results[k]["dots"]) for k in ("one_pass", "exact"))
+    summary = {
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
+        "parameters": sum(p.numel() for p in model.parameters()), "tokens": args.tokens, "loss_tokens": n,
+        "tasks": K, "results": results,
+        "speedup_one_pass_vs_exact": results["exact"]["seconds"] / results["one_pass"]["seconds"],
+        "one_pass_overhead_vs_train_step": results["one_pass"]["seconds"] / results["train_step"]["seconds"],
+        "dots_rel_err": float((d1 - dx).abs().max() / dx.abs().max()),
+    }  # fmt: skip
+    folder = args.out / re.sub(r"[^A-Za-z0-9_.-]+", "_", torch.cuda.get_device_name())  # as bench/ghost_dot.py
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "meta_gradient.json").write_text(json.dumps(summary, indent=2))
+    md = [
+        f"# Whole-model meta-gradient ({args.model}, T={args.tokens}, K={K}, bf16, {summary['gpu']})",
+        "",
+        "| what | ms | peak GiB |",
+        "|---|---|---|",
+        *(f"| {k} | {v['seconds'] * 1e3:.1f} | {v['peak_memory_gib']:.1f} |" for k, v in results.items()),
+        "",
+        f"One pass is {summary['speedup_one_pass_vs_exact']:.1f}x faster than K={K} backward passes (target >= 10x) "
+        f"and costs {summary['one_pass_overhead_vs_train_step']:.2f}x a plain training step; dots agree to "
+        f"{summary['dots_rel_err']:.1e} (max relative, bf16).",
+    ]
+    (folder / "meta_gradient.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
