@@ -39,6 +39,7 @@ class DataConfig:
     synthetic_examples: int = 400  # synthetic suite: examples per task (sizes vary around this)
     lookahead: float = 0.1  # packing pool beyond the step's capacity, as a fraction of it
     meta_floor_examples: int = 1  # examples of every task on steps that update the mixture
+    meta_floor_fraction: float = 0.25  # at most this share of such a step goes to the floors (longest-waiting first)
 
 
 @dataclass
@@ -312,6 +313,9 @@ def validate(cfg: Config) -> None:
     _check(d.synthetic_examples >= 4, f"data.synthetic_examples must be >= 4, got {d.synthetic_examples}")
     _check(d.lookahead >= 0.0, f"data.lookahead must be >= 0, got {d.lookahead}")
     _check(d.meta_floor_examples >= 0, f"data.meta_floor_examples must be >= 0, got {d.meta_floor_examples}")
+    _check(
+        0.0 < d.meta_floor_fraction <= 1.0, f"data.meta_floor_fraction must be in (0, 1], got {d.meta_floor_fraction}"
+    )
     if d.path:
         _check(Path(d.path).exists(), f"data.path does not exist: {d.path}")
     _check(cfg.tokens_per_micro_batch >= 2, f"tokens_per_micro_batch must be >= 2, got {cfg.tokens_per_micro_batch}")

@@ -20,7 +20,8 @@ The protocol (the ADAPT paper's comparison, scaled down so that it runs on 2 CPU
 - Methods. uniform, proportional (tokens), proportional with a T5/FLAN examples cap, temperature (T = 3),
   adapt (the trainer's defaults), adapt_rms (mixture.normalize rms, lambda 1: the lookahead term in units of
   its running RMS, so the mixture's sharpness does not follow the learning-rate schedule); ablations of adapt
-  at 5%: tau near-max / near-mean (the default tau = 1 is the moderate one), lambda = 0, val_every = 1.
+  at 5%: tau near-max / near-mean (the default tau = 1 is the moderate one), lambda = 0, val_every = 1, and the
+  objective without random_output (meta.val_tasks = the 11 learnable tasks).
 - Budgets. 1%, 5%, 10% of the suite's training tokens (budget.fraction), seeds 0, 1, 2. Every method at a
   budget has the same steps and the same learning-rate schedule: the trainer's cosine schedule is a function
   of budget / tokens_per_micro_batch, and both are fixed per budget (same lr, warm-up, micro-batch).
@@ -143,6 +144,14 @@ def variants(scale: Scale, suite: str = "synthetic") -> list[Variant]:
         Variant("adapt_tau20", ("--mixture.method", "adapt", "--mixture.tau", "20"), True, "tau 20: near-mean"),
         Variant("adapt_lambda0", ("--mixture.method", "adapt", "--mixture.entropy_weight", "0"), True, "lambda 0"),
         Variant("adapt_val1", ("--mixture.method", "adapt", "--meta.val_every", "1"), True, "val_every 1"),
+        # Φ over the learnable tasks only: random_output's loss has an entropy floor, so in the default Φ over
+        # every training task it is always among the worst and draws objective weight (see the README section).
+        Variant(
+            "adapt_obj_norandom",
+            ("--mixture.method", "adapt", "--meta.val_tasks", ",".join(t for t in TRAIN_TASKS if t != RANDOM_TASK)),
+            True,
+            f"Φ without {RANDOM_TASK}",
+        ),
     ]
 
 

@@ -212,7 +212,7 @@ def test_shares_follow_the_mixture_and_can_change(suite):
 
 def test_meta_steps_hold_every_task(suite):
     p = np.array([0.9] + [0.1 / (suite.num_tasks - 1)] * (suite.num_tasks - 1))
-    loader = PackedLoader(suite.train, 2048, 100_000, p, meta_floor_examples=2, seed=0)
+    loader = PackedLoader(suite.train, 2048, 100_000, p, meta_floor_examples=2, meta_floor_fraction=1.0, seed=0)
     for _ in range(10):
         batch = loader.next_micro_batch(meta_step=True)
         examples = np.bincount(batch.task_ids[batch.cu_seqlens[:-1].long()].clamp(min=0), minlength=suite.num_tasks)
@@ -354,3 +354,26 @@ def test_too_long_examples_are_dropped_and_counted(tmp_path):
     assert report["dropped_by_max_len"] == 2
     assert report["tasks"]["a"]["train_examples"] == 3
     assert report["tokens_consumed"] == 50
+
+
+def test_meta_floors_that_do_not_fit_rotate_and_leave_room_for_p(tmp_path, tokenizer):
+    """Long examples, every step a meta step: the floors take at most meta_floor_fraction of a step (the tasks
+    that waited longest first), every task still gets its floor every few steps, and the realised shares follow
+    p, which they cannot when the floors take all the room they want."""
+    write_synthetic_suite(tmp_path / "d", seed=0, examples_per_task=200, tasks=("copy", "reverse", "sort", "uppercase"),
+                          num_positive_examples=2)  # fmt: skip
+    split = build_or_load(tmp_path / "d", tokenizer, cache_dir=tmp_path / "c", progress=False).train
+    capacity = 6 * int(np.median(split.lengths))  # the 4 floors take about 2/3 of a step
+    p = np.array([0.55, 0.15, 0.15, 0.15])
+    shares = {}
+    for fraction in (0.25, 1.0):
+        with pytest.warns(UserWarning, match="reused"):
+            loader = PackedLoader(split, capacity, 10**9, p, seed=1, meta_floor_fraction=fraction)
+        max_age = 0
+        for _ in range(300):
+            loader.next_micro_batch(meta_step=True)
+            max_age = max(max_age, int(loader.floor_age.max()))
+        shares[fraction] = np.array(loader.stats.tokens_per_task) / loader.stats.tokens
+        assert max_age <= 4  # every task gets its floor at least every 5 meta steps
+    assert np.abs(shares[0.25] - p).max() < 0.02, shares
+    assert np.abs(shares[1.0] - p).max() > 0.05, shares  # uncapped floors crowd out the mixture

@@ -9,7 +9,10 @@ global counts without communicating. A global micro-step:
    count toward their task's share and are placed first.
 2. Each task draws from its own stream: its examples shuffled without replacement, reshuffled every
    epoch (reuse beyond one epoch is counted). On meta steps (mixture updates) every task contributes
-   at least `meta_floor_examples` examples, placed first, so every d_k can be measured.
+   at least `meta_floor_examples` examples, placed first, so every d_k can be measured - as long as
+   the floors take at most `meta_floor_fraction` of the step's capacity (long examples, many tasks):
+   then the tasks whose floor went unplaced longest go first, the others wait for a later meta step
+   (ADAPT leaves a task it did not measure alone), and the rest of the step still follows p.
 3. Best-fit decreasing places the pool into W bins of L slots; what does not fit rolls over.
 4. The budget: when the step would spend more than what remains, the plan is cut in plan order and
    the last example truncated so that exactly the budget is spent (`unit: tokens` counts non-padding
@@ -183,6 +186,7 @@ class PackedLoader:
         world_size: int = 1,
         lookahead: float = 0.1,
         meta_floor_examples: int = 1,
+        meta_floor_fraction: float = 0.25,
         allow_repeat: bool = True,
         pack_backend: str = "auto",
     ):
@@ -198,6 +202,8 @@ class PackedLoader:
         self.rank, self.world_size = rank, world_size
         self.lookahead = lookahead
         self.meta_floor_examples = meta_floor_examples
+        self.meta_floor_fraction = meta_floor_fraction
+        self.floor_age = np.zeros(split.num_tasks, dtype=np.int64)  # meta steps since each task last had its floor
         self.allow_repeat = allow_repeat
         self.pack_backend = pack_backend
         # Per-example arrays stay memory-mapped (no copy): the loader's own memory grows with the number
@@ -269,6 +275,7 @@ class PackedLoader:
             "stats": dict(self.stats.__dict__),
             "mixture": self.mixture.tolist(),
             "deficit": self.deficit.tolist(),
+            "floor_age": self.floor_age.tolist(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -278,6 +285,7 @@ class PackedLoader:
         self.stats = LoaderStats(**state["stats"])
         self.set_mixture(np.asarray(state["mixture"]))
         self.deficit = np.asarray(state["deficit"], dtype=np.float64)
+        self.floor_age = np.asarray(state.get("floor_age", np.zeros(self.num_tasks)), dtype=np.int64)
 
     # ------------------------------------------------------------------ planning
 
@@ -308,18 +316,26 @@ class PackedLoader:
         desired = np.maximum(self.world_size * self.capacity * (1 + self.lookahead) * p + self.deficit, 0.0)
         desired = np.where(live, desired, 0.0)
         quota = largest_remainder(int(round(desired.sum())), desired) - per_task_pool.astype(np.int64)
-        if meta_step:
-            for k in range(self.num_tasks):
-                mine = np.flatnonzero(pool_tasks == k)[: self.meta_floor_examples]
-                for i in mine:
-                    level[i] = FLOOR
+        if meta_step:  # floors, longest-waiting task first, within meta_floor_fraction of the capacity
+            room, used = self.meta_floor_fraction * self.world_size * self.capacity, 0
+            for k in np.argsort(-self.floor_age, kind="stable"):
+                mine = np.flatnonzero(pool_tasks == k)[: self.meta_floor_examples].tolist()
                 for _ in range(self.meta_floor_examples - len(mine)):
                     example = self._draw(k)
                     if example is None:
                         break
                     pool.append(example)
-                    level.append(FLOOR)
+                    level.append(NEW)  # drawn for the floor; a plain example if the floor does not fit
                     quota[k] -= self._lengths[example]
+                    mine.append(len(pool) - 1)
+                size = int(self._lengths[[pool[i] for i in mine]].sum()) if mine else 0
+                if mine and (used == 0 or used + size <= room):
+                    for i in mine:
+                        level[i] = FLOOR
+                    used += size
+                    self.floor_age[k] = 0
+                else:
+                    self.floor_age[k] += 1
         for k in range(self.num_tasks):
             while quota[k] > 0:
                 example = self._draw(k)

@@ -93,6 +93,7 @@ def make_loader(
         world_size=world_size,
         lookahead=cfg.data.lookahead,
         meta_floor_examples=cfg.data.meta_floor_examples,
+        meta_floor_fraction=cfg.data.meta_floor_fraction,
         allow_repeat=cfg.budget.allow_repeat,
     )
 
