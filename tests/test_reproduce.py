@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+NI_DATA = REPO.parent / "shared" / "data" / "natural-instructions"  # as in bench/reproduce.py
 
 
 def test_reproduce_quick(tmp_path):
@@ -28,7 +29,7 @@ def test_reproduce_quick(tmp_path):
             assert abs(sum(row["tokens_share"].values()) - 1) < 1e-6
             assert all(x is not None for x in row["loss_mean"] + row["em_mean"] + row["heldout_em_mean"])
     assert any(name.startswith("adapt_") for e in synthetic.values() for name in e["variants"])
-    assert "ni" in summary
+    assert ("ni" in summary) == NI_DATA.is_dir()  # the NI part runs where the shared sample is
     assert summary["findings"]
 
     text = (out / "results.md").read_text()
