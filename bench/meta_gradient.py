@@ -14,14 +14,14 @@ Writes <out>/<gpu name>/meta_gradient.json and meta_gradient.md.
 import argparse
 import json
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
+
+from ghost_dot import median_ms  # noqa: E402 (bench/ is the script's folder)
 
 
 def packed_batch(tokens: int, tasks: int, vocab: int, example_len: int, seed: int = 0):
@@ -52,21 +52,6 @@ def packed_batch(tokens: int, tasks: int, vocab: int, example_len: int, seed: in
         cu_seqlens=torch.tensor(cu, dtype=torch.int32), task_ids=task_ids, task_offsets=offsets,
         max_seqlen=max(lengths), num_examples=n,
     )  # fmt: skip
-
-
-def timed(fn, warmup: int, repeats: int) -> tuple[float, object]:
-    """Median seconds of fn() over repeats (after warmup calls), and its last result."""
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
 
 
 def main() -> None:
@@ -115,11 +100,12 @@ def main() -> None:
     for name, fn, repeats in (("train_step", train_step, args.repeats), ("one_pass", one_pass, args.repeats),
                               ("exact", exact, max(1, args.repeats // 2))):  # fmt: skip
         torch.cuda.reset_peak_memory_stats()
-        seconds, value = timed(fn, warmup=1, repeats=repeats)
-        results[name] = {"seconds": seconds, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+        last = {}
+        ms = median_ms(lambda fn=fn, last=last: last.update(value=fn()), warmup=1, repeats=repeats)
+        results[name] = {"seconds": ms / 1e3, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
         if name != "train_step":
-            results[name]["dots"] = value.double().cpu().tolist()
-        print(f"{name}: {seconds * 1e3:.1f} ms, peak {results[name]['peak_memory_gib']:.1f} GiB", flush=True)
+            results[name]["dots"] = last["value"].double().cpu().tolist()
+        print(f"{name}: {ms:.1f} ms, peak {results[name]['peak_memory_gib']:.1f} GiB", flush=True)
     d1, dx = (torch.tensor(results[k]["dots"]) for k in ("one_pass", "exact"))
     summary = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
