@@ -76,11 +76,12 @@ def random_G(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     return {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in trainable_parameters(model).items()}
 
 
-def one_pass(model, batch, G, scale: float = 1.0, add_head: bool = False, token_mean: bool = True):
+def one_pass(model, batch, G, scale: float = 1.0, add_head: bool = False, token_mean: bool = True, backend="auto"):
     """d (K,), missing (K,) from one backward of the token-mean loss (or the loss sum), times `scale`; the GhostDots."""
     n = int(batch.loss_tokens_per_task().sum()) if token_mean else 1
-    with GhostDots(model, G, batch.task_ids, K) as ghost:
-        out = per_task_loss(model, batch, torch.full((K,), 1.0 / n), ghost_weight=ghost.head_ghost_weight)
+    with GhostDots(model, G, batch.task_ids, K, backend=backend) as ghost:
+        weights = torch.full((K,), 1.0 / n, device=batch.input_ids.device)
+        out = per_task_loss(model, batch, weights, ghost_weight=ghost.head_ghost_weight, backend=backend)
         if add_head:
             ghost.add_head(out)
         (out.loss * scale).backward()
@@ -267,14 +268,8 @@ def test_gpu_triton_one_pass_matches_exact(name, data):
     exact = exact_task_dots(model, batch, G, K)
     model = model.float().cuda()
     G = {n: g.float().cuda() for n, g in G.items()}
-    batch = batch.to("cuda")
-    n = int(batch.loss_tokens_per_task().sum())
-    with GhostDots(model, G, batch.task_ids, K, backend="triton") as ghost:
-        out = per_task_loss(model, batch, torch.full((K,), 1.0 / n, device="cuda"),
-                            ghost_weight=ghost.head_ghost_weight, backend="triton")  # fmt: skip
-        out.loss.backward()
-    d, missing = task_mean_dots((ghost.dots + out.ghost_dot).cpu(), out.count.cpu(), n)
+    d, missing, _ = one_pass(model, batch.to("cuda"), G, backend="triton")
     assert missing.tolist() == [k == EMPTY for k in range(K)]
-    err = rel_err(d, exact)
+    err = rel_err(d.cpu(), exact)
     print(f"{name} triton one pass (fp32, cuda) vs float64 exact: max rel err {err:.2e}")
     assert err <= 1e-4
