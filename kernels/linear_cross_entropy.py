@@ -20,9 +20,10 @@ forward pass and returned detached). It costs one extra GEMM of the logits' size
 Two implementations share the driver below and differ in how one chunk is processed:
   * `_chunk_torch` (the reference): fp32 matmuls in PyTorch; ghost_t = ((dloss/dz_t) G) . h_t;
   * `_chunk_triton`: four Triton kernels -
-      1. logits GEMM, soft-cap and per-tile log-sum-exp partials fused in the epilogue (fp32 logits); with G,
-         the tile of h G^T is computed alongside and reduced online against the softmax: the ghost dots are
-         exact fp32 values and, without gradients (validation), this kernel is all that runs;
+      1. logits GEMM, soft-cap and per-tile log-sum-exp partials fused in the epilogue (raw fp32 logits
+         stored); with G, the tile of h G^T is computed alongside and reduced online against the softmax: the
+         ghost dots are exact fp32 values and, without gradients (validation), this kernel is all that runs
+         (the label's logit is a per-token row gather on the host);
       2. dlogits, written in place over the logits in the input dtype;
       3. d hidden = dz W;   4. d weight += dz^T h, accumulated in fp32 across chunks.
     Memory: one (chunk, V) fp32 buffer (1 GiB by default), the fp32 d weight (V, H), the gradients.
@@ -216,20 +217,20 @@ def per_task_linear_cross_entropy_reference(
 
 @triton.jit
 def _logits_kernel(
-    h_ptr, w_ptr, g_ptr, labels_ptr, logits_ptr,
-    part_max_ptr, part_sum_ptr, part_ghost_ptr, target_ptr, target_ghost_ptr,
+    h_ptr, w_ptr, g_ptr, logits_ptr, part_max_ptr, part_sum_ptr, part_ghost_ptr,
     C, V, H, stride_h, stride_w, stride_logits, n_vblocks, softcap,
     HAS_SOFTCAP: tl.constexpr, HAS_GHOST: tl.constexpr, STORE_LOGITS: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    """Tile (BLOCK_T, BLOCK_V) of s = softcap(h W^T) in fp32, stored if STORE_LOGITS, and per row of the tile:
-    max_v s, sum_v exp(s - max) and, in the tile holding the label, the target logit. The host combines the
-    tiles into the log-sum-exp.
+    """Tile (BLOCK_T, BLOCK_V) of s = softcap(h W^T) in fp32, stored if STORE_LOGITS, and per row of the tile
+    max_v s and sum_v exp(s - max); the host combines the tiles into the log-sum-exp.
 
     With the ghost head G, also the tile of g = (h G^T) * ds/dz, reduced online like the sum of exponentials:
-    sum_v exp(s - max) g_v per row and the label's g_y, so that on the host
-    ghost_t = coef_t (sum_v softmax(s)_v g_v - g_y) = (dloss/dz_t) . (G h_t), all in fp32.
+    sum_v exp(s - max) g_v per row, so that on the host ghost_t = coef_t (sum_v softmax(s)_v g_v - g_y).
+
+    The label's logit s_y and g_y are gathered on the host (one row of W and G per token): comparing every
+    element of the tile with the label costs a tile of predicates, and the 128x256 tile then spills.
     """
     pid = tl.program_id(0)
     n_tblocks = tl.cdiv(C, BLOCK_T)
@@ -259,29 +260,22 @@ def _logits_kernel(
         h_ptrs += BLOCK_H
         w_ptrs += BLOCK_H
         g_ptrs += BLOCK_H
-    if HAS_SOFTCAP:  # softcap * tanh(z / softcap), tanh from exp (portable across Triton versions)
-        e = tl.exp(-2.0 * tl.abs(acc) / softcap)
-        th = (1.0 - e) / (1.0 + e)
-        acc = tl.where(acc < 0, -th, th) * softcap
-    if STORE_LOGITS:
+    if STORE_LOGITS:  # raw z: storing the soft-capped tile spills registers; _dlogits_kernel caps again
         out_ptrs = logits_ptr + offs_t[:, None].to(tl.int64) * stride_logits + offs_v[None, :]
         tl.store(out_ptrs, acc, mask=mask_t[:, None] & mask_v[None, :])
-
+    if HAS_SOFTCAP:  # softcap * tanh(z / softcap): tanh from exp, clamped where it is +-1 in fp32 (no overflow)
+        e = tl.exp(-2.0 * tl.clamp(acc / softcap, -20.0, 20.0))
+        acc = softcap * ((1.0 - e) / (1.0 + e))
     row_max = tl.max(tl.where(mask_v[None, :], acc, float("-inf")), axis=1)
     p = tl.where(mask_v[None, :], tl.exp(acc - row_max[:, None]), 0.0)
     part = offs_t * n_vblocks + pid_v
     tl.store(part_max_ptr + part, row_max, mask=mask_t)
     tl.store(part_sum_ptr + part, tl.sum(p, axis=1), mask=mask_t)
-    labels = tl.load(labels_ptr + offs_t, mask=mask_t, other=-1)
-    is_label = offs_v[None, :] == labels[:, None]
-    in_tile = mask_t & (labels >= pid_v * BLOCK_V) & (labels < pid_v * BLOCK_V + BLOCK_V)
-    tl.store(target_ptr + offs_t, tl.sum(tl.where(is_label, acc, 0.0), axis=1), mask=in_tile)
     if HAS_GHOST:
         if HAS_SOFTCAP:  # d(softcap * tanh(z / softcap))/dz = 1 - tanh^2
             th = acc / softcap
             acc_g = acc_g * (1.0 - th * th)
         tl.store(part_ghost_ptr + part, tl.sum(p * acc_g, axis=1), mask=mask_t)
-        tl.store(target_ghost_ptr + offs_t, tl.sum(tl.where(is_label, acc_g, 0.0), axis=1), mask=in_tile)
 
 
 @triton.jit
@@ -289,7 +283,8 @@ def _dlogits_kernel(
     logits_ptr, dz_ptr, lse_ptr, labels_ptr, coef_ptr, V, stride_logits, stride_dz, softcap,
     HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One row: dz = coef * (softmax(s) - onehot(label)) * ds/dz, written over the row's logits.
+    """One row: dz = coef * (softmax(s) - onehot(label)) * ds/dz, written over the row's raw logits z, where
+    s = softcap(z) (recomputed here) or z.
 
     dz (input dtype) may alias the fp32 logits of the same row: a 2-byte dz[j] lands inside logits[j // 2], so
     every block is read before it is overwritten, and the barrier orders the reads of all threads before any write.
@@ -304,6 +299,9 @@ def _dlogits_kernel(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
         s = tl.load(logits_row + cols, mask=mask, other=0.0)
+        if HAS_SOFTCAP:  # as in _logits_kernel (a shared @triton.jit helper would not run in the interpreter)
+            e = tl.exp(-2.0 * tl.clamp(s / softcap, -20.0, 20.0))
+            s = softcap * ((1.0 - e) / (1.0 + e))
         g = tl.exp(s - lse) - tl.where(cols == label, 1.0, 0.0)
         if HAS_SOFTCAP:  # d(softcap * tanh(z / softcap))/dz = 1 - tanh^2
             th = s / softcap
@@ -418,19 +416,25 @@ def _chunk_triton(h, weight, labels, coef, ghost_weight, softcap, d_weight, want
     n_vblocks = triton.cdiv(V, cfg["BLOCK_V"])
     logits = torch.empty((C, V) if need_dz else (1,), dtype=torch.float32, device=device)
     part_max, part_sum, part_ghost = torch.empty(3, C, n_vblocks, dtype=torch.float32, device=device)
-    target, target_ghost = torch.empty(2, C, dtype=torch.float32, device=device)
     launchable(_logits_kernel)[(triton.cdiv(C, cfg["BLOCK_T"]) * n_vblocks,)](
-        h, weight, ghost_weight.contiguous() if has_ghost else weight, labels, logits,
-        part_max, part_sum, part_ghost, target, target_ghost,
+        h, weight, ghost_weight.contiguous() if has_ghost else weight, logits, part_max, part_sum, part_ghost,
         C, V, H, h.stride(0), weight.stride(0), logits.stride(0), n_vblocks, softcap,
         HAS_SOFTCAP=has_softcap, HAS_GHOST=has_ghost, STORE_LOGITS=need_dz,
         PRECISION=precision, DOT_FP32=dot_fp32, **cfg,
     )  # fmt: skip
     row_max = part_max.max(dim=1).values
     lse = row_max + torch.log((part_sum * torch.exp(part_max - row_max[:, None])).sum(dim=1))
+    # The label's logit and ghost value: one row of W (and G) per token, in fp32 like the kernel's accumulators.
+    h32 = h.float()
+    target = (h32 * weight.index_select(0, labels).float()).sum(dim=1)
+    if has_softcap:
+        target = softcap * torch.tanh(target / softcap)
     ce = lse - target
     ghost = None
     if has_ghost:
+        target_ghost = (h32 * ghost_weight.index_select(0, labels).float()).sum(dim=1)
+        if has_softcap:
+            target_ghost = target_ghost * (1.0 - (target / softcap).square())
         ghost = coef * ((part_ghost * torch.exp(part_max - lse[:, None])).sum(dim=1) - target_ghost)
     if not need_dz:
         return ce, None, ghost
