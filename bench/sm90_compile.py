@@ -1,0 +1,154 @@
+"""Compile every Triton kernel for Hopper (sm_90) on any machine, no GPU needed, and report what that costs none
+of the device's time: registers per thread, stack (spilled) bytes, spill instructions, shared memory, and whether
+the matrix products use Hopper's warpgroup MMA (HGMMA in the SASS) or an older path (HMMA).
+
+    python bench/sm90_compile.py [--out bench/results/sm90_compile]
+
+Each kernel is compiled with the tiles it launches with on CUDA (the _CUDA_CONFIG tables) for bf16 inputs, with
+the argument specialisation a real launch gets (pointers, sizes and strides divisible by 16; the row count not).
+A kernel that spills (stack > 0, STL/LDL in SASS) runs far under the matmul rate: fix its tiles before timing it.
+Needs the ptxas/cuobjdump that ship with the triton wheel. Writes <out>.json and <out>.md.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import triton
+from adapt_fast.kernels import ghost_dot as ghost_module
+from adapt_fast.kernels import linear_cross_entropy as lce_module
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+UNALIGNED = {"T", "C"}  # row counts: any value; everything else (sizes, strides, pointers) is 16-divisible
+
+# Pointer element types per kernel (bf16 run; logits and partials are fp32, dz is the bf16 view written over
+# the fp32 logits); every other runtime argument is i32 except `softcap` (fp32).
+KERNELS = {
+    "logits": (lce_module._logits_kernel, dict(h_ptr="bf16", w_ptr="bf16", g_ptr="bf16")),
+    "dlogits": (lce_module._dlogits_kernel, dict(dz_ptr="bf16", labels_ptr="i64")),
+    "dhidden": (lce_module._dhidden_kernel, dict(dz_ptr="bf16", w_ptr="bf16", dh_ptr="bf16")),
+    "dweight": (lce_module._dweight_kernel, dict(dz_ptr="bf16", h_ptr="bf16")),
+    "ghost_dot": (ghost_module._ghost_dot_kernel, dict(x_ptr="bf16", delta_ptr="bf16", g_ptr="bf16")),
+}
+
+# (report name, kernel, its _CUDA_CONFIG entry, extra constexprs)
+LCE_CONFIG = lce_module._CUDA_CONFIG
+VARIANTS = [
+    ("logits", "logits", LCE_CONFIG["logits"], dict(HAS_SOFTCAP=False, HAS_GHOST=False)),
+    ("logits softcap", "logits", LCE_CONFIG["logits"], dict(HAS_SOFTCAP=True, HAS_GHOST=False)),
+    ("logits + ghost", "logits", LCE_CONFIG["logits_ghost"], dict(HAS_SOFTCAP=False, HAS_GHOST=True)),
+    ("logits + ghost softcap", "logits", LCE_CONFIG["logits_ghost"], dict(HAS_SOFTCAP=True, HAS_GHOST=True)),
+    ("dlogits", "dlogits", LCE_CONFIG["dlogits"], dict(HAS_SOFTCAP=False)),
+    ("dlogits softcap", "dlogits", LCE_CONFIG["dlogits"], dict(HAS_SOFTCAP=True)),
+    ("dhidden", "dhidden", LCE_CONFIG["dhidden"], {}),
+    ("dweight", "dweight", LCE_CONFIG["dweight"], {}),
+    ("ghost_dot", "ghost_dot", ghost_module._CUDA_CONFIG, {}),
+]
+DEFAULT_CONSTEXPRS = dict(STORE_LOGITS=True, PRECISION="tf32", DOT_FP32=False)
+
+
+def compile_for_sm90(fn, pointer_types: dict, config: dict, constexprs: dict):
+    """triton.compile for cuda sm_90 with a launch-like specialisation; returns the CompiledKernel."""
+    config = dict(config)
+    options = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
+    constants = {**DEFAULT_CONSTEXPRS, **constexprs, **config}
+    names = fn.arg_names
+    signature, attrs = {}, {}
+    for i, (name, param) in enumerate(zip(names, fn.params, strict=True)):
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+            continue
+        if name.endswith("_ptr"):
+            signature[name] = "*" + pointer_types.get(name, "fp32")
+        else:
+            signature[name] = "fp32" if name == "softcap" else "i32"
+        if signature[name] != "fp32" and name not in UNALIGNED:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    constants = {k: v for k, v in constants.items() if k in names}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def inspect_cubin(cubin: bytes) -> dict:
+    """Registers, stack and shared bytes (cuobjdump's resource report) and SASS instruction counts."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        usage = subprocess.run([TOOLS / "cuobjdump", "--dump-resource-usage", f.name], capture_output=True, text=True)
+        sass = subprocess.run([TOOLS / "cuobjdump", "-sass", f.name], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage.stdout))
+    ops = Counter(m.split(".")[0] for m in re.findall(r"\b(HGMMA|HMMA|LDL|STL|LDGSTS|UTMALDG|MUFU)\b", sass.stdout))
+    return {
+        "registers": int(fields.get("REG", -1)),
+        "stack_bytes": int(fields.get("STACK", -1)),
+        "static_shared_bytes": int(fields.get("SHARED", -1)),
+        "hgmma": ops["HGMMA"],
+        "hmma": ops["HMMA"],
+        "spill_stores": ops["STL"],
+        "spill_loads": ops["LDL"],
+        "async_copies": ops["LDGSTS"] + ops["UTMALDG"],
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = ["kernel", "tiles", "warps", "stages", "registers", "stack_bytes", "shared_kib", "hgmma", "hmma", "spills"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        spills = r["spill_stores"] + r["spill_loads"]
+        values = [r["kernel"], r["tiles"], r["num_warps"], r["num_stages"], r["registers"], r["stack_bytes"],
+                  f"{r['shared_bytes'] / 1024:.0f}", r["hgmma"], r["hmma"], spills]  # fmt: skip
+        lines.append("| " + " | ".join(str(v) for v in values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "bench/results/sm90_compile"), help="output path without suffix")
+    parser.add_argument("--only", default=None, help="compile only the variants whose name contains this")
+    args = parser.parse_args()
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # fused multiply-add, the default of the device's Triton
+    if not (TOOLS / "cuobjdump").exists():
+        print(f"sm90_compile: {TOOLS / 'cuobjdump'} not found (the triton wheel ships it on x86-64 Linux)")
+        return 2
+    rows = []
+    for name, kernel, config, constexprs in VARIANTS:
+        if args.only and args.only not in name:
+            continue
+        fn, pointer_types = KERNELS[kernel]
+        start = time.perf_counter()
+        compiled = compile_for_sm90(fn, pointer_types, config, constexprs)
+        row = {
+            "kernel": name,
+            "tiles": "x".join(str(v) for k, v in config.items() if k.startswith("BLOCK")),
+            "num_warps": compiled.metadata.num_warps,
+            "num_stages": compiled.metadata.num_stages,
+            "shared_bytes": compiled.metadata.shared,
+            **inspect_cubin(compiled.asm["cubin"]),
+            "compile_s": round(time.perf_counter() - start, 1),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result = {"triton": triton.__version__, "target": "cuda sm_90 (Hopper)", "dtype": "bf16", "kernels": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(rows)
+    out.with_suffix(".md").write_text(f"Compiled for sm_90 with triton {triton.__version__} (no GPU), bf16.\n\n{table}")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
