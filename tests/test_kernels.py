@@ -14,7 +14,7 @@ results are compared with the reference evaluated in fp32 on the same (exactly r
 each result's final rounding counts once, not twice.
 """
 
-import importlib
+import importlib.util
 import json
 import math
 import os
@@ -210,6 +210,26 @@ def test_trainer_with_triton_backend_matches_torch(tmp_path):
                 x, y = x[~np.isnan(x)], y[~np.isnan(y)]
                 assert x.size == 0 or np.abs(x - y).max() <= tol * np.abs(x).max(), (key, a[key], b[key])
         assert max(abs(a["mixture"][k] - b["mixture"][k]) for k in a["mixture"]) <= 1e-6
+
+
+def test_kernels_compile_for_hopper_without_spills(tmp_path):
+    """Every kernel, at the tiles it launches with on CUDA, compiles for sm_90 (no GPU needed) without spilling
+    registers, and its matrix products use Hopper's warpgroup MMA. Triton compiles, not interprets: a subprocess
+    without TRITON_INTERPRET."""
+    tools = os.path.join(os.path.dirname(importlib.util.find_spec("triton").origin), "backends/nvidia/bin")
+    if not os.path.exists(os.path.join(tools, "cuobjdump")):
+        pytest.skip("this triton wheel ships no ptxas/cuobjdump")
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "sm90_compile.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, script, "--out", str(tmp_path / "sm90")], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "sm90.json").read_text())["kernels"]
+    assert len(rows) >= 9
+    for row in rows:
+        assert row["stack_bytes"] == 0 and row["spill_stores"] + row["spill_loads"] == 0, row
+        assert row["registers"] <= 255, row
+        assert row["hmma"] == 0 and (row["hgmma"] > 0 or row["kernel"].startswith("dlogits")), row
 
 
 # ----------------------------------------------------------------------------------------------------------
