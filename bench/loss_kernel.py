@@ -7,6 +7,7 @@ At T tokens, hidden size H and vocabulary V (default 16384 x 2048 x 128256, the 
     cce                 Cut Cross-Entropy's cut_cross_entropy.linear_cross_entropy (its defaults)
     ours                adapt_fast per_task_linear_cross_entropy, K tasks, token-mean weights
     ours_ghost          the same with ghost_weight (per-task head ghost dots: one more GEMM)
+    ours_chunk512       ours with 512-token chunks: a (512, V) bf16 buffer, Liger's memory layout
     floor_3gemm         3 GEMMs of 2*T*H*V FLOPs (logits, d hidden, d weight) at the measured bf16 matmul rate
                         (floor_4gemm: the same with the ghost GEMM)
 
@@ -67,10 +68,12 @@ def methods(num_tasks: int, ghost_weight: torch.Tensor):
     def torch_fp32_logits(h, w, labels, task_ids):
         return F.cross_entropy((h @ w.T).float(), labels, ignore_index=-100)
 
-    def ours(h, w, labels, task_ids, ghost=None):
+    def ours(h, w, labels, task_ids, ghost=None, chunk_size=None):
         n = (labels != -100).sum().clamp_min(1).float()
         weights = torch.ones(num_tasks, device=h.device) / n
-        return per_task_linear_cross_entropy(h, w, labels, task_ids, num_tasks, weights, ghost_weight=ghost).loss
+        return per_task_linear_cross_entropy(
+            h, w, labels, task_ids, num_tasks, weights, ghost_weight=ghost, chunk_size=chunk_size
+        ).loss
 
     out = {"torch_fp32_logits": torch_fp32_logits}
     try:
@@ -88,6 +91,7 @@ def methods(num_tasks: int, ghost_weight: torch.Tensor):
         out["cce"] = "not installed"
     out["ours"] = ours
     out["ours_ghost"] = lambda h, w, labels, task_ids: ours(h, w, labels, task_ids, ghost_weight)
+    out["ours_chunk512"] = lambda h, w, labels, task_ids: ours(h, w, labels, task_ids, chunk_size=512)
     return out
 
 

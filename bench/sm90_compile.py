@@ -31,30 +31,31 @@ ROOT = Path(__file__).resolve().parent.parent
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 UNALIGNED = {"T", "C"}  # row counts: any value; everything else (sizes, strides, pointers) is 16-divisible
 
-# Pointer element types per kernel (bf16 run; logits and partials are fp32, dz is the bf16 view written over
-# the fp32 logits); every other runtime argument is i32 except `softcap` (fp32).
+# Pointer element types per kernel for a bf16 run (partials and scales are fp32); every other runtime argument
+# is i32 except `softcap` (fp32).
 KERNELS = {
-    "logits": (lce_module._logits_kernel, dict(h_ptr="bf16", w_ptr="bf16", g_ptr="bf16")),
-    "dlogits": (lce_module._dlogits_kernel, dict(dz_ptr="bf16", labels_ptr="i64")),
+    "logits": (lce_module._logits_kernel, dict(h_ptr="bf16", w_ptr="bf16", g_ptr="bf16", p_ptr="bf16")),
+    "dlogits": (lce_module._dlogits_kernel, dict(p_ptr="bf16", labels_ptr="i64")),
     "dhidden": (lce_module._dhidden_kernel, dict(dz_ptr="bf16", w_ptr="bf16", dh_ptr="bf16")),
-    "dweight": (lce_module._dweight_kernel, dict(dz_ptr="bf16", h_ptr="bf16")),
+    "dweight": (lce_module._dweight_kernel, dict(dz_ptr="bf16", h_ptr="bf16", dw_ptr="bf16")),
     "ghost_dot": (ghost_module._ghost_dot_kernel, dict(x_ptr="bf16", delta_ptr="bf16", g_ptr="bf16")),
 }
 
 # (report name, kernel, its _CUDA_CONFIG entry, extra constexprs)
 LCE_CONFIG = lce_module._CUDA_CONFIG
+TILE_V = LCE_CONFIG["logits"]["BLOCK_V"]  # the dlogits kernel indexes the logits kernel's tiles
 VARIANTS = [
     ("logits", "logits", LCE_CONFIG["logits"], dict(HAS_SOFTCAP=False, HAS_GHOST=False)),
     ("logits softcap", "logits", LCE_CONFIG["logits"], dict(HAS_SOFTCAP=True, HAS_GHOST=False)),
     ("logits + ghost", "logits", LCE_CONFIG["logits_ghost"], dict(HAS_SOFTCAP=False, HAS_GHOST=True)),
     ("logits + ghost softcap", "logits", LCE_CONFIG["logits_ghost"], dict(HAS_SOFTCAP=True, HAS_GHOST=True)),
-    ("dlogits", "dlogits", LCE_CONFIG["dlogits"], dict(HAS_SOFTCAP=False)),
-    ("dlogits softcap", "dlogits", LCE_CONFIG["dlogits"], dict(HAS_SOFTCAP=True)),
+    ("dlogits", "dlogits", LCE_CONFIG["dlogits"], dict(HAS_SOFTCAP=False, TILE_V=TILE_V)),
+    ("dlogits softcap", "dlogits", LCE_CONFIG["dlogits"], dict(HAS_SOFTCAP=True, TILE_V=TILE_V)),
     ("dhidden", "dhidden", LCE_CONFIG["dhidden"], {}),
     ("dweight", "dweight", LCE_CONFIG["dweight"], {}),
     ("ghost_dot", "ghost_dot", ghost_module._CUDA_CONFIG, {}),
 ]
-DEFAULT_CONSTEXPRS = dict(STORE_LOGITS=True, PRECISION="tf32", DOT_FP32=False)
+DEFAULT_CONSTEXPRS = dict(STORE_P=True, PRECISION="tf32", DOT_FP32=False, INTERPRET_BF16=False)
 
 
 def compile_for_sm90(fn, pointer_types: dict, config: dict, constexprs: dict):

@@ -56,13 +56,32 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
 
 
 def launchable(kernel):
-    """`kernel` (made by @triton.jit) compiled or interpreted, as TRITON_INTERPRET says at this moment."""
+    """`kernel` (made by @triton.jit) compiled or interpreted, as TRITON_INTERPRET says at this moment.
+
+    The @triton.jit device functions it calls (looked up in its module's globals when it runs) are switched to
+    the same mode in place: a kernel cannot call a helper of the other mode.
+    """
     from triton.runtime.interpreter import InterpretedFunction
 
     want_interpreted = interpret_mode()
+    _match_device_functions(kernel.fn, want_interpreted)
     if isinstance(kernel, InterpretedFunction) == want_interpreted:
         return kernel
     return _rebuild(kernel.fn, want_interpreted)
+
+
+def _match_device_functions(fn, interpreted: bool) -> None:
+    """Rebind the @triton.jit functions that `fn` names in its globals (and those they name) to `interpreted`."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    for name in fn.__code__.co_names:
+        helper = fn.__globals__.get(name)
+        if not isinstance(helper, (JITFunction, InterpretedFunction)):
+            continue
+        if isinstance(helper, InterpretedFunction) != interpreted:
+            fn.__globals__[name] = _rebuild(helper.fn, interpreted)
+        _match_device_functions(helper.fn, interpreted)
 
 
 @functools.cache

@@ -20,13 +20,17 @@ forward pass and returned detached). It costs one extra GEMM of the logits' size
 Two implementations share the driver below and differ in how one chunk is processed:
   * `_chunk_torch` (the reference): fp32 matmuls in PyTorch; ghost_t = ((dloss/dz_t) G) . h_t;
   * `_chunk_triton`: four Triton kernels -
-      1. logits GEMM, soft-cap and per-tile log-sum-exp partials fused in the epilogue (raw fp32 logits
-         stored); with G, the tile of h G^T is computed alongside and reduced online against the softmax: the
-         ghost dots are exact fp32 values and, without gradients (validation), this kernel is all that runs
+      1. logits GEMM, soft-cap and per-tile log-sum-exp partials fused in the epilogue; the tile's
+         exp(s - tile max), in [0, 1], is stored in the input dtype (the logits themselves never leave the
+         registers). With G, the tile of h G^T is computed alongside and reduced online against the softmax:
+         the ghost dots are exact fp32 values and, without gradients (validation), this kernel is all that runs
          (the label's logit is a per-token row gather on the host);
-      2. dlogits, written in place over the logits in the input dtype;
-      3. d hidden = dz W;   4. d weight += dz^T h, accumulated in fp32 across chunks.
-    Memory: one (chunk, V) fp32 buffer (1 GiB by default), the fp32 d weight (V, H), the gradients.
+      2. dlogits: softmax - onehot, scaled per tile by exp(tile max - lse), written in place. Storing exp(s - m)
+         in bf16 costs no accuracy where it matters: a label with softmax near 1 is its tile's max, stored as
+         exactly 1, so 1 - softmax keeps fp32 accuracy; elsewhere the error is the bf16 rounding dz gets anyway;
+      3. d hidden = dz W;   4. d weight += dz^T h (fp32 within a chunk; across chunks in bf16 for a bf16 head,
+         else fp32).
+    Memory: one (chunk, V) buffer in the input dtype (about 512 MiB, chunk_size sets it), d weight, d hidden.
 """
 
 from dataclasses import dataclass
@@ -60,19 +64,28 @@ class PerTaskLoss:
 
 
 class _AttachGradients(torch.autograd.Function):
-    """Identity on the loss whose backward returns gradients computed in the forward pass, times grad_output."""
+    """Identity on the loss whose backward returns gradients computed in the forward pass, times grad_output.
+
+    The gradients are handed over once and scaled in place (no copy of d weight: it is as large as the head), so a
+    second backward through the same loss is an error, as after any backward without retain_graph."""
 
     @staticmethod
     def forward(ctx, loss, hidden, weight, d_hidden, d_weight):
-        ctx.save_for_backward(d_hidden, d_weight)
+        ctx.gradients = (d_hidden, d_weight)
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_output):
-        d_hidden, d_weight = ctx.saved_tensors
-        d_hidden = None if d_hidden is None else d_hidden * grad_output.to(d_hidden.dtype)
-        d_weight = None if d_weight is None else d_weight * grad_output.to(d_weight.dtype)
-        return None, d_hidden, d_weight, None, None
+        if ctx.gradients is None:
+            raise RuntimeError(
+                "per_task_linear_cross_entropy: backward ran twice through one loss; its gradients are computed "
+                "in the forward pass and handed over once (compute the loss again)"
+            )
+        grads, ctx.gradients = ctx.gradients, None
+        for g in grads:
+            if g is not None:
+                g.mul_(grad_output.to(g.dtype))
+        return None, *grads, None, None
 
 
 def _linear_cross_entropy(
@@ -88,6 +101,7 @@ def _linear_cross_entropy(
     softcap: float | None,
     ignore_index: int,
     chunk_size: int | None,
+    weight_grad_dtype: torch.dtype | None = None,
 ) -> PerTaskLoss:
     if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"hidden (T, H) and weight (V, H) expected, got {tuple(hidden.shape)} {tuple(weight.shape)}")
@@ -120,10 +134,12 @@ def _linear_cross_entropy(
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.no_grad():
         d_hidden = torch.zeros_like(hidden) if need_grad and hidden.requires_grad else None
-        d_weight = torch.zeros(V, H, dtype=acc, device=device) if need_grad and weight.requires_grad else None
+        d_weight = None
+        if need_grad and weight.requires_grad:
+            d_weight = torch.zeros(V, H, dtype=weight_grad_dtype or acc, device=device)
         row_ce = torch.empty(n, dtype=acc, device=device)
         row_ghost = torch.empty(n, dtype=acc, device=device) if ghost_weight is not None else None
-        chunk = max(1, chunk_size or default_chunk_rows(V))
+        chunk = max(1, chunk_size or default_chunk_rows(V, hidden.element_size()))
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             h = hidden.index_select(0, rows[s:e])
@@ -154,7 +170,7 @@ def _linear_cross_entropy(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _reference_chunk_rows(vocab: int) -> int:
+def _reference_chunk_rows(vocab: int, itemsize: int) -> int:
     return max(1, (1 << 26) // vocab)  # (rows, V) fp32 temporaries of 256 MiB each
 
 
@@ -216,15 +232,27 @@ def per_task_linear_cross_entropy_reference(
 
 
 @triton.jit
+def _round_bf16(x, INTERPRET_BF16: tl.constexpr):
+    """fp32 x rounded to the nearest bf16 (ties to even), still fp32, when INTERPRET_BF16 (the interpreter's own
+    fp32 -> bf16 cast truncates, a bias that adds up over chunks); on a GPU the cast itself rounds so."""
+    if INTERPRET_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        x = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
 def _logits_kernel(
-    h_ptr, w_ptr, g_ptr, logits_ptr, part_max_ptr, part_sum_ptr, part_ghost_ptr,
-    C, V, H, stride_h, stride_w, stride_logits, n_vblocks, softcap,
-    HAS_SOFTCAP: tl.constexpr, HAS_GHOST: tl.constexpr, STORE_LOGITS: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    h_ptr, w_ptr, g_ptr, p_ptr, part_max_ptr, part_sum_ptr, part_ghost_ptr,
+    C, V, H, stride_h, stride_w, stride_p, n_vblocks, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_GHOST: tl.constexpr, STORE_P: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    """Tile (BLOCK_T, BLOCK_V) of s = softcap(h W^T) in fp32, stored if STORE_LOGITS, and per row of the tile
-    max_v s and sum_v exp(s - max); the host combines the tiles into the log-sum-exp.
+    """Tile (BLOCK_T, BLOCK_V) of s = softcap(h W^T) in fp32 and per row of the tile m = max_v s and
+    sum_v exp(s - m); the host combines the tiles into the log-sum-exp. If STORE_P, the tile of exp(s - m), in
+    [0, 1], is stored in the input dtype for _dlogits_kernel (the softmax is that times exp(m - lse)).
 
     With the ghost head G, also the tile of g = (h G^T) * ds/dz, reduced online like the sum of exponentials:
     sum_v exp(s - max) g_v per row, so that on the host ghost_t = coef_t (sum_v softmax(s)_v g_v - g_y).
@@ -249,20 +277,17 @@ def _logits_kernel(
         mask_h = offs_h + k < H
         a = tl.load(h_ptrs, mask=mask_t[:, None] & mask_h[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=mask_h[:, None] & mask_v[None, :], other=0.0)
-        if DOT_FP32:
+        if INTERPRET_BF16:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if HAS_GHOST:
             bg = tl.load(g_ptrs, mask=mask_h[:, None] & mask_v[None, :], other=0.0)
-            if DOT_FP32:
+            if INTERPRET_BF16:
                 bg = bg.to(tl.float32)
             acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
         h_ptrs += BLOCK_H
         w_ptrs += BLOCK_H
         g_ptrs += BLOCK_H
-    if STORE_LOGITS:  # raw z: storing the soft-capped tile spills registers; _dlogits_kernel caps again
-        out_ptrs = logits_ptr + offs_t[:, None].to(tl.int64) * stride_logits + offs_v[None, :]
-        tl.store(out_ptrs, acc, mask=mask_t[:, None] & mask_v[None, :])
     if HAS_SOFTCAP:  # softcap * tanh(z / softcap): tanh from exp, clamped where it is +-1 in fp32 (no overflow)
         e = tl.exp(-2.0 * tl.clamp(acc / softcap, -20.0, 20.0))
         acc = softcap * ((1.0 - e) / (1.0 + e))
@@ -271,6 +296,10 @@ def _logits_kernel(
     part = offs_t * n_vblocks + pid_v
     tl.store(part_max_ptr + part, row_max, mask=mask_t)
     tl.store(part_sum_ptr + part, tl.sum(p, axis=1), mask=mask_t)
+    if STORE_P:
+        p_ptrs = p_ptr + offs_t[:, None].to(tl.int64) * stride_p + offs_v[None, :]
+        p_out = _round_bf16(p, INTERPRET_BF16).to(p_ptr.dtype.element_ty)
+        tl.store(p_ptrs, p_out, mask=mask_t[:, None] & mask_v[None, :])
     if HAS_GHOST:
         if HAS_SOFTCAP:  # d(softcap * tanh(z / softcap))/dz = 1 - tanh^2
             th = acc / softcap
@@ -280,40 +309,38 @@ def _logits_kernel(
 
 @triton.jit
 def _dlogits_kernel(
-    logits_ptr, dz_ptr, lse_ptr, labels_ptr, coef_ptr, V, stride_logits, stride_dz, softcap,
-    HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+    p_ptr, tile_scale_ptr, tile_max_ptr, target_ptr, labels_ptr, coef_ptr, V, stride_p, n_vblocks, softcap,
+    HAS_SOFTCAP: tl.constexpr, INTERPRET_BF16: tl.constexpr, TILE_V: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One row: dz = coef * (softmax(s) - onehot(label)) * ds/dz, written over the row's raw logits z, where
-    s = softcap(z) (recomputed here) or z.
+    """One row: dz = coef * (softmax(s) - onehot(label)) * ds/dz, written in place over the row's exp(s - m).
 
-    dz (input dtype) may alias the fp32 logits of the same row: a 2-byte dz[j] lands inside logits[j // 2], so
-    every block is read before it is overwritten, and the barrier orders the reads of all threads before any write.
+    The softmax of column v is exp(s_v - m) * exp(m - lse) with m the max of its tile of _logits_kernel (TILE_V
+    columns); tile_scale = coef * exp(m - lse) per (row, tile). With the soft-cap, s_v = m + log(exp(s_v - m))
+    gives ds/dz = 1 - (s_v / softcap)^2; the label's s_y (target, exact) is used in its column.
     """
     row = tl.program_id(0)
-    lse = tl.load(lse_ptr + row)
     label = tl.load(labels_ptr + row)
     coef = tl.load(coef_ptr + row)
-    logits_row = logits_ptr + row.to(tl.int64) * stride_logits
-    dz_row = dz_ptr + row.to(tl.int64) * stride_dz
+    p_row = p_ptr + row.to(tl.int64) * stride_p
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
-        s = tl.load(logits_row + cols, mask=mask, other=0.0)
-        if HAS_SOFTCAP:  # as in _logits_kernel (a shared @triton.jit helper would not run in the interpreter)
-            e = tl.exp(-2.0 * tl.clamp(s / softcap, -20.0, 20.0))
-            s = softcap * ((1.0 - e) / (1.0 + e))
-        g = tl.exp(s - lse) - tl.where(cols == label, 1.0, 0.0)
-        if HAS_SOFTCAP:  # d(softcap * tanh(z / softcap))/dz = 1 - tanh^2
-            th = s / softcap
+        tile = row * n_vblocks + cols // TILE_V
+        is_label = cols == label
+        p = tl.load(p_row + cols, mask=mask, other=0.0).to(tl.float32)
+        g = p * tl.load(tile_scale_ptr + tile, mask=mask, other=0.0) - tl.where(is_label, coef, 0.0)
+        if HAS_SOFTCAP:  # d(softcap * tanh(z / softcap))/dz = 1 - tanh^2 (where p underflowed, g is 0 anyway)
+            s = tl.load(tile_max_ptr + tile, mask=mask, other=0.0) + tl.log(tl.maximum(p, 1e-30))
+            s = tl.where(is_label, tl.load(target_ptr + row), s)
+            th = tl.clamp(s / softcap, -1.0, 1.0)
             g = g * (1.0 - th * th)
-        tl.debug_barrier()
-        tl.store(dz_row + cols, (coef * g).to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.store(p_row + cols, _round_bf16(g, INTERPRET_BF16).to(p_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _dhidden_kernel(
     dz_ptr, w_ptr, dh_ptr, scale_ptr, C, V, H, stride_dz, stride_w, stride_dh,
-    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     """Tile (BLOCK_T, BLOCK_H) of dh = scale * dz W."""
@@ -332,23 +359,25 @@ def _dhidden_kernel(
         mask_v = offs_v + k < V
         a = tl.load(dz_ptrs, mask=mask_t[:, None] & mask_v[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=mask_v[:, None] & mask_h[None, :], other=0.0)
-        if DOT_FP32:
+        if INTERPRET_BF16:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         dz_ptrs += BLOCK_V
         w_ptrs += BLOCK_V * stride_w
     dh_ptrs = dh_ptr + offs_t[:, None].to(tl.int64) * stride_dh + offs_h[None, :]
     acc = tl.load(scale_ptr) * acc
-    tl.store(dh_ptrs, acc.to(dh_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_h[None, :])
+    tl.store(
+        dh_ptrs, _round_bf16(acc, INTERPRET_BF16).to(dh_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_h[None, :]
+    )
 
 
 @triton.jit
 def _dweight_kernel(
     dz_ptr, h_ptr, dw_ptr, scale_ptr, C, V, H, stride_dz, stride_h, stride_dw,
-    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    """Tile (BLOCK_V, BLOCK_H) of dW += scale * dz^T h, accumulated in fp32 in place (dW spans all chunks)."""
+    """Tile (BLOCK_V, BLOCK_H) of dW += scale * dz^T h, summed in fp32, added in place into dW (all chunks)."""
     pid = tl.program_id(0)
     n_hblocks = tl.cdiv(H, BLOCK_H)
     pid_h = pid % n_hblocks  # column blocks vary fastest: a column block of dz is reused from L2
@@ -364,14 +393,15 @@ def _dweight_kernel(
         mask_k = offs_t + k < C
         a = tl.load(dzt_ptrs, mask=mask_v[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(h_ptrs, mask=mask_k[:, None] & mask_h[None, :], other=0.0)
-        if DOT_FP32:
+        if INTERPRET_BF16:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         dzt_ptrs += BLOCK_T * stride_dz
         h_ptrs += BLOCK_T * stride_h
     dw_ptrs = dw_ptr + offs_v[:, None].to(tl.int64) * stride_dw + offs_h[None, :]
     mask = mask_v[:, None] & mask_h[None, :]
-    tl.store(dw_ptrs, tl.load(dw_ptrs, mask=mask, other=0.0) + tl.load(scale_ptr) * acc, mask=mask)
+    dw = tl.load(dw_ptrs, mask=mask, other=0.0).to(tl.float32) + tl.load(scale_ptr) * acc
+    tl.store(dw_ptrs, _round_bf16(dw, INTERPRET_BF16).to(dw_ptr.dtype.element_ty), mask=mask)
 
 
 # Tiles (and num_warps, num_stages) per kernel. On CUDA: Hopper-sized GEMM tiles (the ghost variant of the logits
@@ -393,9 +423,10 @@ _INTERPRETER_CONFIG = {
 }
 
 
-def _triton_chunk_rows(vocab: int) -> int:
-    """Rows per chunk: the chunk's fp32 logits (rows, V) take about 1 GiB (2048 rows for a 128K vocabulary)."""
-    return max(256, (1 << 30) // (4 * vocab) // 256 * 256)
+def _triton_chunk_rows(vocab: int, itemsize: int) -> int:
+    """Rows per chunk: the chunk's (rows, V) buffer in the input dtype takes about 512 MiB (2048 bf16 rows for a
+    128K vocabulary: enough row tiles to fill the GPU in the d hidden GEMM, and few passes over d weight)."""
+    return max(256, (1 << 29) // (itemsize * vocab) // 256 * 256)
 
 
 def _chunk_triton(h, weight, labels, coef, ghost_weight, softcap, d_weight, want_d_hidden):
@@ -405,22 +436,23 @@ def _chunk_triton(h, weight, labels, coef, ghost_weight, softcap, d_weight, want
     device = h.device
     config = _INTERPRETER_CONFIG if interpret_mode() else _CUDA_CONFIG
     precision = "ieee" if h.dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
-    # The Triton interpreter's tl.dot multiplies bf16 bit patterns as integers: upcast there (exact in fp32).
-    dot_fp32 = interpret_mode() and h.dtype == torch.bfloat16
+    # The Triton interpreter's tl.dot multiplies bf16 bit patterns as integers, and its fp32 -> bf16 casts truncate:
+    # under it, bf16 dot operands are upcast (exact in fp32) and bf16 results rounded to nearest even, as on a GPU.
+    interpret_bf16 = interpret_mode() and h.dtype == torch.bfloat16
     has_softcap, softcap = softcap is not None, float(softcap or 1.0)
     has_ghost, need_dz = ghost_weight is not None, d_weight is not None or want_d_hidden
     weight = weight.contiguous()
 
-    # 1. Logits (kept for step 2 only if gradients are needed), log-sum-exp, loss, ghost dots.
+    # 1. Logits, log-sum-exp partials per tile, ghost dots; exp(s - tile max) kept for step 2 if gradients are needed.
     cfg = config["logits_ghost" if has_ghost else "logits"]
-    n_vblocks = triton.cdiv(V, cfg["BLOCK_V"])
-    logits = torch.empty((C, V) if need_dz else (1,), dtype=torch.float32, device=device)
+    tile_v, n_vblocks = cfg["BLOCK_V"], triton.cdiv(V, cfg["BLOCK_V"])
+    probs = torch.empty((C, V) if need_dz else (1,), dtype=h.dtype, device=device)
     part_max, part_sum, part_ghost = torch.empty(3, C, n_vblocks, dtype=torch.float32, device=device)
     launchable(_logits_kernel)[(triton.cdiv(C, cfg["BLOCK_T"]) * n_vblocks,)](
-        h, weight, ghost_weight.contiguous() if has_ghost else weight, logits, part_max, part_sum, part_ghost,
-        C, V, H, h.stride(0), weight.stride(0), logits.stride(0), n_vblocks, softcap,
-        HAS_SOFTCAP=has_softcap, HAS_GHOST=has_ghost, STORE_LOGITS=need_dz,
-        PRECISION=precision, DOT_FP32=dot_fp32, **cfg,
+        h, weight, ghost_weight.contiguous() if has_ghost else weight, probs, part_max, part_sum, part_ghost,
+        C, V, H, h.stride(0), weight.stride(0), probs.stride(0), n_vblocks, softcap,
+        HAS_SOFTCAP=has_softcap, HAS_GHOST=has_ghost, STORE_P=need_dz,
+        PRECISION=precision, INTERPRET_BF16=interpret_bf16, **cfg,
     )  # fmt: skip
     row_max = part_max.max(dim=1).values
     lse = row_max + torch.log((part_sum * torch.exp(part_max - row_max[:, None])).sum(dim=1))
@@ -439,14 +471,15 @@ def _chunk_triton(h, weight, labels, coef, ghost_weight, softcap, d_weight, want
     if not need_dz:
         return ce, None, ghost
 
-    # 2. dz / scale in the input dtype, over the logits buffer (a 2-byte dz row is the first half of its fp32
-    # logits row). scale = max |coef| keeps dz in [-1, 1], clear of fp16 underflow (coef is 1/N for a token-mean
-    # loss); the GEMMs below multiply it back in fp32.
+    # 2. dz / scale in the input dtype, in place over probs. scale = max |coef| keeps dz in [-1, 1], clear of fp16
+    # underflow (coef is 1/N for a token-mean loss); the GEMMs below multiply it back in fp32.
     scale = coef.abs().max().clamp_min(1e-30).reshape(1)
-    dz = logits if h.dtype == torch.float32 else logits.view(h.dtype)[:, :V]
+    coef = coef / scale
+    tile_scale = torch.exp(part_max - lse[:, None]) * coef[:, None]  # (C, n_vblocks): softmax = probs * exp(m - lse)
+    dz = probs
     launchable(_dlogits_kernel)[(C,)](
-        logits, dz, lse, labels, coef / scale, V, logits.stride(0), dz.stride(0), softcap,
-        HAS_SOFTCAP=has_softcap, **config["dlogits"],
+        dz, tile_scale, part_max, target, labels, coef, V, dz.stride(0), n_vblocks, softcap,
+        HAS_SOFTCAP=has_softcap, INTERPRET_BF16=interpret_bf16, TILE_V=tile_v, **config["dlogits"],
     )  # fmt: skip
 
     # 3. d hidden = dz W.
@@ -456,15 +489,15 @@ def _chunk_triton(h, weight, labels, coef, ghost_weight, softcap, d_weight, want
         dh = torch.empty_like(h)
         launchable(_dhidden_kernel)[(triton.cdiv(C, cfg["BLOCK_T"]) * triton.cdiv(H, cfg["BLOCK_H"]),)](
             dz, weight, dh, scale, C, V, H, dz.stride(0), weight.stride(0), dh.stride(0),
-            PRECISION=precision, DOT_FP32=dot_fp32, **cfg,
+            PRECISION=precision, INTERPRET_BF16=interpret_bf16, **cfg,
         )  # fmt: skip
 
-    # 4. d weight += dz^T h (fp32, across chunks).
+    # 4. d weight += dz^T h (summed in fp32 within the chunk, added into d_weight's dtype across chunks).
     if d_weight is not None:
         cfg = config["dweight"]
         launchable(_dweight_kernel)[(triton.cdiv(V, cfg["BLOCK_V"]) * triton.cdiv(H, cfg["BLOCK_H"]),)](
             dz, h, d_weight, scale, C, V, H, dz.stride(0), h.stride(0), d_weight.stride(0),
-            PRECISION=precision, DOT_FP32=dot_fp32, **cfg,
+            PRECISION=precision, INTERPRET_BF16=interpret_bf16, **cfg,
         )  # fmt: skip
     return ce, dh, ghost
 
@@ -493,7 +526,10 @@ def per_task_linear_cross_entropy(
         chunk_fn, chunk_rows = _chunk_torch, _reference_chunk_rows
     else:
         chunk_fn, chunk_rows = _chunk_triton, _triton_chunk_rows
+    # bf16 heads: d weight is summed across chunks in bf16 (as Liger-Kernel's), half the memory of an fp32 sum and
+    # no copy at the end; fp16 would underflow (token-mean gradients are ~1/N), fp32 stays fp32.
+    weight_grad_dtype = torch.bfloat16 if chunk_fn is _chunk_triton and weight.dtype == torch.bfloat16 else None
     return _linear_cross_entropy(
         chunk_fn, chunk_rows, hidden, weight, labels, task_ids, num_tasks,
-        task_weights, ghost_weight, softcap, ignore_index, chunk_size,
+        task_weights, ghost_weight, softcap, ignore_index, chunk_size, weight_grad_dtype,
     )  # fmt: skip

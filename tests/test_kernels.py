@@ -371,6 +371,23 @@ def test_triton_lce_matches_reference(dtype, softcap, ghost, seed, triton_device
         assert r.ghost_dot is None
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lce_backward_scales_accumulates_and_runs_once(backend, seed, request):
+    """The gradients computed in the forward pass are scaled by grad_output, add to existing .grad, and are
+    handed over once: a second backward through the same loss is a clear error, not silently wrong gradients."""
+    device = request.getfixturevalue("triton_device") if backend == "triton" else CPU
+    batch = make_batch(random.randint(10, 60), 20, 50, 4, torch.float32, device)
+    _, d_h, d_w = run_lce(per_task_linear_cross_entropy, batch, None, backend=backend)
+    h = batch["hidden"].clone().requires_grad_()
+    w = batch["weight"].clone().requires_grad_()
+    h.grad, w.grad = torch.ones_like(h), torch.ones_like(w)
+    loss = per_task_linear_cross_entropy(**{**batch, "hidden": h, "weight": w}, backend=backend).loss
+    (2.5 * loss).backward(retain_graph=True)
+    assert rel_err(h.grad, 1 + 2.5 * d_h) < 1e-5 and rel_err(w.grad, 1 + 2.5 * d_w) < 1e-5
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
 def test_triton_lce_no_grad(seed, triton_device):
     batch = make_batch(random.randint(1, 100), 24, 77, 4, torch.bfloat16, triton_device)
     with torch.no_grad():
