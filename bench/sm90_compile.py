@@ -35,8 +35,10 @@ UNALIGNED = {"T", "C"}  # row counts: any value; everything else (sizes, strides
 # is i32 except `softcap` (fp32).
 KERNELS = {
     "logits": (lce_module._logits_kernel, dict(h_ptr="bf16", w_ptr="bf16", g_ptr="bf16", p_ptr="bf16")),
+    "rows": (lce_module._rows_kernel, dict(h_ptr="bf16", w_ptr="bf16", g_ptr="bf16", labels_ptr="i64")),
     "dlogits": (lce_module._dlogits_kernel, dict(p_ptr="bf16", labels_ptr="i64")),
     "dhidden": (lce_module._dhidden_kernel, dict(dz_ptr="bf16", w_ptr="bf16", dh_ptr="bf16")),
+    "dhidden split-K": (lce_module._dhidden_kernel, dict(dz_ptr="bf16", w_ptr="bf16", dh_ptr="fp32")),
     "dweight": (lce_module._dweight_kernel, dict(dz_ptr="bf16", h_ptr="bf16", dw_ptr="bf16")),
     "ghost_dot": (ghost_module._ghost_dot_kernel, dict(x_ptr="bf16", delta_ptr="bf16", g_ptr="bf16")),
 }
@@ -49,9 +51,12 @@ VARIANTS = [
     ("logits softcap", "logits", LCE_CONFIG["logits"], dict(HAS_SOFTCAP=True, HAS_GHOST=False)),
     ("logits + ghost", "logits", LCE_CONFIG["logits_ghost"], dict(HAS_SOFTCAP=False, HAS_GHOST=True)),
     ("logits + ghost softcap", "logits", LCE_CONFIG["logits_ghost"], dict(HAS_SOFTCAP=True, HAS_GHOST=True)),
+    ("rows", "rows", LCE_CONFIG["rows"], dict(HAS_SOFTCAP=False, HAS_GHOST=False, WRITE_TILE_SCALE=True)),
+    ("rows + ghost softcap", "rows", LCE_CONFIG["rows"], dict(HAS_SOFTCAP=True, HAS_GHOST=True, WRITE_TILE_SCALE=True)),
     ("dlogits", "dlogits", LCE_CONFIG["dlogits"], dict(HAS_SOFTCAP=False, TILE_V=TILE_V)),
     ("dlogits softcap", "dlogits", LCE_CONFIG["dlogits"], dict(HAS_SOFTCAP=True, TILE_V=TILE_V)),
-    ("dhidden", "dhidden", LCE_CONFIG["dhidden"], {}),
+    ("dhidden", "dhidden", LCE_CONFIG["dhidden"], dict(SPLIT_K=False)),
+    ("dhidden split-K", "dhidden split-K", LCE_CONFIG["dhidden"], dict(SPLIT_K=True)),
     ("dweight", "dweight", LCE_CONFIG["dweight"], {}),
     ("ghost_dot", "ghost_dot", ghost_module._CUDA_CONFIG, {}),
 ]

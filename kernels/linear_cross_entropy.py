@@ -19,18 +19,20 @@ forward pass and returned detached). It costs one extra GEMM of the logits' size
 
 Two implementations share the driver below and differ in how one chunk is processed:
   * `_chunk_torch` (the reference): fp32 matmuls in PyTorch; ghost_t = ((dloss/dz_t) G) . h_t;
-  * `_chunk_triton`: four Triton kernels -
+  * `_chunk_triton`: five Triton kernels -
       1. logits GEMM, soft-cap and per-tile log-sum-exp partials fused in the epilogue; the tile's
          exp(s - tile max), in [0, 1], is stored in the input dtype (the logits themselves never leave the
-         registers). With G, the tile of h G^T is computed alongside and reduced online against the softmax:
-         the ghost dots are exact fp32 values and, without gradients (validation), this kernel is all that runs
-         (the label's logit is a per-token row gather on the host);
-      2. dlogits: softmax - onehot, scaled per tile by exp(tile max - lse), written in place. Storing exp(s - m)
+         registers). With G, the tile of h G^T is computed alongside and reduced online against the softmax;
+      2. per row: log-sum-exp from the tile partials, the label's logit (one row of W, and of G, per token),
+         loss and ghost dot, all fp32. Without gradients (validation) kernels 1 and 2 are all that runs;
+      3. dlogits: softmax - onehot, scaled per tile by exp(tile max - lse), written in place. Storing exp(s - m)
          in bf16 costs no accuracy where it matters: a label with softmax near 1 is its tile's max, stored as
          exactly 1, so 1 - softmax keeps fp32 accuracy; elsewhere the error is the bf16 rounding dz gets anyway;
-      3. d hidden = dz W;   4. d weight += dz^T h (fp32 within a chunk; across chunks in bf16 for a bf16 head,
-         else fp32).
-    Memory: one (chunk, V) buffer in the input dtype (about 512 MiB, chunk_size sets it), d weight, d hidden.
+      4. d hidden = dz W (split over the vocabulary as well when a chunk has too few row tiles to fill the GPU);
+      5. d weight += dz^T h (fp32 within a chunk; across chunks in bf16 for a bf16 head, else fp32).
+    Memory: one (chunk, V) buffer in the input dtype (at most 128 MiB by default, Liger-Kernel's logits chunk;
+    chunk_size sets it), d weight and d hidden (the gradients themselves), a few (chunk,) and (chunk, V / 256)
+    fp32 vectors. When every token carries loss, chunks are views of hidden and d hidden (no copies).
 """
 
 from dataclasses import dataclass
@@ -132,8 +134,13 @@ def _linear_cross_entropy(
     row_coef = task_weights[row_tasks]  # dloss/dce_t
 
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    # Every token carries loss (no prompt or padding) and rows are unit-stride: chunks are views of hidden and of
+    # d hidden, no gathered copies; otherwise the chunk's rows are gathered and their d hidden scattered back.
+    all_rows = n == T and hidden.stride(1) == 1
     with torch.no_grad():
-        d_hidden = torch.zeros_like(hidden) if need_grad and hidden.requires_grad else None
+        d_hidden = None
+        if need_grad and hidden.requires_grad:
+            d_hidden = (torch.empty if all_rows else torch.zeros)(T, H, dtype=hidden.dtype, device=device)
         d_weight = None
         if need_grad and weight.requires_grad:
             d_weight = torch.zeros(V, H, dtype=weight_grad_dtype or acc, device=device)
@@ -142,12 +149,13 @@ def _linear_cross_entropy(
         chunk = max(1, chunk_size or default_chunk_rows(V, hidden.element_size()))
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            h = hidden.index_select(0, rows[s:e])
-            ce, dh, ghost = chunk_fn(
-                h, weight, row_labels[s:e], row_coef[s:e], ghost_weight, softcap, d_weight, d_hidden is not None
-            )
-            row_ce[s:e] = ce
+            h = hidden[s:e] if all_rows else hidden.index_select(0, rows[s:e])
+            dh = None
             if d_hidden is not None:
+                dh = d_hidden[s:e] if all_rows else torch.empty_like(h)
+            ce, ghost = chunk_fn(h, weight, row_labels[s:e], row_coef[s:e], ghost_weight, softcap, d_weight, dh)
+            row_ce[s:e] = ce
+            if dh is not None and not all_rows:
                 d_hidden.index_copy_(0, rows[s:e], dh)
             if row_ghost is not None:
                 row_ghost[s:e] = ghost
@@ -174,11 +182,11 @@ def _reference_chunk_rows(vocab: int, itemsize: int) -> int:
     return max(1, (1 << 26) // vocab)  # (rows, V) fp32 temporaries of 256 MiB each
 
 
-def _chunk_torch(h, weight, labels, coef, ghost_weight, softcap, d_weight, want_d_hidden):
+def _chunk_torch(h, weight, labels, coef, ghost_weight, softcap, d_weight, d_hidden):
     """One chunk of loss tokens: h (C, H), labels (C,), coef (C,) = task weight of each row.
 
-    Returns ce (C,) fp32, d hidden (C, H) in h's dtype or None, ghost (C,) fp32 or None; adds the chunk's
-    d weight into d_weight (V, H) fp32 when given. Logits and their gradient are fp32 (C, V) tensors.
+    Returns ce (C,) fp32 and ghost (C,) fp32 or None; writes the chunk's d hidden into d_hidden (C, H) and adds
+    its d weight into d_weight (V, H) when they are given. Logits and their gradient are fp32 (C, V) tensors.
     Float64 inputs are computed in float64 throughout (tests of exactness).
     """
     acc = torch.promote_types(h.dtype, torch.float32)
@@ -189,8 +197,8 @@ def _chunk_torch(h, weight, labels, coef, ghost_weight, softcap, d_weight, want_
         logits.div_(softcap).tanh_().mul_(softcap)
     lse = torch.logsumexp(logits, dim=1)
     ce = lse - logits.gather(1, labels[:, None]).squeeze(1)
-    if d_weight is None and not want_d_hidden and ghost_weight is None:
-        return ce, None, None
+    if d_weight is None and d_hidden is None and ghost_weight is None:
+        return ce, None
 
     dz = torch.exp(logits - lse[:, None])  # softmax
     dz[torch.arange(dz.shape[0], device=dz.device), labels] -= 1.0
@@ -199,11 +207,12 @@ def _chunk_torch(h, weight, labels, coef, ghost_weight, softcap, d_weight, want_
     dz.mul_(coef[:, None])
     del logits
 
-    dh = (dz @ w32).to(h.dtype) if want_d_hidden else None
+    if d_hidden is not None:
+        d_hidden.copy_(dz @ w32)
     if d_weight is not None:
         d_weight.addmm_(dz.T, h32)
     ghost = ((dz @ ghost_weight.to(acc)) * h32).sum(1) if ghost_weight is not None else None
-    return ce, dh, ghost
+    return ce, ghost
 
 
 def per_task_linear_cross_entropy_reference(
@@ -251,13 +260,13 @@ def _logits_kernel(
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     """Tile (BLOCK_T, BLOCK_V) of s = softcap(h W^T) in fp32 and per row of the tile m = max_v s and
-    sum_v exp(s - m); the host combines the tiles into the log-sum-exp. If STORE_P, the tile of exp(s - m), in
+    sum_v exp(s - m); _rows_kernel combines the tiles into the log-sum-exp. If STORE_P, the tile of exp(s - m), in
     [0, 1], is stored in the input dtype for _dlogits_kernel (the softmax is that times exp(m - lse)).
 
     With the ghost head G, also the tile of g = (h G^T) * ds/dz, reduced online like the sum of exponentials:
-    sum_v exp(s - max) g_v per row, so that on the host ghost_t = coef_t (sum_v softmax(s)_v g_v - g_y).
+    sum_v exp(s - max) g_v per row, so that ghost_t = coef_t (sum_v softmax(s)_v g_v - g_y) (_rows_kernel).
 
-    The label's logit s_y and g_y are gathered on the host (one row of W and G per token): comparing every
+    The label's logit s_y and g_y are left to _rows_kernel (one row of W and G per token): comparing every
     element of the tile with the label costs a tile of predicates, and the 128x256 tile then spills.
     """
     pid = tl.program_id(0)
@@ -308,19 +317,81 @@ def _logits_kernel(
 
 
 @triton.jit
+def _rows_kernel(
+    h_ptr, w_ptr, g_ptr, labels_ptr, coef_ptr, scale_ptr, part_max_ptr, part_sum_ptr, part_ghost_ptr,
+    ce_ptr, target_ptr, ghost_ptr, H, stride_h, stride_w, n_vblocks, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_GHOST: tl.constexpr, WRITE_TILE_SCALE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """One row t, after _logits_kernel: lse_t from the partials of its n_vblocks tiles; the label's logit
+    s_y = softcap(h_t . W[y_t]) in fp32 (target); ce_t = lse_t - s_y; with G,
+    ghost_t = coef_t (sum_v softmax_v g_v - g_y). With WRITE_TILE_SCALE, the row's partial sums are overwritten
+    by tile_scale = coef_t / scale * exp(m - lse_t) per tile, for _dlogits_kernel."""
+    row = tl.program_id(0)
+    parts = row.to(tl.int64) * n_vblocks + tl.arange(0, BLOCK_P)
+    m = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+    for start in range(0, n_vblocks, BLOCK_P):
+        mask = tl.arange(0, BLOCK_P) + start < n_vblocks
+        m = tl.maximum(m, tl.load(part_max_ptr + parts + start, mask=mask, other=float("-inf")))
+    row_max = tl.max(m, axis=0)
+    total = tl.zeros((BLOCK_P,), tl.float32)
+    total_g = tl.zeros((BLOCK_P,), tl.float32)
+    for start in range(0, n_vblocks, BLOCK_P):
+        mask = tl.arange(0, BLOCK_P) + start < n_vblocks
+        e = tl.exp(tl.load(part_max_ptr + parts + start, mask=mask, other=float("-inf")) - row_max)
+        total += e * tl.load(part_sum_ptr + parts + start, mask=mask, other=0.0)
+        if HAS_GHOST:
+            total_g += e * tl.load(part_ghost_ptr + parts + start, mask=mask, other=0.0)
+    lse = row_max + tl.log(tl.sum(total, axis=0))
+
+    label = tl.load(labels_ptr + row)
+    offs_h = tl.arange(0, BLOCK_H)
+    acc = tl.zeros((BLOCK_H,), tl.float32)
+    acc_g = tl.zeros((BLOCK_H,), tl.float32)
+    for k in range(0, H, BLOCK_H):
+        mask_h = offs_h + k < H
+        h = tl.load(h_ptr + row.to(tl.int64) * stride_h + k + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+        acc += h * tl.load(w_ptr + label * stride_w + k + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+        if HAS_GHOST:
+            acc_g += h * tl.load(g_ptr + label * stride_w + k + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+    target = tl.sum(acc, axis=0)
+    if HAS_SOFTCAP:  # as in _logits_kernel
+        e = tl.exp(-2.0 * tl.clamp(target / softcap, -20.0, 20.0))
+        target = softcap * ((1.0 - e) / (1.0 + e))
+    tl.store(target_ptr + row, target)
+    tl.store(ce_ptr + row, lse - target)
+    coef = tl.load(coef_ptr + row)
+    if HAS_GHOST:
+        target_g = tl.sum(acc_g, axis=0)
+        if HAS_SOFTCAP:
+            th = target / softcap
+            target_g = target_g * (1.0 - th * th)
+        tl.store(ghost_ptr + row, coef * (tl.sum(total_g, axis=0) * tl.exp(row_max - lse) - target_g))
+    if WRITE_TILE_SCALE:
+        coef = coef / tl.load(scale_ptr)
+        for start in range(0, n_vblocks, BLOCK_P):
+            mask = tl.arange(0, BLOCK_P) + start < n_vblocks
+            tile_max = tl.load(part_max_ptr + parts + start, mask=mask, other=0.0)
+            tl.store(part_sum_ptr + parts + start, coef * tl.exp(tile_max - lse), mask=mask)
+
+
+@triton.jit
 def _dlogits_kernel(
-    p_ptr, tile_scale_ptr, tile_max_ptr, target_ptr, labels_ptr, coef_ptr, V, stride_p, n_vblocks, softcap,
+    p_ptr, tile_scale_ptr, tile_max_ptr, target_ptr, labels_ptr, coef_ptr, scale_ptr, V, stride_p, n_vblocks,
+    softcap,
     HAS_SOFTCAP: tl.constexpr, INTERPRET_BF16: tl.constexpr, TILE_V: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One row: dz = coef * (softmax(s) - onehot(label)) * ds/dz, written in place over the row's exp(s - m).
+    """One row: dz / scale = coef / scale * (softmax(s) - onehot(label)) * ds/dz, written in place over the
+    row's exp(s - m).
 
     The softmax of column v is exp(s_v - m) * exp(m - lse) with m the max of its tile of _logits_kernel (TILE_V
-    columns); tile_scale = coef * exp(m - lse) per (row, tile). With the soft-cap, s_v = m + log(exp(s_v - m))
-    gives ds/dz = 1 - (s_v / softcap)^2; the label's s_y (target, exact) is used in its column.
+    columns); tile_scale = coef / scale * exp(m - lse) per (row, tile), from _rows_kernel. With the soft-cap,
+    s_v = m + log(exp(s_v - m)) gives ds/dz = 1 - (s_v / softcap)^2; the label's s_y (target, exact) is used in
+    its column.
     """
     row = tl.program_id(0)
     label = tl.load(labels_ptr + row)
-    coef = tl.load(coef_ptr + row)
+    coef = tl.load(coef_ptr + row) / tl.load(scale_ptr)
     p_row = p_ptr + row.to(tl.int64) * stride_p
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -339,24 +410,28 @@ def _dlogits_kernel(
 
 @triton.jit
 def _dhidden_kernel(
-    dz_ptr, w_ptr, dh_ptr, scale_ptr, C, V, H, stride_dz, stride_w, stride_dh,
-    PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    dz_ptr, w_ptr, dh_ptr, scale_ptr, C, V, H, stride_dz, stride_w, stride_dh, v_per_split,
+    SPLIT_K: tl.constexpr, PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    """Tile (BLOCK_T, BLOCK_H) of dh = scale * dz W."""
+    """Tile (BLOCK_T, BLOCK_H) of dh = scale * dz W, over the vocabulary columns [v0, v0 + v_per_split) with
+    v0 = program_id(1) * v_per_split. Stored in dh's dtype, or with SPLIT_K added atomically into an fp32 dh:
+    a chunk of few rows has too few (row, column) tiles to fill the GPU, so the vocabulary is split as well."""
     pid = tl.program_id(0)
     n_hblocks = tl.cdiv(H, BLOCK_H)
     pid_h = pid % n_hblocks
     pid_t = pid // n_hblocks
+    v0 = tl.program_id(1) * v_per_split
+    v_end = tl.minimum(V, v0 + v_per_split)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_v = tl.arange(0, BLOCK_V)
+    offs_v = v0 + tl.arange(0, BLOCK_V)
     mask_t, mask_h = offs_t < C, offs_h < H
     dz_ptrs = dz_ptr + offs_t[:, None].to(tl.int64) * stride_dz + offs_v[None, :]  # (BLOCK_T, BLOCK_V)
     w_ptrs = w_ptr + offs_v[:, None].to(tl.int64) * stride_w + offs_h[None, :]  # (BLOCK_V, BLOCK_H)
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-    for k in range(0, V, BLOCK_V):
-        mask_v = offs_v + k < V
+    for k in range(0, v_end - v0, BLOCK_V):
+        mask_v = offs_v + k < v_end
         a = tl.load(dz_ptrs, mask=mask_t[:, None] & mask_v[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=mask_v[:, None] & mask_h[None, :], other=0.0)
         if INTERPRET_BF16:
@@ -366,9 +441,11 @@ def _dhidden_kernel(
         w_ptrs += BLOCK_V * stride_w
     dh_ptrs = dh_ptr + offs_t[:, None].to(tl.int64) * stride_dh + offs_h[None, :]
     acc = tl.load(scale_ptr) * acc
-    tl.store(
-        dh_ptrs, _round_bf16(acc, INTERPRET_BF16).to(dh_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_h[None, :]
-    )
+    mask = mask_t[:, None] & mask_h[None, :]
+    if SPLIT_K:
+        tl.atomic_add(dh_ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(dh_ptrs, _round_bf16(acc, INTERPRET_BF16).to(dh_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -410,6 +487,7 @@ def _dweight_kernel(
 _CUDA_CONFIG = {
     "logits": dict(BLOCK_T=128, BLOCK_V=256, BLOCK_H=64, num_warps=8, num_stages=3),
     "logits_ghost": dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+    "rows": dict(BLOCK_H=1024, BLOCK_P=1024, num_warps=4),
     "dlogits": dict(BLOCK=4096, num_warps=8),
     "dhidden": dict(BLOCK_T=128, BLOCK_H=128, BLOCK_V=64, num_warps=8, num_stages=3),
     "dweight": dict(BLOCK_V=128, BLOCK_H=128, BLOCK_T=64, num_warps=8, num_stages=3),
@@ -417,6 +495,7 @@ _CUDA_CONFIG = {
 _INTERPRETER_CONFIG = {
     "logits": dict(BLOCK_T=16, BLOCK_V=32, BLOCK_H=16),
     "logits_ghost": dict(BLOCK_T=16, BLOCK_V=32, BLOCK_H=16),
+    "rows": dict(BLOCK_H=16, BLOCK_P=8),
     "dlogits": dict(BLOCK=128),
     "dhidden": dict(BLOCK_T=16, BLOCK_H=16, BLOCK_V=32),
     "dweight": dict(BLOCK_V=32, BLOCK_H=16, BLOCK_T=16),
@@ -424,12 +503,17 @@ _INTERPRETER_CONFIG = {
 
 
 def _triton_chunk_rows(vocab: int, itemsize: int) -> int:
-    """Rows per chunk: the chunk's (rows, V) buffer in the input dtype takes about 512 MiB (2048 bf16 rows for a
-    128K vocabulary: enough row tiles to fill the GPU in the d hidden GEMM, and few passes over d weight)."""
-    return max(256, (1 << 29) // (itemsize * vocab) // 256 * 256)
+    """Rows per chunk: the chunk's (rows, V) buffer in the input dtype takes at most 128 MiB, the size of
+    Liger-Kernel's logits chunk (512 bf16 rows for a 128K vocabulary); a multiple of 128 rows (the row tile)."""
+    return max(128, (1 << 27) // (itemsize * vocab) // 128 * 128)
 
 
-def _chunk_triton(h, weight, labels, coef, ghost_weight, softcap, d_weight, want_d_hidden):
+def _multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of the GPU; under the interpreter a small number, so that tests split too."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _chunk_triton(h, weight, labels, coef, ghost_weight, softcap, d_weight, d_hidden):
     """Triton version of `_chunk_torch` (same arguments and results)."""
     C, H = h.shape
     V = weight.shape[0]
@@ -440,66 +524,68 @@ def _chunk_triton(h, weight, labels, coef, ghost_weight, softcap, d_weight, want
     # under it, bf16 dot operands are upcast (exact in fp32) and bf16 results rounded to nearest even, as on a GPU.
     interpret_bf16 = interpret_mode() and h.dtype == torch.bfloat16
     has_softcap, softcap = softcap is not None, float(softcap or 1.0)
-    has_ghost, need_dz = ghost_weight is not None, d_weight is not None or want_d_hidden
+    has_ghost, need_dz = ghost_weight is not None, d_weight is not None or d_hidden is not None
     weight = weight.contiguous()
+    ghost_weight = ghost_weight.contiguous() if has_ghost else weight
 
-    # 1. Logits, log-sum-exp partials per tile, ghost dots; exp(s - tile max) kept for step 2 if gradients are needed.
+    # 1. Logits tiles: log-sum-exp partials, ghost partials, and exp(s - tile max) kept if gradients are needed.
     cfg = config["logits_ghost" if has_ghost else "logits"]
     tile_v, n_vblocks = cfg["BLOCK_V"], triton.cdiv(V, cfg["BLOCK_V"])
     probs = torch.empty((C, V) if need_dz else (1,), dtype=h.dtype, device=device)
-    part_max, part_sum, part_ghost = torch.empty(3, C, n_vblocks, dtype=torch.float32, device=device)
+    parts = torch.empty(3 if has_ghost else 2, C, n_vblocks, dtype=torch.float32, device=device)
+    part_max, part_sum, part_ghost = parts[0], parts[1], parts[-1]
     launchable(_logits_kernel)[(triton.cdiv(C, cfg["BLOCK_T"]) * n_vblocks,)](
-        h, weight, ghost_weight.contiguous() if has_ghost else weight, probs, part_max, part_sum, part_ghost,
+        h, weight, ghost_weight, probs, part_max, part_sum, part_ghost,
         C, V, H, h.stride(0), weight.stride(0), probs.stride(0), n_vblocks, softcap,
         HAS_SOFTCAP=has_softcap, HAS_GHOST=has_ghost, STORE_P=need_dz,
         PRECISION=precision, INTERPRET_BF16=interpret_bf16, **cfg,
     )  # fmt: skip
-    row_max = part_max.max(dim=1).values
-    lse = row_max + torch.log((part_sum * torch.exp(part_max - row_max[:, None])).sum(dim=1))
-    # The label's logit and ghost value: one row of W (and G) per token, in fp32 like the kernel's accumulators.
-    h32 = h.float()
-    target = (h32 * weight.index_select(0, labels).float()).sum(dim=1)
-    if has_softcap:
-        target = softcap * torch.tanh(target / softcap)
-    ce = lse - target
-    ghost = None
-    if has_ghost:
-        target_ghost = (h32 * ghost_weight.index_select(0, labels).float()).sum(dim=1)
-        if has_softcap:
-            target_ghost = target_ghost * (1.0 - (target / softcap).square())
-        ghost = coef * ((part_ghost * torch.exp(part_max - lse[:, None])).sum(dim=1) - target_ghost)
-    if not need_dz:
-        return ce, None, ghost
 
-    # 2. dz / scale in the input dtype, in place over probs. scale = max |coef| keeps dz in [-1, 1], clear of fp16
-    # underflow (coef is 1/N for a token-mean loss); the GEMMs below multiply it back in fp32.
+    # 2. Per row: log-sum-exp, the label's logit, loss, ghost dot; the tile scales of step 3 over part_sum.
+    # scale = max |coef| keeps dz / scale in [-1, 1], clear of fp16 underflow (coef is 1/N for a token-mean loss);
+    # the GEMMs below multiply it back in fp32.
     scale = coef.abs().max().clamp_min(1e-30).reshape(1)
-    coef = coef / scale
-    tile_scale = torch.exp(part_max - lse[:, None]) * coef[:, None]  # (C, n_vblocks): softmax = probs * exp(m - lse)
+    ce, target = torch.empty(2, C, dtype=torch.float32, device=device)
+    ghost = torch.empty(C, dtype=torch.float32, device=device) if has_ghost else None
+    launchable(_rows_kernel)[(C,)](
+        h, weight, ghost_weight, labels, coef, scale, part_max, part_sum, part_ghost,
+        ce, target, ghost if has_ghost else ce, H, h.stride(0), weight.stride(0), n_vblocks, softcap,
+        HAS_SOFTCAP=has_softcap, HAS_GHOST=has_ghost, WRITE_TILE_SCALE=need_dz, **config["rows"],
+    )  # fmt: skip
+    if not need_dz:
+        return ce, ghost
+
+    # 3. dz / scale in the input dtype, in place over probs.
     dz = probs
     launchable(_dlogits_kernel)[(C,)](
-        dz, tile_scale, part_max, target, labels, coef, V, dz.stride(0), n_vblocks, softcap,
+        dz, part_sum, part_max, target, labels, coef, scale, V, dz.stride(0), n_vblocks, softcap,
         HAS_SOFTCAP=has_softcap, INTERPRET_BF16=interpret_bf16, TILE_V=tile_v, **config["dlogits"],
     )  # fmt: skip
 
-    # 3. d hidden = dz W.
-    dh = None
-    if want_d_hidden:
+    # 4. d hidden = dz W, split over the vocabulary too when the chunk's tiles are fewer than 2 per multiprocessor.
+    if d_hidden is not None:
         cfg = config["dhidden"]
-        dh = torch.empty_like(h)
-        launchable(_dhidden_kernel)[(triton.cdiv(C, cfg["BLOCK_T"]) * triton.cdiv(H, cfg["BLOCK_H"]),)](
-            dz, weight, dh, scale, C, V, H, dz.stride(0), weight.stride(0), dh.stride(0),
-            PRECISION=precision, INTERPRET_BF16=interpret_bf16, **cfg,
+        n_tiles = triton.cdiv(C, cfg["BLOCK_T"]) * triton.cdiv(H, cfg["BLOCK_H"])
+        n_vblocks = triton.cdiv(V, cfg["BLOCK_V"])
+        splits = max(1, min(triton.cdiv(2 * _multiprocessors(device), n_tiles), n_vblocks // 2))
+        v_per_split = triton.cdiv(n_vblocks, splits) * cfg["BLOCK_V"]
+        splits = triton.cdiv(V, v_per_split)
+        out = torch.zeros(C, H, dtype=torch.float32, device=device) if splits > 1 else d_hidden
+        launchable(_dhidden_kernel)[(n_tiles, splits)](
+            dz, weight, out, scale, C, V, H, dz.stride(0), weight.stride(0), out.stride(0), v_per_split,
+            SPLIT_K=splits > 1, PRECISION=precision, INTERPRET_BF16=interpret_bf16, **cfg,
         )  # fmt: skip
+        if splits > 1:
+            d_hidden.copy_(out)
 
-    # 4. d weight += dz^T h (summed in fp32 within the chunk, added into d_weight's dtype across chunks).
+    # 5. d weight += dz^T h (summed in fp32 within the chunk, added into d_weight's dtype across chunks).
     if d_weight is not None:
         cfg = config["dweight"]
         launchable(_dweight_kernel)[(triton.cdiv(V, cfg["BLOCK_V"]) * triton.cdiv(H, cfg["BLOCK_H"]),)](
             dz, h, d_weight, scale, C, V, H, dz.stride(0), h.stride(0), d_weight.stride(0),
             PRECISION=precision, INTERPRET_BF16=interpret_bf16, **cfg,
         )  # fmt: skip
-    return ce, dh, ghost
+    return ce, ghost
 
 
 def per_task_linear_cross_entropy(
