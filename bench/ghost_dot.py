@@ -6,6 +6,8 @@ matmul of the same shape, x (T, in) @ G^T (in, out). A ghost dot costs 2 * T * i
 Writes <out>/<gpu name>/ghost_dot.json and ghost_dot.md.
 
     python bench/ghost_dot.py [--tokens 16384 --tasks 8 --shapes 2048x2048,8192x2048,2048x8192 --out bench/results]
+
+`--device cpu` (tiny sizes, TRITON_INTERPRET=1 for the Triton rows) checks the script itself, for tests.
 """
 
 import argparse
@@ -22,11 +24,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 
 
 def median_ms(fn, warmup: int = 5, repeats: int = 20) -> float:
+    """Median milliseconds of fn(): CUDA events on a GPU, the wall clock without one (smoke runs)."""
+    cuda = torch.cuda.is_available()
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
+        if not cuda:
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -36,18 +46,26 @@ def median_ms(fn, warmup: int = 5, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def bench_shape(n_out: int, n_in: int, offsets: torch.Tensor, task_ids: torch.Tensor, repeats: int) -> dict:
+def device_name(device: torch.device) -> str:
+    """The GPU's name (results go to a folder named after it), or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def bench_shape(
+    n_out: int, n_in: int, offsets: torch.Tensor, task_ids: torch.Tensor, repeats: int, backend: str
+) -> dict:
     from adapt_fast.kernels import per_task_ghost_dot, per_task_ghost_dot_reference
 
     T, K = task_ids.numel(), offsets.numel() - 1
     torch.manual_seed(0)
-    x = torch.randn(T, n_in, device="cuda", dtype=torch.bfloat16)
-    delta = torch.randn(T, n_out, device="cuda", dtype=torch.bfloat16)
-    G = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16)
+    device = task_ids.device
+    x = torch.randn(T, n_in, device=device, dtype=torch.bfloat16)
+    delta = torch.randn(T, n_out, device=device, dtype=torch.bfloat16)
+    G = torch.randn(n_out, n_in, device=device, dtype=torch.bfloat16)
     runs = {
         "matmul": lambda: x @ G.T,
-        "triton_offsets": lambda: per_task_ghost_dot(x, delta, G, task_offsets=offsets),
-        "triton_ids": lambda: per_task_ghost_dot(x, delta, G, task_ids, K),
+        "triton_offsets": lambda: per_task_ghost_dot(x, delta, G, task_offsets=offsets, backend=backend),
+        "triton_ids": lambda: per_task_ghost_dot(x, delta, G, task_ids, K, backend=backend),
         "reference": lambda: per_task_ghost_dot_reference(x, delta, G, task_ids, K),
     }
     ms = {name: median_ms(fn, repeats=repeats) for name, fn in runs.items()}
@@ -72,18 +90,20 @@ def main() -> None:
     parser.add_argument("--shapes", default="2048x2048,8192x2048,2048x8192", help="out x in of each linear layer")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/ghost_dot.py: needs a CUDA GPU, none found")
 
-    gpu = torch.cuda.get_device_name()
+    gpu = device_name(device)
     T, K = args.tokens, args.tasks
-    offsets = torch.linspace(0, T, K + 1, device="cuda").long()
-    task_ids = torch.repeat_interleave(torch.arange(K, device="cuda"), offsets.diff())
+    offsets = torch.linspace(0, T, K + 1, device=device).long()
+    task_ids = torch.repeat_interleave(torch.arange(K, device=device), offsets.diff())
     rows = []
     for shape in args.shapes.split(","):
         n_out, n_in = (int(v) for v in shape.lower().split("x"))
-        rows.append(bench_shape(n_out, n_in, offsets, task_ids, args.repeats))
+        rows.append(bench_shape(n_out, n_in, offsets, task_ids, args.repeats, backend="triton"))
         print(rows[-1], flush=True)
 
     date = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -16,12 +16,14 @@ Peak memory is the peak allocated during one forward+backward minus what was all
 Writes <out>/<gpu name>/loss_kernel.json and loss_kernel.md.
 
     python bench/loss_kernel.py [--tokens 16384 --hidden 2048 --vocab 128256 --tasks 8 --out bench/results]
+
+`--device cpu` (tiny sizes, TRITON_INTERPRET=1 for our rows) checks the script itself, for tests: wall-clock
+times, no peak memory.
 """
 
 import argparse
 import json
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,32 +33,29 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
 
+from ghost_dot import device_name, median_ms  # noqa: E402 (bench/ is the script's folder)
 
-def measure(step, warmup: int, repeats: int) -> tuple[float, float]:
-    """Median milliseconds of step() and its peak extra memory in GiB (over the memory allocated before it)."""
+
+def measure(step, warmup: int, repeats: int) -> tuple[float, float | None]:
+    """Median milliseconds of step() and, on a GPU, its peak extra memory in GiB (over what was allocated
+    before it)."""
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
+    peak = None
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), peak
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return median_ms(step, warmup=0, repeats=repeats), peak
 
 
-def matmul_tflops(m: int, n: int, k: int, repeats: int = 20) -> float:
+def matmul_tflops(m: int, n: int, k: int, device: torch.device, repeats: int = 20) -> float:
     """Measured bf16 TFLOP/s of a (m, k) x (k, n) GEMM."""
-    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
     ms, _ = measure(lambda: a @ b, warmup=5, repeats=repeats)
     return 2 * m * n * k / (ms * 1e-3) / 1e12
 
@@ -72,7 +71,7 @@ def methods(num_tasks: int, ghost_weight: torch.Tensor):
         n = (labels != -100).sum().clamp_min(1).float()
         weights = torch.ones(num_tasks, device=h.device) / n
         return per_task_linear_cross_entropy(
-            h, w, labels, task_ids, num_tasks, weights, ghost_weight=ghost, chunk_size=chunk_size
+            h, w, labels, task_ids, num_tasks, weights, ghost_weight=ghost, chunk_size=chunk_size, backend="triton"
         ).loss
 
     out = {"torch_fp32_logits": torch_fp32_logits}
@@ -105,21 +104,23 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/loss_kernel.py: needs a CUDA GPU, none found")
 
-    gpu = torch.cuda.get_device_name()
+    gpu = device_name(device)
     T, H, V, K = args.tokens, args.hidden, args.vocab, args.tasks
     torch.manual_seed(0)
-    hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    weight = (torch.randn(V, H, device="cuda") * H**-0.5).to(torch.bfloat16).requires_grad_()
-    ghost_weight = torch.randn(V, H, device="cuda", dtype=torch.bfloat16)
-    labels = torch.randint(0, V, (T,), device="cuda")
-    labels[torch.rand(T, device="cuda") < args.ignore_frac] = -100
-    task_ids = torch.arange(T, device="cuda") * K // T  # K contiguous tasks
+    hidden = torch.randn(T, H, device=device, dtype=torch.bfloat16).requires_grad_()
+    weight = (torch.randn(V, H, device=device) * H**-0.5).to(torch.bfloat16).requires_grad_()
+    ghost_weight = torch.randn(V, H, device=device, dtype=torch.bfloat16)
+    labels = torch.randint(0, V, (T,), device=device)
+    labels[torch.rand(T, device=device) < args.ignore_frac] = -100
+    task_ids = torch.arange(T, device=device) * K // T  # K contiguous tasks
 
-    rate = matmul_tflops(T, V, H)
+    rate = matmul_tflops(T, V, H, device)
     gemm_ms = 2 * T * H * V / (rate * 1e12) * 1e3
     rows = [
         dict(method="floor_3gemm", ms=3 * gemm_ms, peak_gib=None, loss=None, status="ok"),
@@ -142,7 +143,8 @@ def main() -> None:
             rows.append(dict(method=name, ms=ms, peak_gib=peak, loss=loss, status="ok"))
         except Exception as e:  # an OOM or a version mismatch in a third-party package: record it, go on
             rows.append(dict(method=name, ms=None, peak_gib=None, loss=None, status=f"{type(e).__name__}: {e}"[:200]))
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         print(rows[-1], flush=True)
 
     result = dict(

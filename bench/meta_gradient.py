@@ -9,6 +9,8 @@ and checks that the two sets of dots agree (bf16 model: agreement to bf16 roundi
 Writes <out>/<gpu name>/meta_gradient.json and meta_gradient.md.
 
     python bench/meta_gradient.py [--model llama-3.2-1b --tokens 16384 --tasks 20 --out bench/results]
+
+`--device cpu --model tiny-llama` (tiny sizes, TRITON_INTERPRET=1) checks the script itself, for tests.
 """
 
 import argparse
@@ -21,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
 
-from ghost_dot import median_ms  # noqa: E402 (bench/ is the script's folder)
+from ghost_dot import device_name, median_ms  # noqa: E402 (bench/ is the script's folder)
 
 
 def packed_batch(tokens: int, tasks: int, vocab: int, example_len: int, seed: int = 0):
@@ -54,6 +56,10 @@ def packed_batch(tokens: int, tasks: int, vocab: int, example_len: int, seed: in
     )  # fmt: skip
 
 
+def gib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-3.2-1b")
@@ -62,8 +68,11 @@ def main() -> None:
     parser.add_argument("--example-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
         raise SystemExit("bench/meta_gradient.py needs a CUDA GPU")
 
     from adapt_fast.model.ghost import GhostDots, exact_task_dots, task_mean_dots, trainable_parameters
@@ -71,14 +80,14 @@ def main() -> None:
     from adapt_fast.model.loss import per_task_loss
 
     K = args.tasks
-    model, _ = load_model_and_tokenizer(args.model, dtype=torch.bfloat16, device="cuda", seed=0)
+    model, _ = load_model_and_tokenizer(args.model, dtype=torch.bfloat16, device=device, seed=0)
     model.train()
     vocab = model.get_output_embeddings().weight.shape[0]
-    batch = packed_batch(args.tokens, K, vocab, args.example_len).to("cuda")
+    batch = packed_batch(args.tokens, K, vocab, args.example_len).to(device)
     n = int(batch.loss_tokens_per_task().sum())
-    weights = torch.full((K,), 1.0 / n, device="cuda")
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    G = {name: torch.randn(p.shape, generator=gen, device="cuda", dtype=p.dtype) * 1e-3
+    weights = torch.full((K,), 1.0 / n, device=device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    G = {name: torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype) * 1e-3
          for name, p in trainable_parameters(model).items()}  # fmt: skip
 
     def train_step():
@@ -99,23 +108,25 @@ def main() -> None:
     results = {}
     for name, fn, repeats in (("train_step", train_step, args.repeats), ("one_pass", one_pass, args.repeats),
                               ("exact", exact, max(1, args.repeats // 2))):  # fmt: skip
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         last = {}
         ms = median_ms(lambda fn=fn, last=last: last.update(value=fn()), warmup=1, repeats=repeats)
-        results[name] = {"seconds": ms / 1e3, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        results[name] = {"seconds": ms / 1e3, "peak_memory_gib": peak}
         if name != "train_step":
             results[name]["dots"] = last["value"].double().cpu().tolist()
-        print(f"{name}: {ms:.1f} ms, peak {results[name]['peak_memory_gib']:.1f} GiB", flush=True)
+        print(f"{name}: {ms:.1f} ms, peak {gib(peak)} GiB", flush=True)
     d1, dx = (torch.tensor(results[k]["dots"]) for k in ("one_pass", "exact"))
     summary = {
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
+        "gpu": device_name(device), "torch": torch.__version__, "model": args.model,
         "parameters": sum(p.numel() for p in model.parameters()), "tokens": args.tokens, "loss_tokens": n,
         "tasks": K, "results": results,
         "speedup_one_pass_vs_exact": results["exact"]["seconds"] / results["one_pass"]["seconds"],
         "one_pass_overhead_vs_train_step": results["one_pass"]["seconds"] / results["train_step"]["seconds"],
         "dots_rel_err": float((d1 - dx).abs().max() / dx.abs().max()),
     }  # fmt: skip
-    folder = args.out / re.sub(r"[^A-Za-z0-9_.-]+", "_", torch.cuda.get_device_name())  # as bench/ghost_dot.py
+    folder = args.out / re.sub(r"[^A-Za-z0-9_.-]+", "_", summary["gpu"])  # as bench/ghost_dot.py
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "meta_gradient.json").write_text(json.dumps(summary, indent=2))
     md = [
@@ -123,7 +134,7 @@ def main() -> None:
         "",
         "| what | ms | peak GiB |",
         "|---|---|---|",
-        *(f"| {k} | {v['seconds'] * 1e3:.1f} | {v['peak_memory_gib']:.1f} |" for k, v in results.items()),
+        *(f"| {k} | {v['seconds'] * 1e3:.1f} | {gib(v['peak_memory_gib'])} |" for k, v in results.items()),
         "",
         f"One pass is {summary['speedup_one_pass_vs_exact']:.1f}x faster than K={K} backward passes (target >= 10x) "
         f"and costs {summary['one_pass_overhead_vs_train_step']:.2f}x a plain training step; dots agree to "

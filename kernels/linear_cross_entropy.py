@@ -532,7 +532,10 @@ def _chunk_triton(h, weight, labels, coef, ghost_weight, softcap, d_weight, d_hi
     cfg = config["logits_ghost" if has_ghost else "logits"]
     tile_v, n_vblocks = cfg["BLOCK_V"], triton.cdiv(V, cfg["BLOCK_V"])
     probs = torch.empty((C, V) if need_dz else (1,), dtype=h.dtype, device=device)
-    parts = torch.empty(3 if has_ghost else 2, C, n_vblocks, dtype=torch.float32, device=device)
+    # fp32 scratch: the tile partials, then (once _dlogits_kernel has read them) the split-K sums of d hidden.
+    n_parts = 3 if has_ghost else 2
+    scratch = torch.empty(max(n_parts * C * n_vblocks, C * H), dtype=torch.float32, device=device)
+    parts = scratch[: n_parts * C * n_vblocks].view(n_parts, C, n_vblocks)
     part_max, part_sum, part_ghost = parts[0], parts[1], parts[-1]
     launchable(_logits_kernel)[(triton.cdiv(C, cfg["BLOCK_T"]) * n_vblocks,)](
         h, weight, ghost_weight, probs, part_max, part_sum, part_ghost,
@@ -562,15 +565,16 @@ def _chunk_triton(h, weight, labels, coef, ghost_weight, softcap, d_weight, d_hi
         HAS_SOFTCAP=has_softcap, INTERPRET_BF16=interpret_bf16, TILE_V=tile_v, **config["dlogits"],
     )  # fmt: skip
 
-    # 4. d hidden = dz W, split over the vocabulary too when the chunk's tiles are fewer than 2 per multiprocessor.
+    # 4. d hidden = dz W, split over the vocabulary too when the chunk has fewer tiles than the GPU runs at once
+    # (2 per multiprocessor).
     if d_hidden is not None:
         cfg = config["dhidden"]
         n_tiles = triton.cdiv(C, cfg["BLOCK_T"]) * triton.cdiv(H, cfg["BLOCK_H"])
         n_vblocks = triton.cdiv(V, cfg["BLOCK_V"])
-        splits = max(1, min(triton.cdiv(2 * _multiprocessors(device), n_tiles), n_vblocks // 2))
+        splits = max(1, min(2 * _multiprocessors(device) // n_tiles, n_vblocks // 2))  # 2 programs per SM at most
         v_per_split = triton.cdiv(n_vblocks, splits) * cfg["BLOCK_V"]
         splits = triton.cdiv(V, v_per_split)
-        out = torch.zeros(C, H, dtype=torch.float32, device=device) if splits > 1 else d_hidden
+        out = scratch[: C * H].view(C, H).zero_() if splits > 1 else d_hidden
         launchable(_dhidden_kernel)[(n_tiles, splits)](
             dz, weight, out, scale, C, V, H, dz.stride(0), weight.stride(0), out.stride(0), v_per_split,
             SPLIT_K=splits > 1, PRECISION=precision, INTERPRET_BF16=interpret_bf16, **cfg,
