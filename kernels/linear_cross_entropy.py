@@ -513,6 +513,15 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+def _dhidden_splits(n_tiles: int, n_vblocks: int, device: torch.device) -> int:
+    """Vocabulary splits of the d hidden GEMM: enough for 2 programs per multiprocessor when the chunk has fewer
+    (row, column) tiles, at least 2 column blocks each; 1 under torch.use_deterministic_algorithms (the split
+    sums are fp32 atomics, whose order varies)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return 1
+    return max(1, min(2 * _multiprocessors(device) // n_tiles, n_vblocks // 2))
+
+
 def _chunk_triton(h, weight, labels, coef, ghost_weight, softcap, d_weight, d_hidden):
     """Triton version of `_chunk_torch` (same arguments and results)."""
     C, H = h.shape
@@ -565,13 +574,12 @@ def _chunk_triton(h, weight, labels, coef, ghost_weight, softcap, d_weight, d_hi
         HAS_SOFTCAP=has_softcap, INTERPRET_BF16=interpret_bf16, TILE_V=tile_v, **config["dlogits"],
     )  # fmt: skip
 
-    # 4. d hidden = dz W, split over the vocabulary too when the chunk has fewer tiles than the GPU runs at once
-    # (2 per multiprocessor).
+    # 4. d hidden = dz W, split over the vocabulary too when the chunk has fewer tiles than the GPU runs at once.
     if d_hidden is not None:
         cfg = config["dhidden"]
         n_tiles = triton.cdiv(C, cfg["BLOCK_T"]) * triton.cdiv(H, cfg["BLOCK_H"])
         n_vblocks = triton.cdiv(V, cfg["BLOCK_V"])
-        splits = max(1, min(2 * _multiprocessors(device) // n_tiles, n_vblocks // 2))  # 2 programs per SM at most
+        splits = _dhidden_splits(n_tiles, n_vblocks, device)
         v_per_split = triton.cdiv(n_vblocks, splits) * cfg["BLOCK_V"]
         splits = triton.cdiv(V, v_per_split)
         out = scratch[: C * H].view(C, H).zero_() if splits > 1 else d_hidden

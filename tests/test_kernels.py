@@ -405,6 +405,19 @@ def test_triton_lce_d_hidden_split_over_vocabulary(multiprocessors, dtype, seed,
     assert rel_err(d_h, e_dh) < GRAD_TOL[dtype] and rel_err(d_w, e_dw) < GRAD_TOL[dtype]
 
 
+def test_d_hidden_splits(monkeypatch):
+    """Few tiles on many multiprocessors: split (2 programs per SM, 2+ column blocks per split); never under
+    torch.use_deterministic_algorithms, since split sums are atomic."""
+    import adapt_fast.kernels.linear_cross_entropy as lce
+
+    monkeypatch.setattr(lce, "_multiprocessors", lambda device: 132)
+    assert lce._dhidden_splits(64, 2004, CPU) == 4  # 512 rows x 2048 columns in 128x128 tiles: 256 programs
+    assert lce._dhidden_splits(256, 2004, CPU) == 1
+    assert lce._dhidden_splits(4, 6, CPU) == 3
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert lce._dhidden_splits(64, 2004, CPU) == 1
+
+
 def test_triton_lce_no_grad(seed, triton_device):
     batch = make_batch(random.randint(1, 100), 24, 77, 4, torch.bfloat16, triton_device)
     with torch.no_grad():
