@@ -4,7 +4,8 @@ the matrix products use Hopper's warpgroup MMA (HGMMA in the SASS) or an older p
 
     python bench/sm90_compile.py [--out bench/results/sm90_compile]
 
-Each kernel is compiled with the tiles it launches with on CUDA (the _CUDA_CONFIG tables) for bf16 inputs, with
+Each kernel is compiled with the tiles it launches with on CUDA (the _CUDA_CONFIG tables) for bf16 inputs (and
+the FMA-path variants for fp32 inputs, _CUDA_CONFIG_FP32, whose products use no tensor cores), with
 the argument specialisation a real launch gets (pointers, sizes and strides divisible by 16; the row count not).
 A kernel that spills (stack > 0, STL/LDL in SASS) runs far under the matmul rate: fix its tiles before timing it.
 Needs the ptxas/cuobjdump that ship with the triton wheel. Writes <out>.json and <out>.md.
@@ -43,9 +44,10 @@ KERNELS = {
     "ghost_dot": (ghost_module._ghost_dot_kernel, dict(x_ptr="bf16", delta_ptr="bf16", g_ptr="bf16")),
 }
 
-# (report name, kernel, its _CUDA_CONFIG entry, extra constexprs)
-LCE_CONFIG = lce_module._CUDA_CONFIG
+# (report name, kernel, its _CUDA_CONFIG entry, extra constexprs); bf16 inputs unless the name says fp32.
+LCE_CONFIG, LCE_FP32 = lce_module._CUDA_CONFIG, lce_module._CUDA_CONFIG_FP32
 TILE_V = LCE_CONFIG["logits"]["BLOCK_V"]  # the dlogits kernel indexes the logits kernel's tiles
+FP32 = dict(PRECISION="ieee")
 VARIANTS = [
     ("logits", "logits", LCE_CONFIG["logits"], dict(HAS_SOFTCAP=False, HAS_GHOST=False)),
     ("logits softcap", "logits", LCE_CONFIG["logits"], dict(HAS_SOFTCAP=True, HAS_GHOST=False)),
@@ -59,6 +61,11 @@ VARIANTS = [
     ("dhidden split-K", "dhidden split-K", LCE_CONFIG["dhidden"], dict(SPLIT_K=True)),
     ("dweight", "dweight", LCE_CONFIG["dweight"], {}),
     ("ghost_dot", "ghost_dot", ghost_module._CUDA_CONFIG, {}),
+    ("fp32 logits softcap", "logits", LCE_FP32["logits"], dict(HAS_SOFTCAP=True, HAS_GHOST=False, **FP32)),
+    ("fp32 logits + ghost softcap", "logits", LCE_FP32["logits_ghost"], dict(HAS_SOFTCAP=True, HAS_GHOST=True, **FP32)),
+    ("fp32 dhidden split-K", "dhidden split-K", LCE_FP32["dhidden"], dict(SPLIT_K=True, **FP32)),
+    ("fp32 dweight", "dweight", LCE_FP32["dweight"], FP32),
+    ("fp32 ghost_dot", "ghost_dot", ghost_module._CUDA_CONFIG_FP32, FP32),
 ]
 DEFAULT_CONSTEXPRS = dict(STORE_P=True, PRECISION="tf32", DOT_FP32=False, INTERPRET_BF16=False)
 
@@ -133,6 +140,8 @@ def main() -> int:
         if args.only and args.only not in name:
             continue
         fn, pointer_types = KERNELS[kernel]
+        if name.startswith("fp32"):
+            pointer_types = {k: "fp32" if v == "bf16" else v for k, v in pointer_types.items()}
         start = time.perf_counter()
         compiled = compile_for_sm90(fn, pointer_types, config, constexprs)
         row = {

@@ -140,6 +140,8 @@ def _ghost_dot_kernel(
 
 # 256x128 tiles: 242 registers and no spills on sm_90 (bench/sm90_compile.py); 128x256 spilled the accumulator.
 _CUDA_CONFIG = dict(BLOCK_T=256, BLOCK_OUT=128, BLOCK_IN=64, GROUP_T=8, num_warps=8, num_stages=3)
+# fp32 inputs: FMA products, not tensor cores; 128x128x32 tiles take 240 registers, no spills (256x128 spilled).
+_CUDA_CONFIG_FP32 = dict(BLOCK_T=128, BLOCK_OUT=128, BLOCK_IN=32, GROUP_T=8, num_warps=8, num_stages=3)
 _INTERPRETER_CONFIG = dict(BLOCK_T=16, BLOCK_OUT=32, BLOCK_IN=16, GROUP_T=4)  # small: odd shapes hit every mask
 
 
@@ -153,7 +155,10 @@ def _ghost_dot_triton(x, delta, G, task_ids=None, num_tasks=None, task_offsets=N
     if T == 0:
         return torch.zeros(K, dtype=torch.float32, device=x.device)
     x, delta, G = x.contiguous(), delta.contiguous(), G.contiguous()
-    cfg = _INTERPRETER_CONFIG if interpret_mode() else _CUDA_CONFIG
+    if interpret_mode():
+        cfg = _INTERPRETER_CONFIG
+    else:
+        cfg = _CUDA_CONFIG_FP32 if x.dtype == torch.float32 else _CUDA_CONFIG
     n_oblocks = triton.cdiv(out_features, cfg["BLOCK_OUT"])
     part = torch.empty(n_oblocks, T, dtype=torch.float32, device=x.device)
     launchable(_ghost_dot_kernel)[(triton.cdiv(T, cfg["BLOCK_T"]) * n_oblocks,)](

@@ -492,6 +492,15 @@ _CUDA_CONFIG = {
     "dhidden": dict(BLOCK_T=128, BLOCK_H=128, BLOCK_V=64, num_warps=8, num_stages=3),
     "dweight": dict(BLOCK_V=128, BLOCK_H=128, BLOCK_T=64, num_warps=8, num_stages=3),
 }
+# fp32 inputs (exactness, rarely trained in): the products run on FMA units, not tensor cores; these tiles keep
+# every kernel under 255 registers without spills (bench/sm90_compile.py).
+_CUDA_CONFIG_FP32 = {
+    **_CUDA_CONFIG,
+    "logits": dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3),
+    "logits_ghost": dict(BLOCK_T=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3),
+    "dhidden": dict(BLOCK_T=128, BLOCK_H=128, BLOCK_V=32, num_warps=8, num_stages=3),
+    "dweight": dict(BLOCK_V=128, BLOCK_H=128, BLOCK_T=32, num_warps=8, num_stages=3),
+}
 _INTERPRETER_CONFIG = {
     "logits": dict(BLOCK_T=16, BLOCK_V=32, BLOCK_H=16),
     "logits_ghost": dict(BLOCK_T=16, BLOCK_V=32, BLOCK_H=16),
@@ -527,7 +536,10 @@ def _chunk_triton(h, weight, labels, coef, ghost_weight, softcap, d_weight, d_hi
     C, H = h.shape
     V = weight.shape[0]
     device = h.device
-    config = _INTERPRETER_CONFIG if interpret_mode() else _CUDA_CONFIG
+    if interpret_mode():
+        config = _INTERPRETER_CONFIG
+    else:
+        config = _CUDA_CONFIG_FP32 if h.dtype == torch.float32 else _CUDA_CONFIG
     precision = "ieee" if h.dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
     # The Triton interpreter's tl.dot multiplies bf16 bit patterns as integers, and its fp32 -> bf16 casts truncate:
     # under it, bf16 dot operands are upcast (exact in fp32) and bf16 results rounded to nearest even, as on a GPU.

@@ -229,7 +229,8 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
     for row in rows:
         assert row["stack_bytes"] == 0 and row["spill_stores"] + row["spill_loads"] == 0, row
         assert row["registers"] <= 255, row
-        assert row["hmma"] == 0 and (row["hgmma"] > 0 or row["kernel"].startswith(("dlogits", "rows"))), row
+        if not row["kernel"].startswith(("dlogits", "rows", "fp32")):  # fp32: FMA products by design
+            assert row["hmma"] == 0 and row["hgmma"] > 0, row
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -446,22 +447,26 @@ def test_triton_ghost_dot_matches_reference(dtype, seed, triton_device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("softcap", [None, 30.0])
-def test_gpu_lce_full_size(softcap, seed):
+def test_gpu_lce_full_size(softcap, dtype, seed):
+    """T=16384, H=2048, V=128256 against the reference in fp32 on the same values. bf16: the reference may use
+    TF32 (bf16 inputs are exact in it) and the bf16 tolerances hold; fp32: no TF32 anywhere, fp32 tolerances."""
     T, H, V, K = 16384, 2048, 128256, 8
-    batch = make_batch(T, H, V, K, torch.bfloat16, torch.device("cuda"))
+    batch = make_batch(T, H, V, K, dtype, torch.device("cuda"))
     batch["weight"] = batch["weight"] * 0.3  # keep Llama-like logit scales
     r, d_h, d_w = run_lce(per_task_linear_cross_entropy, batch, softcap, backend="triton")
     tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True  # bf16 inputs are exact in TF32; keeps the reference fast
+    torch.backends.cuda.matmul.allow_tf32 = dtype == torch.bfloat16  # keeps the bf16 reference fast
     try:
         e, e_dh, e_dw = run_lce(per_task_linear_cross_entropy_reference, upcast(batch), softcap)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     assert torch.equal(r.count, e.count)
-    assert rel_err(r.loss_sum, e.loss_sum) < 1e-4
-    assert rel_err(r.ghost_dot, e.ghost_dot) < 5e-3  # the TF32 reference rounds dz to 10 bits
-    assert rel_err(d_h, e_dh) < 1e-2 and rel_err(d_w, e_dw) < 1e-2
+    low = dtype == torch.bfloat16
+    assert rel_err(r.loss_sum, e.loss_sum) < (1e-4 if low else LOSS_TOL[dtype])
+    assert rel_err(r.ghost_dot, e.ghost_dot) < (5e-3 if low else GRAD_TOL[dtype])  # TF32 reference: 10-bit dz
+    assert rel_err(d_h, e_dh) < GRAD_TOL[dtype] and rel_err(d_w, e_dw) < GRAD_TOL[dtype]
 
 
 @pytest.mark.gpu
