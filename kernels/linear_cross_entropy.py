@@ -546,8 +546,7 @@ def _chunk_triton(h, weight, labels, coef, ghost_weight, softcap, d_weight, d_hi
     interpret_bf16 = interpret_mode() and h.dtype == torch.bfloat16
     has_softcap, softcap = softcap is not None, float(softcap or 1.0)
     has_ghost, need_dz = ghost_weight is not None, d_weight is not None or d_hidden is not None
-    weight = weight.contiguous()
-    ghost_weight = ghost_weight.contiguous() if has_ghost else weight
+    ghost_weight = ghost_weight if has_ghost else weight  # a placeholder pointer when there is no ghost head
 
     # 1. Logits tiles: log-sum-exp partials, ghost partials, and exp(s - tile max) kept if gradients are needed.
     cfg = config["logits_ghost" if has_ghost else "logits"]
@@ -636,6 +635,10 @@ def per_task_linear_cross_entropy(
         chunk_fn, chunk_rows = _chunk_torch, _reference_chunk_rows
     else:
         chunk_fn, chunk_rows = _chunk_triton, _triton_chunk_rows
+        # The kernels take row-major heads; a strided one is copied once here, not once per chunk (autograd routes
+        # the gradient through the copy).
+        weight = weight.contiguous()
+        ghost_weight = None if ghost_weight is None else ghost_weight.contiguous()
     # bf16 heads: d weight is summed across chunks in bf16 (as Liger-Kernel's), half the memory of an fp32 sum and
     # no copy at the end; fp16 would underflow (token-mean gradients are ~1/N), fp32 stays fp32.
     weight_grad_dtype = torch.bfloat16 if chunk_fn is _chunk_triton and weight.dtype == torch.bfloat16 else None

@@ -419,6 +419,18 @@ def test_d_hidden_splits(monkeypatch):
     assert lce._dhidden_splits(64, 2004, CPU) == 1
 
 
+def test_triton_lce_strided_head(seed, triton_device):
+    """A head stored transposed (a (V, H) view of an (H, V) tensor): same loss and gradients as a row-major one."""
+    batch = make_batch(random.randint(20, 60), 24, 70, 4, torch.float32, triton_device)
+    wt = batch["weight"].t().contiguous().requires_grad_()  # (H, V) storage
+    h = batch["hidden"].clone().requires_grad_()
+    r = per_task_linear_cross_entropy(**{**batch, "hidden": h, "weight": wt.t()}, backend="triton")
+    r.loss.backward()
+    e, e_dh, e_dw = run_lce(per_task_linear_cross_entropy_reference, batch, None)
+    assert rel_err(r.loss_sum, e.loss_sum) < 1e-5 and rel_err(r.ghost_dot, e.ghost_dot) < 1e-4
+    assert rel_err(h.grad, e_dh) < 1e-4 and rel_err(wt.grad.t(), e_dw) < 1e-4
+
+
 def test_triton_lce_no_grad(seed, triton_device):
     batch = make_batch(random.randint(1, 100), 24, 77, 4, torch.bfloat16, triton_device)
     with torch.no_grad():
