@@ -21,11 +21,14 @@ import os
 import random
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 if not torch.cuda.is_available() and "triton" not in sys.modules:  # import triton in interpreter mode
     _saved = os.environ.get("TRITON_INTERPRET")
@@ -429,6 +432,49 @@ def test_triton_lce_strided_head(seed, triton_device):
     e, e_dh, e_dw = run_lce(per_task_linear_cross_entropy_reference, batch, None)
     assert rel_err(r.loss_sum, e.loss_sum) < 1e-5 and rel_err(r.ghost_dot, e.ghost_dot) < 1e-4
     assert rel_err(h.grad, e_dh) < 1e-4 and rel_err(wt.grad.t(), e_dw) < 1e-4
+
+
+class AllocationLog(TorchDispatchMode):
+    """Bytes of every new tensor storage that a torch op creates while active (views of live storages are not
+    new); storages of the tensors passed in `known` count as existing."""
+
+    def __init__(self, known: list[torch.Tensor]):
+        super().__init__()
+        self.known = {t.untyped_storage().data_ptr() for t in known}
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.known:
+                storage = t.untyped_storage()
+                self.known.add(storage.data_ptr())
+                self.sizes.append(storage.nbytes())
+                weakref.finalize(storage, self.known.discard, storage.data_ptr())  # its address may be reused
+        return out
+
+
+def test_triton_lce_memory_layout(seed, triton_device, monkeypatch):
+    """What the loss layer allocates for a bf16 head, by storage: d hidden (T, H) and d weight (V, H) in bf16,
+    and per chunk one (chunk, V) bf16 buffer and an fp32 scratch of max(tile partials, chunk x H); nothing else
+    beyond (T,)-sized vectors. An fp32 logits buffer, an fp32 d weight or a copy of either would show here."""
+    import adapt_fast.kernels.linear_cross_entropy as lce
+
+    if triton_device.type == "cpu":  # launch-sized tiles: the interpreter runs few programs
+        cuda_tiles = {k: {n: v for n, v in c.items() if n.startswith("BLOCK")} for k, c in lce._CUDA_CONFIG.items()}
+        monkeypatch.setattr(lce, "_INTERPRETER_CONFIG", cuda_tiles)
+    T, H, V, K, chunk = 512, 64, 2000, 3, 128
+    hidden = torch.randn(T, H, device=triton_device).bfloat16().requires_grad_()
+    weight = (torch.randn(V, H, device=triton_device) * 0.2).bfloat16().requires_grad_()
+    labels, task_ids = torch.randint(0, V, (T,), device=triton_device), torch.randint(0, K, (T,), device=triton_device)
+    with AllocationLog([hidden, weight, labels, task_ids]) as log:
+        r = per_task_linear_cross_entropy(hidden, weight, labels, task_ids, K, backend="triton", chunk_size=chunk)
+        r.loss.backward()
+    n_vblocks = math.ceil(V / lce._CUDA_CONFIG["logits"]["BLOCK_V"])
+    scratch = 4 * max(2 * chunk * n_vblocks, chunk * H)
+    large = sorted(n for n in log.sizes if n > 8 * T)
+    assert large == sorted([T * H * 2, V * H * 2] + [chunk * V * 2, scratch] * (T // chunk)), large
+    assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
 
 
 def test_triton_lce_no_grad(seed, triton_device):
