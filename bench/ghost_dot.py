@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 
 
 def median_ms(fn, warmup: int = 5, repeats: int = 20) -> float:
-    """Median milliseconds of fn(): CUDA events on a GPU, the wall clock without one (smoke runs)."""
-    cuda = torch.cuda.is_available()
+    """Median milliseconds of fn(): CUDA events when the run uses the GPU, else the wall clock (smoke runs)."""
+    cuda = torch.cuda.is_initialized()
     for _ in range(warmup):
         fn()
     if cuda:

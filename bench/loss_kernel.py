@@ -42,7 +42,7 @@ def measure(step, warmup: int, repeats: int) -> tuple[float, float | None]:
     for _ in range(warmup):
         step()
     peak = None
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
