@@ -87,6 +87,8 @@ def per_task_ghost_dot_reference(
     T, out_features = delta.shape
     ids, K = task_index(T, x.device, task_ids, num_tasks, task_offsets)
     g32 = G.float()
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size}")
     chunk = chunk_size or max(1, (1 << 24) // max(out_features, 1))  # (chunk, out) fp32 temporaries, 64 MiB
     row_dots = torch.empty(T, dtype=torch.float32, device=x.device)
     for s in range(0, T, chunk):

@@ -116,6 +116,8 @@ def _linear_cross_entropy(
         raise ValueError(f"ghost_weight must have the head's shape {tuple(weight.shape)}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive or None, got {softcap}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size}")
     acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or float64 for float64 inputs (reference only)
     if task_weights is None:
         task_weights = torch.ones(K, dtype=acc, device=device)
@@ -146,7 +148,7 @@ def _linear_cross_entropy(
             d_weight = torch.zeros(V, H, dtype=weight_grad_dtype or acc, device=device)
         row_ce = torch.empty(n, dtype=acc, device=device)
         row_ghost = torch.empty(n, dtype=acc, device=device) if ghost_weight is not None else None
-        chunk = max(1, chunk_size or default_chunk_rows(V, hidden.element_size()))
+        chunk = chunk_size or default_chunk_rows(V, hidden.element_size())
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             h = hidden[s:e] if all_rows else hidden.index_select(0, rows[s:e])

@@ -274,6 +274,38 @@ def test_reference_lce_float64_is_float64_exact(softcap, seed):
         per_task_linear_cross_entropy(**batch, backend="triton")
 
 
+BAD_LCE_INPUTS = {
+    "hidden not 2-D": (dict(hidden=torch.zeros(2, 5, 8)), "hidden \\(T, H\\) and weight \\(V, H\\)"),
+    "weight width": (dict(weight=torch.zeros(30, 7)), "hidden \\(T, H\\) and weight \\(V, H\\)"),
+    "labels length": (dict(labels=torch.zeros(9, dtype=torch.long)), "labels and task_ids must have shape"),
+    "label out of range": (dict(labels=torch.full((10,), 30)), "labels must be ignore_index"),
+    "dtype mix": (dict(weight=torch.zeros(30, 8, dtype=torch.float64)), "same dtype"),
+    "ghost shape": (dict(ghost_weight=torch.zeros(29, 8)), "ghost_weight must have the head's shape"),
+    "softcap": (dict(softcap=0.0), "softcap must be positive"),
+    "task weights": (dict(task_weights=torch.ones(4)), "task_weights must have shape"),
+    "chunk size": (dict(chunk_size=0), "chunk_size must be a positive"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LCE_INPUTS))
+def test_lce_bad_input_is_a_clear_error(case):
+    args = dict(hidden=torch.zeros(10, 8), weight=torch.zeros(30, 8), labels=torch.zeros(10, dtype=torch.long),
+                task_ids=torch.zeros(10, dtype=torch.long), num_tasks=3)  # fmt: skip
+    change, message = BAD_LCE_INPUTS[case]
+    with pytest.raises(ValueError, match=message):
+        per_task_linear_cross_entropy(**{**args, **change}, backend="torch")
+
+
+def test_ghost_dot_bad_input_is_a_clear_error():
+    x, delta, G, ids = torch.zeros(6, 4), torch.zeros(6, 5), torch.zeros(5, 4), torch.zeros(6, dtype=torch.long)
+    with pytest.raises(ValueError, match="do not match"):
+        per_task_ghost_dot(x, delta, G.T, ids, 2)
+    with pytest.raises(ValueError, match="num_tasks is required"):
+        per_task_ghost_dot(x, delta, G, ids)
+    with pytest.raises(ValueError, match="chunk_size must be a positive"):
+        per_task_ghost_dot(x, delta, G, ids, 2, chunk_size=-1)
+
+
 def test_reference_lce_no_grad_and_no_tokens(seed):
     batch = make_batch(50, 16, 40, 4, torch.float32)
     with torch.no_grad():
