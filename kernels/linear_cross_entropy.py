@@ -254,6 +254,13 @@ def _round_bf16(x, INTERPRET_BF16: tl.constexpr):
 
 
 @triton.jit
+def _softcap(z, softcap):
+    """softcap * tanh(z / softcap), fp32: tanh from exp, clamped where it is +-1 in fp32 (no overflow)."""
+    e = tl.exp(-2.0 * tl.clamp(z / softcap, -20.0, 20.0))
+    return softcap * ((1.0 - e) / (1.0 + e))
+
+
+@triton.jit
 def _logits_kernel(
     h_ptr, w_ptr, g_ptr, p_ptr, part_max_ptr, part_sum_ptr, part_ghost_ptr,
     C, V, H, stride_h, stride_w, stride_p, n_vblocks, softcap,
@@ -299,9 +306,8 @@ def _logits_kernel(
         h_ptrs += BLOCK_H
         w_ptrs += BLOCK_H
         g_ptrs += BLOCK_H
-    if HAS_SOFTCAP:  # softcap * tanh(z / softcap): tanh from exp, clamped where it is +-1 in fp32 (no overflow)
-        e = tl.exp(-2.0 * tl.clamp(acc / softcap, -20.0, 20.0))
-        acc = softcap * ((1.0 - e) / (1.0 + e))
+    if HAS_SOFTCAP:
+        acc = _softcap(acc, softcap)
     row_max = tl.max(tl.where(mask_v[None, :], acc, float("-inf")), axis=1)
     p = tl.where(mask_v[None, :], tl.exp(acc - row_max[:, None]), 0.0)
     part = offs_t * n_vblocks + pid_v
@@ -357,9 +363,8 @@ def _rows_kernel(
         if HAS_GHOST:
             acc_g += h * tl.load(g_ptr + label * stride_w + k + offs_h, mask=mask_h, other=0.0).to(tl.float32)
     target = tl.sum(acc, axis=0)
-    if HAS_SOFTCAP:  # as in _logits_kernel
-        e = tl.exp(-2.0 * tl.clamp(target / softcap, -20.0, 20.0))
-        target = softcap * ((1.0 - e) / (1.0 + e))
+    if HAS_SOFTCAP:
+        target = _softcap(target, softcap)
     tl.store(target_ptr + row, target)
     tl.store(ce_ptr + row, lse - target)
     coef = tl.load(coef_ptr + row)
