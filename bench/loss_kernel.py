@@ -13,7 +13,9 @@ At T tokens, hidden size H and vocabulary V (default 16384 x 2048 x 128256, the 
 
 Every method computes the mean token loss (labels -100 excluded) and the gradients of hidden and weight.
 Peak memory is the peak allocated during one forward+backward minus what was allocated before it (inputs).
-Writes <out>/<gpu name>/loss_kernel.json and loss_kernel.md.
+Writes <out>/<gpu name>/loss_kernel.json and loss_kernel.md, with the targets as ratios of the rows (ours no slower
+than cce and within 1.3x the 3-GEMM floor, peak no more than liger's, ours_ghost within 1.45x ours) and, for ours
+and ours_ghost, the milliseconds of each kernel in one step (torch.profiler), to show where the time goes.
 
     python bench/loss_kernel.py [--tokens 16384 --hidden 2048 --vocab 128256 --tasks 8 --out bench/results]
 
@@ -58,6 +60,50 @@ def matmul_tflops(m: int, n: int, k: int, device: torch.device, repeats: int = 2
     b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
     ms, _ = measure(lambda: a @ b, warmup=5, repeats=repeats)
     return 2 * m * n * k / (ms * 1e-3) / 1e12
+
+
+def kernel_breakdown(step, device: torch.device) -> dict:
+    """Milliseconds per GPU kernel name in one step() (torch.profiler's CUDA activity), largest first: where the
+    time goes, without Nsight. On CPU (smoke runs) the ops' own CPU time instead. {"error": ...} where the
+    profiler cannot read the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    try:
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+        totals: dict[str, list] = {}
+        for event in prof.events():
+            if event.device_type == kind:
+                name = event.name if len(event.name) <= 60 else event.name[:57] + "..."
+                entry = totals.setdefault(name, [0.0, 0])
+                entry[0] += (event.device_time_total if cuda else event.self_cpu_time_total) / 1e3  # us -> ms
+                entry[1] += 1
+    except Exception as e:  # CUPTI unavailable (e.g. a sandboxed GPU): the timings above still stand
+        return {"error": f"{type(e).__name__}: {e}"[:200]}
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    return {name: dict(ms=ms, launches=n) for name, (ms, n) in ranked}
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets (benchmarks, not tests) as ratios of this run's rows; None where a row is missing."""
+    ms = {r["method"]: r["ms"] for r in rows}
+    peak = {r["method"]: r["peak_gib"] for r in rows}
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    checks = [
+        ("ours time / cce time", ratio(ms.get("ours"), ms.get("cce")), 1.0),
+        ("ours time / 3-GEMM floor", ratio(ms.get("ours"), ms.get("floor_3gemm")), 1.3),
+        ("ours peak / liger peak", ratio(peak.get("ours"), peak.get("liger")), 1.0),
+        ("ours_ghost time / ours time", ratio(ms.get("ours_ghost"), ms.get("ours")), 1.45),
+    ]
+    return [dict(target=name, ratio=r, at_most=bound, met=None if r is None else r <= bound)
+            for name, r, bound in checks]  # fmt: skip
 
 
 def methods(num_tasks: int, ghost_weight: torch.Tensor):
@@ -126,6 +172,7 @@ def main() -> None:
         dict(method="floor_3gemm", ms=3 * gemm_ms, peak_gib=None, loss=None, status="ok"),
         dict(method="floor_4gemm", ms=4 * gemm_ms, peak_gib=None, loss=None, status="ok"),
     ]
+    steps = {}  # ours, ours_ghost: profiled after every row is measured and written
     for name, fn in methods(K, ghost_weight).items():
         if isinstance(fn, str):
             rows.append(dict(method=name, ms=None, peak_gib=None, loss=None, status=fn))
@@ -141,6 +188,7 @@ def main() -> None:
             loss = step().item()
             ms, peak = measure(step, args.warmup, args.repeats)
             rows.append(dict(method=name, ms=ms, peak_gib=peak, loss=loss, status="ok"))
+            steps[name] = step
         except Exception as e:  # an OOM or a version mismatch in a third-party package: record it, go on
             rows.append(dict(method=name, ms=None, peak_gib=None, loss=None, status=f"{type(e).__name__}: {e}"[:200]))
         if device.type == "cuda":
@@ -154,27 +202,51 @@ def main() -> None:
         matmul_tflops=rate,
         date=time.strftime("%Y-%m-%d %H:%M:%S"),
         rows=rows,
+        targets=targets(rows),
+        kernels={},  # ours, ours_ghost: ms per kernel (per op on CPU) in one step
     )
     out_dir = args.out / re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_results(result, out_dir, device)  # first without the profiles: a profiler that crashes loses nothing
+    for name in ("ours", "ours_ghost"):
+        if name in steps:
+            result["kernels"][name] = kernel_breakdown(steps[name], device)
+    write_results(result, out_dir, device)
+
+
+def write_results(result: dict, out_dir: Path, device: torch.device) -> None:
+    """<out_dir>/loss_kernel.json and loss_kernel.md (also printed)."""
     (out_dir / "loss_kernel.json").write_text(json.dumps(result, indent=2) + "\n")
+    shape = result["shape"]
     lines = [
-        f"# Fused linear cross-entropy, {gpu}",
+        f"# Fused linear cross-entropy, {result['gpu']}",
         "",
-        f"T={T}, H={H}, V={V}, K={K}, bf16, ignored labels {args.ignore_frac:.0%}; forward+backward; "
-        f"bf16 matmul {rate:.0f} TFLOP/s.",
+        f"T={shape['tokens']}, H={shape['hidden']}, V={shape['vocab']}, K={shape['tasks']}, bf16, ignored labels "
+        f"{shape['ignore_frac']:.0%}; forward+backward; bf16 matmul {result['matmul_tflops']:.0f} TFLOP/s.",
         "",
         "| method | ms | peak extra GiB | loss | status |",
         "|---|---:|---:|---:|---|",
     ]
-    for r in rows:
+    for r in result["rows"]:
         ms = f"{r['ms']:.2f}" if r["ms"] is not None else "-"
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
         loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
         lines.append(f"| {r['method']} | {ms} | {peak} | {loss} | {r['status']} |")
+    lines += ["", "| target | ratio | at most | met |", "|---|---:|---:|---|"]
+    for t in result["targets"]:
+        ratio = f"{t['ratio']:.2f}" if t["ratio"] is not None else "-"
+        met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
+        lines.append(f"| {t['target']} | {ratio} | {t['at_most']} | {met} |")
+    for name, kernels in result["kernels"].items():
+        lines += ["", f"{'Kernels' if device.type == 'cuda' else 'Ops'} of one `{name}` step (torch.profiler):", ""]
+        if "error" in kernels:
+            lines.append(f"profiler unavailable: {kernels['error']}")
+            continue
+        lines += ["| name | ms | launches |", "|---|---:|---:|"]
+        lines += [f"| `{k}` | {v['ms']:.2f} | {v['launches']} |" for k, v in list(kernels.items())[:12]]
     (out_dir / "loss_kernel.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"wrote {out_dir}/loss_kernel.json and .md")
+    print(f"wrote {out_dir}/loss_kernel.json and .md", flush=True)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,13 @@ def test_loss_kernel_bench_smoke(tmp_path):
     for name in ("ours", "ours_ghost", "ours_chunk2048"):
         assert rows[name]["status"] == "ok" and rows[name]["ms"] > 0
         assert rows[name]["loss"] == pytest.approx(expected, rel=1e-2)
+    targets = {t["target"]: t for t in result["targets"]}
+    ghost = targets["ours_ghost time / ours time"]
+    assert ghost["ratio"] == pytest.approx(rows["ours_ghost"]["ms"] / rows["ours"]["ms"])
+    assert ghost["met"] == (ghost["ratio"] <= 1.45)
+    for name in ("ours", "ours_ghost"):  # where the time goes: op names with their times
+        ops = result["kernels"][name]
+        assert "error" not in ops and len(ops) > 3 and all(v["ms"] >= 0 and v["launches"] > 0 for v in ops.values())
 
 
 def test_ghost_dot_bench_smoke(tmp_path):
