@@ -3,7 +3,7 @@
 #   source .device/setup.sh && bash bench/gpu_checks.sh "$OUT"
 # Results land in OUT/<gpu name>/ (JSON and markdown) and OUT/gpu_tests.txt; commit them under bench/results/.
 # Setup once per checkout: the shared folder holds its wheels in wheels/ but setup.sh installs device-wheels/*.whl:
-#   mkdir -p .device && cp -r ../shared/device/. .device/ && ln -sfn wheels .device/device-wheels
+#   mkdir -p .device && cp -r ../shared/device/. .device/ && mv .device/wheels .device/device-wheels
 # and `echo /.device/ >> .git/info/exclude`; pass .device in the run's carry.
 # Each stage has its own time limit (575 s in all, inside the device's 600 s per command), so that one slow stage
 # cannot take the others' results with it; what a stage wrote before its limit stays in OUT.
