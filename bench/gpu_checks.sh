@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of the kernels issue in one device command (tests marked `gpu`, then the three benchmarks):
 #   source .device/setup.sh && bash bench/gpu_checks.sh "$OUT"
-# Results land in OUT/<gpu name>/ (JSON and markdown) and OUT/gpu_tests.txt; commit them under bench/results/.
+# Results land in OUT/<gpu name>/ (JSON and markdown; the peaked-logits loss run in OUT/logit_std4/<gpu name>/) and
+# OUT/gpu_tests.txt; commit them under bench/results/.
 # Setup once per checkout: the shared folder holds its wheels in wheels/ but setup.sh installs device-wheels/*.whl:
 #   mkdir -p .device && cp -r ../shared/device/. .device/ && mv .device/wheels .device/device-wheels
 # and `echo /.device/ >> .git/info/exclude`; pass .device in the run's carry.
