@@ -51,6 +51,13 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def results_dir(out: Path, gpu: str) -> Path:
+    """<out>/<gpu>, with the characters a folder name should not hold replaced by "_"; created."""
+    folder = out / re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def bench_shape(
     n_out: int, n_in: int, offsets: torch.Tensor, task_ids: torch.Tensor, repeats: int, backend: str
 ) -> dict:
@@ -108,8 +115,7 @@ def main() -> None:
 
     date = time.strftime("%Y-%m-%d %H:%M:%S")
     result = dict(gpu=gpu, torch=torch.__version__, tasks=K, dtype="bfloat16", date=date, rows=rows)
-    out_dir = args.out / re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir(args.out, gpu)
     (out_dir / "ghost_dot.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Per-task ghost dot products, {gpu}",

@@ -27,7 +27,6 @@ times, no peak memory.
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
 
-from ghost_dot import device_name, median_ms  # noqa: E402 (bench/ is the script's folder)
+from ghost_dot import device_name, median_ms, results_dir  # noqa: E402 (bench/ is the script's folder)
 
 
 def measure(step, warmup: int, repeats: int) -> tuple[float, float | None]:
@@ -223,8 +222,7 @@ def main() -> None:
         targets=targets(rows),
         kernels={},  # ours, ours_ghost: ms per kernel (per op on CPU) in one step
     )
-    out_dir = args.out / re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir(args.out, gpu)
     write_results(result, out_dir, device)  # first without the profiles: a profiler that crashes loses nothing
     for name in ("ours", "ours_ghost"):
         if name in steps:

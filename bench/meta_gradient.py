@@ -15,7 +15,6 @@ Writes <out>/<gpu name>/meta_gradient.json and meta_gradient.md.
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
 
-from ghost_dot import device_name, median_ms  # noqa: E402 (bench/ is the script's folder)
+from ghost_dot import device_name, median_ms, results_dir  # noqa: E402 (bench/ is the script's folder)
 
 
 def packed_batch(tokens: int, tasks: int, vocab: int, example_len: int, seed: int = 0):
@@ -126,8 +125,7 @@ def main() -> None:
         "one_pass_overhead_vs_train_step": results["one_pass"]["seconds"] / results["train_step"]["seconds"],
         "dots_rel_err": float((d1 - dx).abs().max() / dx.abs().max()),
     }  # fmt: skip
-    folder = args.out / re.sub(r"[^A-Za-z0-9_.-]+", "_", summary["gpu"])  # as bench/ghost_dot.py
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = results_dir(args.out, summary["gpu"])
     (folder / "meta_gradient.json").write_text(json.dumps(summary, indent=2))
     md = [
         f"# Whole-model meta-gradient ({args.model}, T={args.tokens}, K={K}, bf16, {summary['gpu']})",
