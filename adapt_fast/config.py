@@ -95,6 +95,7 @@ class TrainingConfig:
     grad_accum: int = 1
     max_steps: int = 0  # 0 = until the budget is spent
     zero_stage: int = 0
+    gradient_checkpointing: bool = False  # recompute decoder-layer activations in the backward (less memory)
     eval_every: int = 0  # validation losses logged every this many steps (0 = with G / at the end)
     log_every: int = 1
     max_bad_steps: int = 5  # this many non-finite (skipped) steps in a row stop the run (checkpoint, exit 3)

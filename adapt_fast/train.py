@@ -227,7 +227,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, argv: list[str] | None = None):
         import deepspeed
 
-        from adapt_fast.model.loading import load_model_and_tokenizer
+        from adapt_fast.model.loading import enable_gradient_checkpointing, load_model_and_tokenizer
 
         self.cfg = cfg
         self.argv = list(argv or [])
@@ -303,6 +303,11 @@ class Trainer:
         )
         if len(self.tokenizer) > model.get_input_embeddings().weight.shape[0]:
             raise ConfigError(f"model.name {cfg.model.name}: its vocabulary is smaller than the tokenizer's")
+        if cfg.training.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        # Training mode, as HF Trainer sets it (from_pretrained returns the model in eval mode): dropout and
+        # activation checkpointing act on the training steps and on G; validation losses switch to eval mode.
+        model.train()
         self.model_dtype = next(model.parameters()).dtype
         t = cfg.training
         self.total_steps = self._estimate_steps()

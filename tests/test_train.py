@@ -180,3 +180,68 @@ def test_preconditioned_dots_run(tmp_path):
     assert report["tokens_consumed"] == 5000
     dots = [r["meta_dots"] for r in rows if "meta_dots" in r]
     assert dots and all(np.isfinite(v) for d in dots[1:] for v in d.values() if v == v)
+
+
+def test_train_mode_eval_mode_and_gradient_checkpointing(tmp_path, monkeypatch):
+    """A model from a folder (from_pretrained leaves it in eval mode) trains in training mode and is measured
+    in eval mode, as under HF Trainer; training.gradient_checkpointing recomputes the decoder layers in the
+    backward and changes nothing else (losses, meta dots, mixture)."""
+    import torch
+
+    import adapt_fast.model.ghost as ghost_module
+    import adapt_fast.model.loss as loss_module
+    from adapt_fast.model.loading import base_model, load_model_and_tokenizer, unwrap
+
+    folder = tmp_path / "model"
+    load_model_and_tokenizer("tiny-llama", seed=3)[0].save_pretrained(folder)
+    calls: list[tuple[bool, bool]] = []  # (gradients enabled, model in training mode) per loss forward
+    layer_runs = [0]  # forwards of the first decoder layer's MLP, recomputes included
+    hooked: set[int] = set()
+    original = loss_module.per_task_loss
+
+    def recording(model, *args, **kwargs):
+        module = unwrap(model)
+        if id(module) not in hooked:
+            hooked.add(id(module))
+            mlp = base_model(module).layers[0].mlp  # a submodule: the layer's own hooks stay outside the checkpoint
+            mlp.register_forward_pre_hook(lambda *_: layer_runs.__setitem__(0, layer_runs[0] + 1))
+        calls.append((torch.is_grad_enabled(), module.training))
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(loss_module, "per_task_loss", recording)
+    monkeypatch.setattr(ghost_module, "per_task_loss", recording)
+    common = ["--model.name", str(folder), "--budget.tokens", "5000", "--meta.warmup", "1", "--meta.val_every", "2",
+              "--training.max_steps", "4"]  # fmt: skip
+    runs = {}
+    for checkpointing in (False, True):
+        calls.clear()
+        layer_runs[0] = 0
+        name = f"gc_{checkpointing}"
+        runs[checkpointing] = (*train(tmp_path, name, *common, "--training.gradient_checkpointing", str(checkpointing)),
+                               layer_runs[0], sum(grad for grad, _ in calls))  # fmt: skip
+        assert {mode for grad, mode in calls if grad} == {True}  # training steps and G
+        assert {mode for grad, mode in calls if not grad} == {False}  # validation losses
+    (report, rows, mlp_runs, _), (report_gc, rows_gc, mlp_runs_gc, backward_passes) = runs[False], runs[True]
+    assert mlp_runs_gc == mlp_runs + backward_passes  # each forward with gradients ran layer 0 again in its backward
+    assert len(rows) == len(rows_gc) == 4
+    for a, b in zip(rows, rows_gc, strict=True):
+        assert np.isclose(a["loss"], b["loss"], rtol=1e-6)
+        if "meta_dots" in a:
+            x, y = np.array(list(a["meta_dots"].values())), np.array(list(b["meta_dots"].values()))
+            assert np.allclose(x, y, rtol=1e-5, atol=1e-9 * np.nanmax(np.abs(x)), equal_nan=True)
+    assert np.allclose(list(report["mixture_final"].values()), list(report_gc["mixture_final"].values()), rtol=1e-6)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(path):
+    """Every key of the example configs is a field of today's Config (their placeholder paths replaced)."""
+    import yaml
+
+    from adapt_fast.config import load_config
+
+    cfg = load_config(str(path), ["--data.path", "", "--model.name", "tiny-llama"])
+    for section, values in yaml.safe_load(path.read_text()).items():
+        for key, value in values.items() if isinstance(values, dict) else [(None, values)]:
+            if (section, key) not in (("data", "path"), ("model", "name")):
+                field = getattr(cfg, section) if key is None else getattr(getattr(cfg, section), key)
+                assert field == value, (section, key)

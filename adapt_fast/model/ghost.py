@@ -334,6 +334,7 @@ def validation_gradient(
     Taken with torch.autograd.grad on the unwrapped module (no .grad touched, no engine hooks), accumulated in
     fp32 (float64 for float64 parameters) over the micro-batches with task weights w_k / N_k, N_k the task's loss
     tokens over all batches (tasks with N_k = 0 contribute nothing). Local to this rank: the caller may all-reduce.
+    In the model's current mode: the trainer's is training mode, that of the gradients G is dotted with.
     """
     module = unwrap(model)
     params = trainable_parameters(module)
@@ -358,15 +359,20 @@ def validation_gradient(
 def validation_losses(
     model: nn.Module, batches: Sequence[MicroBatch], num_tasks: int, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean token loss per task over all `batches`: losses (K,) float64 (nan where a task has no loss token)
-    and loss-token counts (K,) int64."""
+    """Mean token loss per task over all `batches`, in eval mode (no dropout; the mode is restored after):
+    losses (K,) float64 (nan where a task has no loss token) and loss-token counts (K,) int64."""
     module = unwrap(model)
     device = next(module.parameters()).device
     loss_sum = torch.zeros(num_tasks, dtype=torch.float64, device=device)
     counts = torch.zeros(num_tasks, dtype=torch.int64, device=device)
     ones = torch.ones(num_tasks, dtype=torch.float32, device=device)
-    for batch in batches:
-        out = per_task_loss(module, batch.to(device), ones, backend=backend)
-        loss_sum += out.loss_sum.to(torch.float64)
-        counts += out.count
+    was_training = module.training
+    module.eval()
+    try:
+        for batch in batches:
+            out = per_task_loss(module, batch.to(device), ones, backend=backend)
+            loss_sum += out.loss_sum.to(torch.float64)
+            counts += out.count
+    finally:
+        module.train(was_training)
     return torch.where(counts > 0, loss_sum / counts.clamp(min=1), float("nan")), counts
