@@ -228,6 +228,7 @@ class Trainer:
         import deepspeed
 
         from adapt_fast.model.loading import enable_gradient_checkpointing, load_model_and_tokenizer
+        from adapt_fast.model.loss import attach_zero3_head_loss
 
         self.cfg = cfg
         self.argv = list(argv or [])
@@ -308,6 +309,8 @@ class Trainer:
         # Training mode, as HF Trainer sets it (from_pretrained returns the model in eval mode): dropout and
         # activation checkpointing act on the training steps and on G; validation losses switch to eval mode.
         model.train()
+        if cfg.training.zero_stage == 3:
+            attach_zero3_head_loss(model)  # the fused loss reads the head weight outside the head's forward
         self.model_dtype = next(model.parameters()).dtype
         t = cfg.training
         self.total_steps = self._estimate_steps()
@@ -588,7 +591,8 @@ class Trainer:
 
     def _validation_batches(self, examples_per_task: int | None) -> list[MicroBatch]:
         """This rank's share of a validation batch: `examples_per_task` fresh examples of every task
-        (seeded by the step), or the whole validation split when None."""
+        (seeded by the step), or the whole validation split when None. Every rank gets the same number of
+        micro-batches (empty ones fill in): under ZeRO-3 each forward gathers weights from all ranks."""
         val = self.data.validation
         if examples_per_task is None:
             chosen = np.arange(val.num_examples)
@@ -600,7 +604,8 @@ class Trainer:
             )
         batches = pack_examples(val, np.sort(chosen), self.cfg.tokens_per_micro_batch)
         self.validation_tokens += sum(b.num_tokens for b in batches)
-        return batches[self.rank :: self.world_size]
+        mine = batches[self.rank :: self.world_size]
+        return mine + [self._empty_batch()] * (-(-len(batches) // self.world_size) - len(mine))
 
     def validation_losses(self, batches: list[MicroBatch]) -> tuple[np.ndarray, np.ndarray]:
         """Global per-task mean loss (K,) (nan where a task has no tokens) and loss-token counts."""
@@ -714,10 +719,10 @@ class Trainer:
         )
 
     def _gradients_finite(self) -> bool:
-        """This rank's gradients (ZeRO 1-2: its partition of the reduced ones) hold no inf/nan."""
+        """This rank's gradients (ZeRO 1-3: its partition of the reduced ones) hold no inf/nan."""
         grads: list[torch.Tensor] = []
         averaged = getattr(self.engine.optimizer, "averaged_gradients", None)
-        if self.cfg.training.zero_stage in (1, 2) and isinstance(averaged, dict):
+        if self.cfg.training.zero_stage > 0 and isinstance(averaged, dict):
             for group in averaged.values():
                 grads += [g for g in (group or []) if g is not None]
         else:
@@ -953,6 +958,9 @@ class Trainer:
             "resumed_from": None if self.resumed_from is None else str(self.resumed_from),
             "checkpoint": str(self.ckpt_root / ckpt.step_name(self.step)),
         }
+        # ZeRO-3 holds each weight in partitions: every rank takes part in gathering them (layer by layer, onto
+        # rank 0's CPU, as HF Trainer does); otherwise the module's own state dict is whole.
+        state_dict = self.engine._zero3_consolidated_16bit_state_dict() if self.cfg.training.zero_stage == 3 else None
         if self.is_main:
             self.close_writers()
             (self.out / "report.json").write_text(json.dumps(report, indent=1))
@@ -960,7 +968,7 @@ class Trainer:
 
             write_outputs(self.out)
             model = unwrap(self.model)
-            model.save_pretrained(self.out / "final")
+            model.save_pretrained(self.out / "final", state_dict=state_dict)
             self.tokenizer.save_pretrained(self.out / "final")
             print(
                 f"done: {self.step} steps, {report['tokens_consumed']} / {self.budget} {self.cfg.budget.unit}, "
