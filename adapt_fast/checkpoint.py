@@ -4,9 +4,10 @@ Layout, under `<output_dir>/checkpoints/`:
 
     step-00000012/                          one checkpoint (the optimizer step it was taken after)
         mp_rank_00_model_states.pt          DeepSpeed's files: weights, optimizer, LR scheduler
-        zero_pp_rank_*_optim_states.pt      (ZeRO stages 1-2: each rank's optimizer partition)
+        zero_pp_rank_*_optim_states.pt      (ZeRO stages 1-3: each rank's optimizer partition)
         trainer_state.pt                    the trainer's own state (see Trainer.state_dict)
         rng-rank0.pt, rng-rank1.pt, ...     each rank's RNG states
+        g-rank0.pt, g-rank1.pt, ...         ZeRO-3 with ADAPT: each rank's partitions of G
         COMPLETE.json                       written last: step, budget units consumed, every file's size
 
 A checkpoint is written into `.tmp-step-00000012/` and renamed to `step-00000012/` only once it is
@@ -51,6 +52,11 @@ def step_of(folder: Path) -> int:
 
 def rng_file(rank: int) -> str:
     return f"rng-rank{rank}.pt"
+
+
+def g_partition_file(rank: int) -> str:
+    """Under ZeRO-3: this rank's partitions of the validation gradient G."""
+    return f"g-rank{rank}.pt"
 
 
 # ----------------------------------------------------------------------------- finding checkpoints

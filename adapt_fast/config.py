@@ -95,6 +95,7 @@ class TrainingConfig:
     grad_accum: int = 1
     max_steps: int = 0  # 0 = until the budget is spent
     zero_stage: int = 0
+    deepspeed_config: str = ""  # a DeepSpeed JSON (HF Trainer's --deepspeed) merged in: ZeRO options, offload, ...
     gradient_checkpointing: bool = False  # recompute decoder-layer activations in the backward (less memory)
     eval_every: int = 0  # validation losses logged every this many steps (0 = with G / at the end)
     log_every: int = 1
@@ -362,8 +363,13 @@ def validate(cfg: Config) -> None:
     _check(len(t.betas) == 2 and all(0 <= x < 1 for x in t.betas), "training.betas must be two numbers in [0, 1)")
     _check(t.zero_stage in (0, 1, 2, 3), f"training.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
     _check(
-        not (t.zero_stage == 3 and m.method == "adapt"),
-        "mixture.method adapt is not supported with training.zero_stage 3 yet (use stage 0-2, or a static method)",
+        not t.deepspeed_config or Path(t.deepspeed_config).is_file(),
+        f"training.deepspeed_config: no such file {t.deepspeed_config}",
+    )
+    _check(
+        not (t.zero_stage == 3 and m.method == "adapt" and meta.dots == "exact"),
+        "meta.dots exact is not supported with training.zero_stage 3 (K backward passes over partitioned weights); "
+        "use one_pass",
     )
     _check(
         not (meta.precondition == "adam" and m.method == "adapt" and t.zero_stage > 0),

@@ -118,6 +118,49 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# Keys of the DeepSpeed config that the trainer derives from its own config; a user's JSON may leave them out, say
+# "auto" (as HF Trainer's configs do) or repeat the same value.
+DEEPSPEED_OWNED = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "bf16.enabled", "fp16.enabled", "optimizer", "scheduler", "zero_optimization.stage",
+)  # fmt: skip
+
+
+def merge_deepspeed_config(ours: dict, path: str) -> dict:
+    """`ours` with a user's DeepSpeed JSON merged in (nested sections merged key by key): ZeRO options
+    (bucket sizes, overlap, persistence threshold, offload), communication, logging. A key in DEEPSPEED_OWNED
+    that disagrees with the trainer's own value is a ConfigError naming the setting to change instead."""
+    import copy
+
+    try:
+        user = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"training.deepspeed_config: cannot read {path} ({err.strerror})") from None
+    except ValueError as err:
+        raise ConfigError(f"training.deepspeed_config: {path} is not valid JSON ({err})") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"training.deepspeed_config: {path} must hold a JSON object")
+    merged = copy.deepcopy(ours)
+
+    def merge(into: dict, extra: dict, prefix: str) -> None:
+        for key, value in extra.items():
+            name = prefix + key
+            if value == "auto":
+                continue
+            if isinstance(value, dict) and isinstance(into.get(key, {}), dict) and name not in DEEPSPEED_OWNED:
+                merge(into.setdefault(key, {}), value, name + ".")
+            elif name in DEEPSPEED_OWNED and into.get(key) != value:
+                raise ConfigError(
+                    f"training.deepspeed_config: {name} is {json.dumps(value)} in {path}, but the trainer sets it "
+                    f'from its own config ({json.dumps(into.get(key))}): remove it or write "auto"'
+                )
+            else:
+                into[key] = value
+
+    merge(merged, user, "")
+    return merged
+
+
 def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
     """Linear warm-up, then cosine decay to min_ratio at total_steps (a multiplier of the peak lr)."""
 
@@ -328,6 +371,8 @@ class Trainer:
         }
         if t.grad_clip > 0:
             ds_config["gradient_clipping"] = t.grad_clip
+        if t.deepspeed_config:
+            ds_config = merge_deepspeed_config(ds_config, t.deepspeed_config)
         schedule = lr_lambda(t.warmup_steps, self.total_steps, t.min_lr_ratio)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -380,7 +425,8 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "loader": ckpt.to_plain(self.loader.state_dict()),
             "adapt": self.adapt.state_dict() if self.adapt is not None else None,
-            "G": None if self.G is None else {name: g.detach().cpu() for name, g in self.G.items()},
+            # ZeRO-3: every rank's partitions of G go to its own file (save_checkpoint).
+            "G": None if self.G is None or self._G_partitioned else {n: g.detach().cpu() for n, g in self.G.items()},
             "G_step": self.G_step,
             "validation_tokens": self.validation_tokens,
             "train_seconds": self.train_seconds,
@@ -402,6 +448,12 @@ class Trainer:
         if (state["adapt"] is None) != (self.adapt is None):
             kind = "a static-mixture" if state["adapt"] is None else "an ADAPT"
             raise ConfigError(f"--resume: {path} is from {kind} run; resume with the same mixture.method")
+        old_stage = state["config"]["training"]["zero_stage"]
+        if state["adapt"] is not None and (old_stage == 3) != self._G_partitioned:
+            raise ConfigError(
+                f"--resume: {path} holds G {'in ZeRO-3 partitions' if old_stage == 3 else 'whole'}; "
+                f"resume with training.zero_stage {old_stage}"
+            )
         ignored = ("output_dir", "checkpoint.", "data.cache_dir", "data.num_proc", "training.max_bad_steps")
         changed = [
             key
@@ -411,12 +463,19 @@ class Trainer:
         if changed and self.is_main:
             print(f"warning: resuming with changed settings: {', '.join(changed)}", file=sys.stderr, flush=True)
 
-    def load_state_dict(self, state: dict) -> None:
+    @property
+    def _G_partitioned(self) -> bool:
+        """Under ZeRO-3 G is held as every rank's partitions (adapt_fast.model.zero3)."""
+        return self.cfg.training.zero_stage == 3
+
+    def load_state_dict(self, state: dict, partitions: dict | None = None) -> None:
+        """The trainer's state; `partitions`: this rank's partitions of G (ZeRO-3), saved beside it."""
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
         if self.adapt is not None:
             self.adapt.load_state_dict(state["adapt"])
-        self.G = None if state["G"] is None else {n: g.to(self.device) for n, g in state["G"].items()}
+        G = partitions if partitions is not None else state["G"]
+        self.G = None if G is None else {n: g.to(self.device) for n, g in G.items()}
         self.G_step = state["G_step"]
         self.validation_tokens = int(state["validation_tokens"])
         self.train_seconds = float(state["train_seconds"])
@@ -437,6 +496,8 @@ class Trainer:
         self._barrier()
         self.engine.save_checkpoint(str(self.ckpt_root), tag=tmp_tag, client_state={}, save_latest=False)
         ckpt.save_state(ckpt.rng_state(), tmp / ckpt.rng_file(self.rank))
+        if self._G_partitioned and self.G is not None:
+            ckpt.save_state({n: g.detach().cpu() for n, g in self.G.items()}, tmp / ckpt.g_partition_file(self.rank))
         if self.is_main:
             ckpt.save_state(self.state_dict(), tmp / ckpt.TRAINER_STATE)
         self._barrier()
@@ -457,7 +518,8 @@ class Trainer:
         if load_path is None:
             raise RuntimeError("DeepSpeed found no checkpoint there")
         rng = ckpt.load_state(path / ckpt.rng_file(self.rank))
-        self.load_state_dict(state)
+        g_file = path / ckpt.g_partition_file(self.rank)
+        self.load_state_dict(state, ckpt.load_state(g_file) if g_file.is_file() else None)
         ckpt.set_rng_state(rng)
 
     def _resume(self, value: str) -> Path | None:
@@ -581,12 +643,6 @@ class Trainer:
         """One padding slot: keeps every rank's micro-step count equal after the budget ends."""
         return pack_items(self.data.train, [], self.K)
 
-    def _head_name(self) -> str:
-        from adapt_fast.model.loading import lm_head_and_softcap
-
-        weight, _ = lm_head_and_softcap(self.model)
-        return next(n for n, p in self.model.named_parameters() if p is weight)
-
     # ------------------------------------------------------------------ validation and G
 
     def _validation_batches(self, examples_per_task: int | None) -> list[MicroBatch]:
@@ -637,7 +693,8 @@ class Trainer:
         grads = validation_gradient(
             self.model, batches, torch.tensor(weights_local, dtype=torch.float64), backend=self.backend
         )
-        self.G = {name: all_reduce(g) for name, g in grads.items()}
+        # ZeRO-3: each rank's partitions, already summed over the ranks; otherwise sum the whole G here.
+        self.G = grads if self._G_partitioned else {name: all_reduce(g) for name, g in grads.items()}
         if self.cfg.meta.precondition == "adam":
             self._precondition_G()
 
@@ -670,7 +727,6 @@ class Trainer:
         count = torch.zeros(K, dtype=torch.float64, device=self.device)
         dots = torch.zeros(K, dtype=torch.float64, device=self.device)
         exact = update_mixture and self.cfg.meta.dots == "exact"
-        ghost_head = self.G[self._head_name()] if update_mixture and not exact else None
         # Fault injection (tests): a NaN loss, or a NaN gradient behind a finite loss.
         poison = float("nan") if self.step + 1 in self.inject_nan_steps else None
         poison_grad = poison
@@ -686,7 +742,9 @@ class Trainer:
                 dots += d_exact.to(self.device) * counts_here * W / N  # back to this batch's share of the loss
             if update_mixture and not exact:
                 with GhostDots(self.model, self.G, batch.task_ids, K, backend=self.backend) as ghost:
-                    out = per_task_loss(self.model, batch, weights, ghost_weight=ghost_head, backend=self.backend)
+                    out = per_task_loss(
+                        self.model, batch, weights, ghost_weight=ghost.head_ghost_weight, backend=self.backend
+                    )
                     self.engine.backward(
                         out.loss if poison_grad is None else out.loss * poison_grad, scale_wrt_gas=False
                     )

@@ -300,7 +300,8 @@ def test_non_finite_meta_gradient_skips_only_the_mixture_update(workdir, monkeyp
         (["--mixture.floor", "-0.1"], "mixture.floor (epsilon) must be in [0, 1)"),
         (["--mixture.method", "magic"], "mixture.method: unknown value 'magic'"),
         (["--meta.val_tasks", "copy,not_a_task"], "meta.val_tasks: unknown task(s) not_a_task"),
-        (["--training.zero_stage", "3"], "not supported with training.zero_stage 3"),
+        (["--training.zero_stage", "3", "--meta.dots", "exact"], "meta.dots exact is not supported with"),
+        (["--training.deepspeed_config", "/no/such.json"], "training.deepspeed_config: no such file"),
         (["--meta.precondition", "adam", "--training.zero_stage", "2"], "meta.precondition adam needs"),
         (["--resume", "/no/such/checkpoint"], "--resume: no such checkpoint"),
         (["UNWRITABLE"], "output_dir is not writable"),
@@ -340,18 +341,22 @@ main([*argv, "--output_dir", tmp + "/stopped", "--resume"])
 """
 
 
-def test_two_rank_deepspeed_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path, workdir):
-    """Two DeepSpeed ZeRO-2 ranks (gloo, the environment the deepspeed launcher sets up), each running
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_rank_deepspeed_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path, workdir, zero_stage):
+    """Two DeepSpeed ranks (gloo, the environment the deepspeed launcher sets up), each running
     three trainers in turn so the imports are paid once: the reference, a run that gets SIGTERM on
-    both ranks mid-way (as a cluster scheduler sends it), and its resume."""
+    both ranks mid-way (as a cluster scheduler sends it), and its resume. ZeRO-3 with every weight
+    partitioned (persistence threshold 0): G lives in partitions, and each rank's come back from its file."""
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANK_SCRIPT)
     logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
     argv = [
-        *BASE, "--data.cache_dir", str(workdir / "cache"), "--training.zero_stage", "2",
-        "--meta.val_every", "100", "--budget.tokens", "6000",
+        *BASE, "--data.cache_dir", str(workdir / "cache"), "--training.zero_stage", str(zero_stage),
+        "--meta.val_every", "100", "--budget.tokens", "6000", "--training.deepspeed_config", str(ds_json),
     ]  # fmt: skip
-    port = 29500 + os.getpid() % 1000 + 7
+    port = 29500 + os.getpid() % 1000 + 7 + zero_stage
     procs = []
     for rank in range(2):
         env = subprocess_env(
@@ -393,3 +398,15 @@ def test_two_rank_deepspeed_sigterm_then_resume_equals_the_uninterrupted_run(tmp
     for key in COMPARED:
         assert resumed[key] == ref[key], key
     assert resumed["tokens_consumed"] == 6000
+    if zero_stage == 3:
+        checkpoint = tmp_path / "stopped" / ckpt.CHECKPOINTS / ckpt.step_name(steps_of(tmp_path / "stopped")[0])
+        from transformers import AutoModelForCausalLM
+
+        parts = [torch.load(checkpoint / ckpt.g_partition_file(r), weights_only=True) for r in range(2)]
+        assert parts[0].keys() == parts[1].keys()
+        assert all(g.dim() == 1 and g.shape == parts[1][n].shape for n, g in parts[0].items())
+        weights = sum(
+            p.numel() for p in AutoModelForCausalLM.from_pretrained(tmp_path / "stopped" / "final").parameters()
+        )
+        held = sum(g.numel() for g in parts[0].values())  # half of G on each rank (and < 1 element of padding each)
+        assert weights / 2 <= held < weights / 2 + len(parts[0]), (held, weights)

@@ -134,27 +134,54 @@ def test_bad_config_is_one_line_exit_2(tmp_path):
         assert needle in result.stderr.strip().splitlines()[-1], result.stderr[-500:]
 
 
+def zero3_all_partitioned(tmp_path: Path) -> str:
+    """A DeepSpeed JSON that keeps every weight partitioned under ZeRO-3 (tiny models' weights would otherwise all
+    be persistent, i.e. whole on every rank): the ghost hooks then meet weights that are not gathered."""
+    path = tmp_path / "ds_zero3.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": "auto", "stage3_param_persistence_threshold": 0}}))
+    return str(path)
+
+
+def rows_agree(a: list[dict], b: list[dict]) -> None:
+    """Two runs' metrics rows agree: losses (rtol 1e-5), meta dots (1e-3 of the largest), mixtures (1e-5)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert np.isclose(x["loss"], y["loss"], rtol=1e-5)
+        assert x.keys() == y.keys()
+        if "meta_dots" in x:
+            u, v = (np.array(list(r["meta_dots"].values())) for r in (x, y))
+            ok = np.isfinite(v)
+            assert np.abs(u[ok] - v[ok]).max() <= 1e-3 * np.abs(v[ok]).max(), (u, v)
+        assert np.allclose(list(x["mixture"].values()), list(y["mixture"].values()), atol=1e-5)
+
+
 @pytest.mark.skipif(shutil.which("deepspeed", path=str(Path(sys.executable).parent)) is None, reason="no launcher")
-def test_two_rank_deepspeed_zero2_adapt(tmp_path):
-    out = tmp_path / "ds"
+def test_two_rank_deepspeed_adapt_zero2_and_zero3(tmp_path):
+    """2 ranks through the deepspeed launcher: ADAPT under ZeRO-2, and under ZeRO-3 with every weight partitioned
+    (G in partitions too, gathered per layer); both learn the mixture, and the two runs agree step by step."""
     launcher = str(Path(sys.executable).parent / "deepspeed")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [
-            launcher, "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000), "adapt_fast/train.py",
-            *SMALL, "--data.cache_dir", str(tmp_path / "cache"), "--output_dir", str(out),
-            "--budget.tokens", "12345", "--training.zero_stage", "2", "--meta.warmup", "1", "--meta.val_every", "2",
-        ],
-        capture_output=True, text=True, cwd=REPO, timeout=900, env=env,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
-    assert report["world_size"] == 2
-    assert report["tokens_consumed"] == 12345
-    assert report["mixture_identical_across_ranks"] is True
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert any("meta_dots" in r for r in rows)
-    assert report["mixture_final"] != rows[0]["mixture"]  # the mixture was learned, not left alone
+    rows = {}
+    for stage in (2, 3):
+        out = tmp_path / f"zero{stage}"
+        result = subprocess.run(
+            [
+                launcher, "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000 + stage),
+                "adapt_fast/train.py", *SMALL, "--data.cache_dir", str(tmp_path / "cache"), "--output_dir", str(out),
+                "--budget.tokens", "12345", "--training.zero_stage", str(stage), "--meta.warmup", "1",
+                "--meta.val_every", "2", "--training.deepspeed_config", zero3_all_partitioned(tmp_path),
+            ],
+            capture_output=True, text=True, cwd=REPO, timeout=900, env=env,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads((out / "report.json").read_text())
+        assert report["world_size"] == 2
+        assert report["tokens_consumed"] == 12345
+        assert report["mixture_identical_across_ranks"] is True
+        rows[stage] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert any("meta_dots" in r for r in rows[stage])
+        assert report["mixture_final"] != rows[stage][0]["mixture"]  # the mixture was learned, not left alone
+    rows_agree(rows[3], rows[2])
 
 
 def test_one_pass_dots_match_exact_in_the_trainer(tmp_path):
@@ -245,6 +272,49 @@ def test_shipped_configs_parse(path):
             if (section, key) not in (("data", "path"), ("model", "name")):
                 field = getattr(cfg, section) if key is None else getattr(getattr(cfg, section), key)
                 assert field == value, (section, key)
+
+
+def test_zero3_adapt_equals_zero0(tmp_path):
+    """ADAPT under ZeRO-3 (one rank, every weight partitioned) on Gemma 3 (tied, soft-capped head, scaled
+    embedding dotted by jvp with its weight gathered in the backward): the same losses, meta dots and mixtures
+    as ZeRO-0."""
+    common = ["--model.name", "tiny-gemma3", "--budget.tokens", "5000", "--meta.warmup", "1", "--meta.val_every", "2"]
+    common += ["--training.deepspeed_config", zero3_all_partitioned(tmp_path)]
+    _, rows0 = train(tmp_path, "z0", *common)
+    _, rows3 = train(tmp_path, "z3", *common, "--training.zero_stage", "3")
+    assert sum("meta_dots" in r for r in rows3) >= 3
+    rows_agree(rows3, rows0)
+
+
+def test_deepspeed_config_is_merged_and_conflicts_are_refused(tmp_path):
+    from adapt_fast.errors import ConfigError
+    from adapt_fast.train import merge_deepspeed_config
+
+    ours = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": False}, "zero_optimization": {"stage": 2}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": "auto", "bf16": {"enabled": "auto"},
+        "zero_optimization": {"stage": 2, "overlap_comm": True, "offload_optimizer": {"device": "cpu"}},
+        "communication_data_type": "fp32",
+    }))  # fmt: skip
+    merged = merge_deepspeed_config(ours, str(path))
+    assert merged == {
+        "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": False}, "communication_data_type": "fp32",
+        "zero_optimization": {"stage": 2, "overlap_comm": True, "offload_optimizer": {"device": "cpu"}},
+    }  # fmt: skip
+    assert ours["zero_optimization"] == {"stage": 2}  # not modified
+    for text, needle in (
+        ('{"zero_optimization": {"stage": 3}}', "zero_optimization.stage is 3"),
+        ('{"gradient_accumulation_steps": 4}', "gradient_accumulation_steps is 4"),
+        ('{"optimizer": {"type": "Adam"}}', "optimizer is"),
+        ('{"bf16": {"enabled": true}}', "bf16.enabled is true"),
+        ("[1, 2]", "must hold a JSON object"),
+        ("{nope", "is not valid JSON"),
+    ):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="training.deepspeed_config: ") as err:
+            merge_deepspeed_config(ours, str(path))
+        assert needle in str(err.value), (text, str(err.value))
 
 
 def test_zero3_static_mixture_equals_zero0(tmp_path):

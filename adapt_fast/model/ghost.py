@@ -33,6 +33,7 @@ from torch.func import jvp
 
 from adapt_fast.data.batch import IGNORE_INDEX, MicroBatch
 from adapt_fast.kernels import PerTaskLoss, per_task_ghost_dot
+from adapt_fast.model import zero3
 from adapt_fast.model.loading import unwrap
 from adapt_fast.model.loss import per_task_loss
 
@@ -103,12 +104,28 @@ def _detach(x):
     return x.detach() if isinstance(x, torch.Tensor) else x
 
 
+def _whole(entry: tuple[nn.Parameter, torch.Tensor]) -> torch.Tensor:
+    """G of one (parameter, G entry): the entry itself, or under ZeRO-3 gathered from the ranks' partitions."""
+    param, g = entry
+    return zero3.gather(g, param) if zero3.is_partitioned(param) else g
+
+
+def _value(param: nn.Parameter) -> torch.Tensor:
+    """The parameter's values, detached; under ZeRO-3 gathered from the ranks' weight partitions when the
+    parameter is not gathered at the time (a collective; every rank asks at the same point of the backward)."""
+    if zero3.is_partitioned(param) and param.numel() != param.ds_numel:
+        return zero3.gather(param.ds_tensor.detach().to(param.device), param)
+    return param.detach()
+
+
 class GhostDots:
     """Context manager: while active, the backward adds D_k = <G, grad of task k's share of the loss> to `dots`.
 
-    model     the model (DDP / DeepSpeed wrappers are unwrapped); ZeRO stages 0-2 (ZeRO-3 partitions parameters).
+    model     the model (DDP / DeepSpeed wrappers are unwrapped), ZeRO stages 0-3.
     G         name -> tensor of the parameter's shape, for every trainable parameter (names as in
               trainable_parameters; the head weight's entry goes to the kernel, see head_ghost_weight).
+              Under ZeRO-3: this rank's partition (validation_gradient's), gathered one module at a time in the
+              backward, as ZeRO-3 gathers the weights (collectives: every rank runs the same model).
     task_ids  (T,) int64 task of every token slot of the packed micro-batch; -1 (padding) is ignored.
     dots      (K,) float64 accumulator, reset on __enter__; it never holds per-task gradients.
 
@@ -134,7 +151,11 @@ class GhostDots:
         missing = [n for n in params if n not in G]
         if missing:
             raise ValueError(f"GhostDots: G has no entry for {', '.join(missing)}")
-        wrong = [n for n, p in params.items() if tuple(G[n].shape) != tuple(p.shape)]
+        wrong = [
+            n
+            for n, p in params.items()
+            if (G[n].numel() != zero3.partition_numel(p) if zero3.is_partitioned(p) else G[n].shape != p.shape)
+        ]
         if wrong:
             raise ValueError(f"GhostDots: G has the wrong shape for {', '.join(wrong)}")
 
@@ -170,7 +191,9 @@ class GhostDots:
         self.num_tasks = int(num_tasks)
         self.backend = backend
         name = name_of.get(id(head_weight)) if head_weight is not None else None
-        self.head_ghost_weight: torch.Tensor | None = G[name] if name is not None else None  # (V, H) or None
+        self.head_ghost_weight: torch.Tensor | None = (  # (V, H) or None; gathered now under ZeRO-3
+            _whole((head_weight, G[name])) if name is not None else None
+        )
         self.dots = torch.zeros(self.num_tasks, dtype=torch.float64, device=device)
         self.loss_grad: torch.Tensor | None = None  # gradient that reached the loss (set by add_head)
         self._handles: list = []
@@ -242,15 +265,15 @@ class GhostDots:
         if kind == "linear":
             x = _rows(args[0], dim, T)
             if "weight" in params:
-                total += self._linear_dots(x, d, params["weight"][1], ids, K)
+                total += self._linear_dots(x, d, _whole(params["weight"]), ids, K)
             if "bias" in params:
-                row = d.to(compute) @ params["bias"][1].to(compute)
+                row = d.to(compute) @ _whole(params["bias"]).to(compute)
         elif kind == "embedding":
-            row = (params["weight"][1][_rows(args[0], dim, T)[:, 0]].to(compute) * d.to(compute)).sum(1)
+            row = (_whole(params["weight"])[_rows(args[0], dim, T)[:, 0]].to(compute) * d.to(compute)).sum(1)
         else:  # forward-mode directional derivative of the module output along G
             names = list(params)
-            primals = tuple(params[n][0].detach() for n in names)
-            tangents = tuple(params[n][1].to(params[n][0].dtype) for n in names)
+            primals = tuple(_value(params[n][0]) for n in names)
+            tangents = tuple(_whole(params[n]).to(params[n][0].dtype) for n in names)
             with torch.no_grad():
                 _, tangent = jvp(lambda *p: _forward_with(module, dict(zip(names, p, strict=True)), args, kwargs),
                                  primals, tangents)  # fmt: skip
@@ -334,6 +357,9 @@ def validation_gradient(
     Taken with torch.autograd.grad on the unwrapped module (no .grad touched, no engine hooks), accumulated in
     fp32 (float64 for float64 parameters) over the micro-batches with task weights w_k / N_k, N_k the task's loss
     tokens over all batches (tasks with N_k = 0 contribute nothing). Local to this rank: the caller may all-reduce.
+    Under ZeRO-3 (partitioned parameters) each entry is instead this rank's partition of G already summed over the
+    ranks (adapt_fast.model.zero3), reduced layer by layer as the backward produces it: a collective, and G is
+    never whole on any rank.
     In the model's current mode: the trainer's is training mode, that of the gradients G is dotted with.
     """
     module = unwrap(model)
@@ -345,14 +371,39 @@ def validation_gradient(
     batches = [b.to(device) for b in batches]
     counts = sum((_loss_tokens(b, K) for b in batches), torch.zeros(K, dtype=torch.int64, device=device))
     task_weights = torch.where(counts > 0, weights / counts.clamp(min=1), 0.0).to(torch.float32)
-    G = {n: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for n, p in params.items()}
-    for batch in batches:
-        out = per_task_loss(module, batch, task_weights, backend=backend)
-        grads = torch.autograd.grad(out.loss, [params[n] for n in names], allow_unused=True)
-        for n, g in zip(names, grads, strict=True):
-            if g is not None:
-                G[n] += g
+    partitioned = any(zero3.is_partitioned(p) for p in params.values())
+    G = {
+        n: torch.zeros(
+            zero3.partition_numel(p) if partitioned else p.shape,
+            dtype=torch.promote_types(p.dtype, torch.float32),
+            device=device,
+        )
+        for n, p in params.items()
+    }
+    handles = [params[n].register_hook(_reduce_into(G[n], params[n])) for n in names] if partitioned else []
+    try:
+        for batch in batches:
+            out = per_task_loss(module, batch, task_weights, backend=backend)
+            grads = torch.autograd.grad(out.loss, [params[n] for n in names], allow_unused=True)
+            if not partitioned:
+                for n, g in zip(names, grads, strict=True):
+                    if g is not None:
+                        G[n] += g
+    finally:
+        for handle in handles:
+            handle.remove()
     return {n: G[n].to(params[n].dtype) for n in names}
+
+
+def _reduce_into(partition: torch.Tensor, param: nn.Parameter):
+    """A tensor hook for ZeRO-3: add the summed-over-ranks partition of the parameter's gradient to `partition`,
+    and hand autograd a stride-0 zero instead, so the whole gradient is freed at once."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        partition.add_(zero3.reduce_scatter_sum(grad, param, partition.dtype))
+        return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
+
+    return hook
 
 
 @torch.no_grad()
