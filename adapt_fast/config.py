@@ -371,11 +371,6 @@ def validate(cfg: Config) -> None:
         "meta.dots exact is not supported with training.zero_stage 3 (K backward passes over partitioned weights); "
         "use one_pass",
     )
-    _check(
-        not (meta.precondition == "adam" and m.method == "adapt" and t.zero_stage > 0),
-        f"meta.precondition adam needs training.zero_stage 0 (AdamW's moments whole on every rank), "
-        f"got zero_stage {t.zero_stage}",
-    )
     _check(t.max_bad_steps >= 1, f"training.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     _one_of(cfg.kernels.backend, "kernels.backend", ("auto", "triton", "torch"))
     _check(cfg.checkpoint.every_tokens >= 0, f"checkpoint.every_tokens must be >= 0, got {cfg.checkpoint.every_tokens}")

@@ -37,6 +37,7 @@ Fault injection (tests only; documented so nobody is surprised by it):
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -291,12 +292,6 @@ class Trainer:
         self.K = len(self.task_names)
         if self.data.validation.num_examples == 0 and cfg.mixture.method == "adapt":
             raise ConfigError("mixture.method adapt needs validation examples (data.val_fraction or data.val_examples)")
-        if (
-            cfg.meta.precondition == "adam"
-            and cfg.mixture.method == "adapt"
-            and (cfg.training.zero_stage > 0 or torch.cuda.is_available())
-        ):
-            raise ConfigError("meta.precondition adam needs training.zero_stage 0 in fp32 (the optimizer's moments)")
         self.objective = check_task_names(cfg.meta.val_tasks, self.data, "meta.val_tasks") or list(range(self.K))
         self.budget = resolve_budget(cfg, self.data.train)
 
@@ -700,18 +695,34 @@ class Trainer:
 
     def _precondition_G(self) -> None:
         """G ← P·G with P = diag(1/(√v̂ + eps)) from AdamW's second moments (DESIGN.md section 1):
-        the model's real step is preconditioned, so d_k = <P·G, g_k>. Before AdamW has a moment
-        (step 0) G is left as it is."""
+        the model's real step is preconditioned, so d_k = <P·G, g_k>. The moments are read where DeepSpeed
+        keeps them (fp32, any ZeRO stage, bf16 or not): under ZeRO-3 this rank's partition, which is laid out
+        like its partition of G; under ZeRO 1-2 gathered whole one parameter at a time (a collective); under
+        ZeRO-0 from AdamW's state, of the fp32 master copy in bf16.
+        Before AdamW's first step G is left as it is."""
+        from deepspeed.utils import safe_get_full_optimizer_state, safe_get_local_optimizer_state
+
         from adapt_fast.model.ghost import trainable_parameters
 
-        beta2, eps = self.cfg.training.betas[1], 1e-8
+        steps = [float(state["step"]) for state in self.torch_optimizer.state.values() if "step" in state]
+        if not steps or self.step == self.bad_steps:  # no update yet (DeepSpeed's bf16 wrapper steps once at init)
+            return
+        beta2, eps, t = self.cfg.training.betas[1], 1e-8, steps[0]
+        # ZeRO-0 in bf16/fp16: DeepSpeed's wrapper steps AdamW on fp32 copies, group by group, in order.
+        wrapper = self.engine.optimizer
+        lows, masters = (itertools.chain.from_iterable(getattr(wrapper, a, [])) for a in ("fp16_groups", "fp32_groups"))
+        master_of = {id(low): master for low, master in zip(lows, masters, strict=False)}
         for name, param in trainable_parameters(self.model).items():
-            state = self.optimizer.state.get(param, {})
-            if "exp_avg_sq" not in state or name not in self.G:
-                continue
-            t = float(state["step"])
-            v_hat = state["exp_avg_sq"] / (1 - beta2**t)
-            self.G[name] = self.G[name] / (v_hat.sqrt() + eps).to(self.G[name].dtype)
+            if self._G_partitioned:
+                v = safe_get_local_optimizer_state(param, "exp_avg_sq")
+            else:
+                v = safe_get_full_optimizer_state(param, "exp_avg_sq")  # ZeRO 1-2; None for a ZeRO-0 parameter
+                if v is None:
+                    v = self.torch_optimizer.state[master_of.get(id(param), param)]["exp_avg_sq"]
+            g = self.G[name]
+            compute = torch.promote_types(g.dtype, torch.float32)
+            v_hat = v.to(compute).reshape(g.shape) / (1 - beta2**t)
+            self.G[name] = (g.to(compute) / (v_hat.sqrt() + eps)).to(g.dtype)
 
     # ------------------------------------------------------------------ one optimizer step
 

@@ -302,7 +302,6 @@ def test_non_finite_meta_gradient_skips_only_the_mixture_update(workdir, monkeyp
         (["--meta.val_tasks", "copy,not_a_task"], "meta.val_tasks: unknown task(s) not_a_task"),
         (["--training.zero_stage", "3", "--meta.dots", "exact"], "meta.dots exact is not supported with"),
         (["--training.deepspeed_config", "/no/such.json"], "training.deepspeed_config: no such file"),
-        (["--meta.precondition", "adam", "--training.zero_stage", "2"], "meta.precondition adam needs"),
         (["--resume", "/no/such/checkpoint"], "--resume: no such checkpoint"),
         (["UNWRITABLE"], "output_dir is not writable"),
     ],

@@ -200,13 +200,23 @@ def test_one_pass_dots_match_exact_in_the_trainer(tmp_path):
     assert compared >= 2
 
 
-def test_preconditioned_dots_run(tmp_path):
-    report, rows = train(
-        tmp_path, "pre", "--budget.tokens", "5000", "--meta.warmup", "1", "--meta.precondition", "adam"
-    )
-    assert report["tokens_consumed"] == 5000
-    dots = [r["meta_dots"] for r in rows if "meta_dots" in r]
-    assert dots and all(np.isfinite(v) for d in dots[1:] for v in d.values() if v == v)
+def test_preconditioned_dots_agree_across_zero_stages(tmp_path):
+    """meta.precondition adam reads AdamW's second moments where DeepSpeed keeps them: the torch optimizer (ZeRO-0),
+    gathered fp32 partitions (ZeRO-2), this rank's partition laid out like G's (ZeRO-3, every weight partitioned),
+    the fp32 master copies (ZeRO-0 in bf16, whose wrapper steps AdamW once at start-up on zero gradients)."""
+    common = ["--budget.tokens", "6000", "--meta.warmup", "1", "--meta.val_every", "2", "--meta.precondition", "adam"]
+    common += ["--training.deepspeed_config", zero3_all_partitioned(tmp_path)]
+    report, rows0 = train(tmp_path, "pre0", *common)
+    assert report["tokens_consumed"] == 6000
+    dots = [np.array(list(r["meta_dots"].values())) for r in rows0 if "meta_dots" in r]
+    assert len(dots) >= 4
+    assert np.nanmax(np.abs(dots[-1])) > 10 * np.nanmax(np.abs(dots[0]))  # P = 1/(sqrt(v) + eps) is large here
+    for stage in (2, 3):
+        _, rows = train(tmp_path, f"pre{stage}", *common, "--training.zero_stage", str(stage))
+        rows_agree(rows, rows0)
+    _, bf16 = train(tmp_path, "bf16", *common, "--model.dtype", "bfloat16")
+    first = [np.array(list(r["meta_dots"].values())) for r in bf16 if "meta_dots" in r][0]  # G of step 0: no P yet
+    assert np.allclose(first, dots[0], rtol=0.1), (first, dots[0])
 
 
 def test_train_mode_eval_mode_and_gradient_checkpointing(tmp_path, monkeypatch):
