@@ -7,7 +7,8 @@ With no --config it runs the embedded default: the synthetic NI-format suite and
 random init (CPU when there is no GPU). One optimizer step:
 
 1. (every meta.val_every steps) a fresh validation batch holding every task: per-task losses ℓ_k;
-   for ADAPT also G = ∇Φ, Φ = τ·logΣexp(ℓ_k/τ) over the objective tasks (meta.val_tasks).
+   for ADAPT also G = ∇Φ, Φ = τ·logΣexp(ℓ_k/τ) over the objective tasks (meta.val_tasks); under ZeRO-3
+   each rank keeps only its partition of G, like the weights (adapt_fast.model.zero3).
 2. A micro-batches from the packed loader, which follows the current mixture p and stops at the
    budget. Forward + backward through the DeepSpeed engine; on steps that update the mixture the
    same backward also yields the per-task dot products D_k = <G, ∇ task k's share of the loss>
@@ -160,6 +161,17 @@ def merge_deepspeed_config(ours: dict, path: str) -> dict:
 
     merge(merged, user, "")
     return merged
+
+
+def _undo_startup_step(optimizer: torch.optim.Optimizer) -> None:
+    """DeepSpeed's bf16/fp16 wrapper at ZeRO-0 creates AdamW's state by stepping once on zero gradients, and AdamW's
+    bias correction then counts that step: the first real update came out 0.55x as large as plain AdamW's (and
+    every early one smaller). Where the moments are still zero, set the count back to 0."""
+    for state in optimizer.state.values():
+        moments = [state[k] for k in ("exp_avg", "exp_avg_sq") if k in state]
+        if "step" in state and moments and not any(bool(m.any()) for m in moments):
+            step = state["step"]
+            state["step"] = torch.zeros_like(step) if isinstance(step, torch.Tensor) else 0
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
@@ -376,6 +388,7 @@ class Trainer:
             config=ds_config,
         )
         self.torch_optimizer = optimizer  # the AdamW inside DeepSpeed's wrappers (skipped on bad steps)
+        _undo_startup_step(optimizer)
         ckpt.install_safe_loader(self.engine)
         self.model = self.engine.module
         self.backend = self._kernel_backend()
