@@ -326,6 +326,10 @@ def validate(cfg: Config) -> None:
         f"data.max_len ({d.max_len}) must not exceed tokens_per_micro_batch ({cfg.tokens_per_micro_batch})",
     )
     _one_of(cfg.model.dtype, "model.dtype", ("auto", "float32", "bfloat16", "float16", "float64"))
+    _check(
+        cfg.model.dtype != "float16",
+        "model.dtype float16 is not supported for training (fp16 needs loss scaling): use bfloat16 or float32",
+    )
     _check(bool(cfg.model.name), "model.name must name a preset or a local folder")
 
     _one_of(b.unit, "budget.unit", ("tokens", "loss"))

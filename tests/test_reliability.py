@@ -302,6 +302,7 @@ def test_non_finite_meta_gradient_skips_only_the_mixture_update(workdir, monkeyp
         (["--meta.val_tasks", "copy,not_a_task"], "meta.val_tasks: unknown task(s) not_a_task"),
         (["--training.zero_stage", "3", "--meta.dots", "exact"], "meta.dots exact is not supported with"),
         (["--training.deepspeed_config", "/no/such.json"], "training.deepspeed_config: no such file"),
+        (["--model.dtype", "float16"], "model.dtype float16 is not supported for training"),
         (["--resume", "/no/such/checkpoint"], "--resume: no such checkpoint"),
         (["UNWRITABLE"], "output_dir is not writable"),
     ],
