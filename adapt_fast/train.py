@@ -66,7 +66,7 @@ import torch
 import torch.distributed as dist
 
 from adapt_fast import checkpoint as ckpt
-from adapt_fast.config import Config, check_output_dir, parse_cli, save_config
+from adapt_fast.config import Config, TrainingConfig, check_output_dir, parse_cli, save_config
 from adapt_fast.data.batch import MicroBatch
 from adapt_fast.data.loader import PackedLoader, pack_examples, pack_items
 from adapt_fast.data.prepare import check_task_names, load_data, load_tokenizer, make_loader, resolve_budget
@@ -161,6 +161,18 @@ def merge_deepspeed_config(ours: dict, path: str) -> dict:
 
     merge(merged, user, "")
     return merged
+
+
+def adamw(model: torch.nn.Module, t: TrainingConfig, ds_config: dict) -> torch.optim.Optimizer:
+    """The model's AdamW: torch's, or DeepSpeed's CPU Adam (AdamW mode, its C++ op built on first use) when the
+    DeepSpeed config offloads the optimizer (ZeRO-Offload steps on CPU tensors; DeepSpeed refuses torch's there)."""
+    kwargs = dict(lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, eps=1e-8)
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload in ("cpu", "nvme"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(model.parameters(), adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(model.parameters(), **kwargs)
 
 
 def _undo_startup_step(optimizer: torch.optim.Optimizer) -> None:
@@ -364,9 +376,6 @@ class Trainer:
         self.model_dtype = next(model.parameters()).dtype
         t = cfg.training
         self.total_steps = self._estimate_steps()
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, eps=1e-8
-        )
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": t.grad_accum,
@@ -380,6 +389,7 @@ class Trainer:
             ds_config["gradient_clipping"] = t.grad_clip
         if t.deepspeed_config:
             ds_config = merge_deepspeed_config(ds_config, t.deepspeed_config)
+        optimizer = adamw(model, t, ds_config)
         schedule = lr_lambda(t.warmup_steps, self.total_steps, t.min_lr_ratio)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -734,7 +744,7 @@ class Trainer:
                     v = self.torch_optimizer.state[master_of.get(id(param), param)]["exp_avg_sq"]
             g = self.G[name]
             compute = torch.promote_types(g.dtype, torch.float32)
-            v_hat = v.to(compute).reshape(g.shape) / (1 - beta2**t)
+            v_hat = v.to(g.device, compute).reshape(g.shape) / (1 - beta2**t)  # (offload: v is on the CPU)
             self.G[name] = (g.to(compute) / (v_hat.sqrt() + eps)).to(g.dtype)
 
     # ------------------------------------------------------------------ one optimizer step

@@ -327,6 +327,18 @@ def test_deepspeed_config_is_merged_and_conflicts_are_refused(tmp_path):
         assert needle in str(err.value), (text, str(err.value))
 
 
+def test_zero_offload_uses_deepspeed_cpu_adam_and_equals_zero2(tmp_path):
+    """A DeepSpeed JSON that offloads the optimizer gets DeepSpeed's CPU Adam (AdamW mode; DeepSpeed refuses torch's
+    AdamW there): the run, preconditioned meta dots included (moments on the CPU), equals ZeRO-2 without offload."""
+    offload = tmp_path / "offload.json"
+    offload.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}))
+    common = ["--budget.tokens", "6000", "--meta.warmup", "1", "--meta.val_every", "2", "--meta.precondition", "adam"]
+    common += ["--training.zero_stage", "2"]
+    _, plain = train(tmp_path, "plain", *common)
+    _, offloaded = train(tmp_path, "offload", *common, "--training.deepspeed_config", str(offload))
+    rows_agree(offloaded, plain)
+
+
 def test_bf16_zero0_adamw_counts_only_real_steps(tmp_path):
     """In bf16 at ZeRO-0 DeepSpeed's wrapper steps AdamW once on zero gradients at start-up; left counted, the bias
     correction made the first update 0.55x as large (loss after it 1e-3 above ZeRO-2's). Now the two agree."""
