@@ -294,6 +294,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: str | None = None, argv: list[str] | None = None):
         import deepspeed
+        import pydantic  # DeepSpeed validates its config with it
 
         from adapt_fast.model.loading import enable_gradient_checkpointing, load_model_and_tokenizer
         from adapt_fast.model.loss import attach_zero3_head_loss
@@ -391,12 +392,16 @@ class Trainer:
             ds_config = merge_deepspeed_config(ds_config, t.deepspeed_config)
         optimizer = adamw(model, t, ds_config)
         schedule = lr_lambda(t.warmup_steps, self.total_steps, t.min_lr_ratio)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-            config=ds_config,
-        )
+        try:
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model,
+                optimizer=optimizer,
+                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+                config=ds_config,
+            )
+        except pydantic.ValidationError as err:  # a bad value or key in training.deepspeed_config
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            raise ConfigError(f"training.deepspeed_config: DeepSpeed refuses it ({err.title}: {problems})") from None
         self.torch_optimizer = optimizer  # the AdamW inside DeepSpeed's wrappers (skipped on bad steps)
         _undo_startup_step(optimizer)
         ckpt.install_safe_loader(self.engine)

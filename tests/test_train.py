@@ -349,6 +349,20 @@ def test_bf16_zero0_adamw_counts_only_real_steps(tmp_path):
     assert np.allclose([r["loss"] for r in rows0], [r["loss"] for r in rows2], rtol=2e-4, atol=0)
 
 
+def test_deepspeed_refusing_the_json_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": "abc", "no_such": 1}}))
+    result = subprocess.run(
+        [sys.executable, "-m", "adapt_fast.train", *SMALL, "--data.cache_dir", str(tmp_path / "cache"),
+         "--output_dir", str(tmp_path / "out"), "--training.deepspeed_config", str(bad)],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training.deepspeed_config: DeepSpeed refuses it"), last
+    assert "stage3_param_persistence_threshold" in last and "no_such" in last
+
+
 def test_zero3_static_mixture_equals_zero0(tmp_path):
     """ZeRO-3 partitions the head weight, which the fused loss reads outside the head's forward: the run and the saved
     final model (gathered from the partitions) equal the ZeRO-0 run."""
