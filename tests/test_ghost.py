@@ -28,7 +28,7 @@ from adapt_fast.model.ghost import (
     validation_gradient,
     validation_losses,
 )
-from adapt_fast.model.loading import load_model_and_tokenizer
+from adapt_fast.model.loading import enable_gradient_checkpointing, load_model_and_tokenizer
 from adapt_fast.model.loss import PerTaskLoss, hidden_states, per_task_loss
 
 PRESETS = ("tiny-llama", "tiny-qwen3", "tiny-gemma3")
@@ -190,9 +190,7 @@ def test_gradient_checkpointing(data, reentrant):
     model = tiny_model("tiny-gemma3")
     G = random_G(model)
     d = one_pass(model, batch, G)[0]
-    # transformers 5.23 calls it activation_checkpointing_enable (the old name warns); 5.17 has only the old one
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": reentrant})
+    enable_gradient_checkpointing(model, reentrant=reentrant)
     model.train()  # dropout is 0 in the tiny presets
     assert rel_err(one_pass(model, batch, G)[0], d) <= 1e-12
 

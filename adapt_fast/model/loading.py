@@ -193,13 +193,14 @@ def load_model_and_tokenizer(
     return use_packed_attention(model), tokenizer
 
 
-def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
-    """Recompute each decoder layer's activations in the backward (HF activation checkpointing, non-reentrant,
-    as HF Trainer's `gradient_checkpointing`): memory for one layer's activations instead of all, about a third
-    more compute. Active only while the model is in training mode. ConfigError if the model does not support it."""
+def enable_gradient_checkpointing(model: PreTrainedModel, reentrant: bool = False) -> None:
+    """Recompute each decoder layer's activations in the backward (HF activation checkpointing, non-reentrant by
+    default, as HF Trainer's `gradient_checkpointing`): memory for one layer's activations instead of all, about a
+    third more compute. Active only while the model is in training mode. ConfigError if the model does not support
+    it."""
     if not model.supports_gradient_checkpointing:
         raise ConfigError(f"training.gradient_checkpointing: {type(model).__name__} does not support it")
-    kwargs = {"use_reentrant": False}
+    kwargs = {"use_reentrant": reentrant}
     enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; the old name warns
     if enable is not None:
         enable(activation_checkpointing_kwargs=kwargs)
