@@ -87,7 +87,8 @@ class MetaConfig:
 @dataclass
 class TrainingConfig:
     lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    lr_schedule: str = "cosine"  # after the warm-up: cosine | linear (decay to lr * min_lr_ratio) | constant
+    min_lr_ratio: float = 0.1  # cosine / linear decay to lr * min_lr_ratio
     warmup_steps: int = 10
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -359,6 +360,7 @@ def validate(cfg: Config) -> None:
     _check(meta.val_examples_per_task >= 1, "meta.val_examples_per_task must be >= 1")
 
     _check(t.lr > 0, f"training.lr must be > 0, got {t.lr}")
+    _one_of(t.lr_schedule, "training.lr_schedule", ("cosine", "linear", "constant"))
     _check(0.0 <= t.min_lr_ratio <= 1.0, f"training.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     _check(t.warmup_steps >= 0, f"training.warmup_steps must be >= 0, got {t.warmup_steps}")
     _check(t.grad_clip >= 0, f"training.grad_clip must be >= 0, got {t.grad_clip}")

@@ -186,14 +186,18 @@ def _undo_startup_step(optimizer: torch.optim.Optimizer) -> None:
             state["step"] = torch.zeros_like(step) if isinstance(step, torch.Tensor) else 0
 
 
-def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
-    """Linear warm-up, then cosine decay to min_ratio at total_steps (a multiplier of the peak lr)."""
+def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float, schedule: str = "cosine"):
+    """The multiplier of the peak lr at each step: linear warm-up, then `schedule` down to min_ratio at total_steps
+    (cosine or linear), or constant."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if schedule == "constant":
+            return 1.0
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+        return min_ratio + (1 - min_ratio) * decay
 
     return factor
 
@@ -391,7 +395,7 @@ class Trainer:
         if t.deepspeed_config:
             ds_config = merge_deepspeed_config(ds_config, t.deepspeed_config)
         optimizer = adamw(model, t, ds_config)
-        schedule = lr_lambda(t.warmup_steps, self.total_steps, t.min_lr_ratio)
+        schedule = lr_lambda(t.warmup_steps, self.total_steps, t.min_lr_ratio, t.lr_schedule)
         try:
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model,

@@ -114,6 +114,18 @@ def test_adapt_moves_tokens_away_from_the_random_task(tmp_path):
     )
 
 
+def test_lr_schedules():
+    from adapt_fast.train import lr_lambda
+
+    for schedule, middle in (("cosine", 0.55), ("linear", 0.55), ("constant", 1.0)):
+        f = lr_lambda(warmup_steps=4, total_steps=104, min_ratio=0.1, schedule=schedule)
+        assert [f(s) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]  # warm-up, then the peak at step 4
+        assert f(4) == 1.0 and np.isclose(f(54), middle) and np.isclose(f(104), 0.1 if middle < 1 else 1.0)
+        assert f(200) == f(104)  # past the estimate: held at the end value
+    cosine, linear = (lr_lambda(0, 100, 0.0, s) for s in ("cosine", "linear"))
+    assert cosine(25) > linear(25) and cosine(75) < linear(75)  # cosine stays high longer, then drops faster
+
+
 def test_bad_config_is_one_line_exit_2(tmp_path):
     for args, needle in (
         (["--nope.field", "1"], "unknown config key"),
