@@ -177,8 +177,9 @@ def adamw(model: torch.nn.Module, t: TrainingConfig, ds_config: dict) -> torch.o
 
 def _undo_startup_step(optimizer: torch.optim.Optimizer) -> None:
     """DeepSpeed's bf16/fp16 wrapper at ZeRO-0 creates AdamW's state by stepping once on zero gradients, and AdamW's
-    bias correction then counts that step: the first real update came out 0.55x as large as plain AdamW's (and
-    every early one smaller). Where the moments are still zero, set the count back to 0."""
+    bias correction then counts that step: the first real update came out (1-b1)/(1-b1^2)·sqrt((1-b2^2)/(1-b2)) =
+    0.73x as large as plain AdamW's (b = 0.9, 0.95), the early ones less so. Where the moments are still zero, set
+    the count back to 0."""
     for state in optimizer.state.values():
         moments = [state[k] for k in ("exp_avg", "exp_avg_sq") if k in state]
         if "step" in state and moments and not any(bool(m.any()) for m in moments):
