@@ -111,9 +111,10 @@ def _whole(entry: tuple[nn.Parameter, torch.Tensor]) -> torch.Tensor:
 
 
 def _value(param: nn.Parameter) -> torch.Tensor:
-    """The parameter's values, detached; under ZeRO-3 gathered from the ranks' weight partitions when the
-    parameter is not gathered at the time (a collective; every rank asks at the same point of the backward)."""
-    if zero3.is_partitioned(param) and param.numel() != param.ds_numel:
+    """The parameter's values, detached; under ZeRO-3 gathered from the ranks' weight partitions when ZeRO-3 has
+    released the parameter or its gather is still in flight (a collective; every rank asks at the same point of the
+    backward, where the parameter's status is the same on every rank)."""
+    if not zero3.is_gathered(param):
         return zero3.gather(param.ds_tensor.detach().to(param.device), param)
     return param.detach()
 

@@ -23,6 +23,16 @@ def is_partitioned(param: nn.Parameter) -> bool:
     return hasattr(param, "ds_id")
 
 
+def is_gathered(param: nn.Parameter) -> bool:
+    """True when the parameter's whole value is there to read: not ZeRO-3, or gathered and the gather finished
+    (a prefetch still in flight has the full shape but not yet the values)."""
+    if not is_partitioned(param):
+        return True
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return param.ds_status == ZeroParamStatus.AVAILABLE
+
+
 def full_shape(param: nn.Parameter) -> tuple[int, ...]:
     """The parameter's real shape (ZeRO-3: its `ds_shape`; .shape may be (0,))."""
     return tuple(param.ds_shape) if is_partitioned(param) else tuple(param.shape)
