@@ -361,6 +361,15 @@ def test_bf16_zero0_adamw_counts_only_real_steps(tmp_path):
     assert np.allclose([r["loss"] for r in rows0], [r["loss"] for r in rows2], rtol=2e-4, atol=0)
 
 
+def test_shipped_deepspeed_json_runs(tmp_path):
+    """configs/deepspeed_zero3.json (HF-style "auto" for what the trainer sets) is accepted by DeepSpeed as is."""
+    report, rows = train(
+        tmp_path, "ds_json", "--training.zero_stage", "3", "--training.max_steps", "3", "--meta.warmup", "1",
+        "--training.deepspeed_config", str(REPO / "configs" / "deepspeed_zero3.json"),
+    )  # fmt: skip
+    assert report["steps"] == 3 and "meta_dots" in rows[-1]
+
+
 def test_deepspeed_refusing_the_json_is_one_line_exit_2(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": "abc", "no_such": 1}}))
