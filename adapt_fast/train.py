@@ -778,6 +778,7 @@ class Trainer:
             poison_grad = float("nan")
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
+            self._forward_prologue()
             if exact:
                 from adapt_fast.model.ghost import exact_task_dots
 
@@ -819,6 +820,15 @@ class Trainer:
         return StepResult(
             loss=float(loss_sum.sum() / max(count.sum(), 1)), loss_sum=loss_sum, count=count, dots=d, bad=bad
         )
+
+    def _forward_prologue(self) -> None:
+        """What engine.forward does before a forward, for per_task_loss, which runs the model outside it (the fused
+        loss takes hidden states, not the logits engine(...) would return): ZeRO's per-forward bookkeeping. ZeRO-3
+        counts micro-steps there; without it every micro-batch's gradient replaced the one before instead of adding
+        to it (training.grad_accum > 1 trained on the last micro-batch only)."""
+        clear = getattr(self.engine.optimizer, "clear_backward_seen_flag", None)
+        if clear is not None:
+            clear()
 
     def _gradients_finite(self) -> bool:
         """This rank's gradients (ZeRO 1-3: its partition of the reduced ones) hold no inf/nan."""
