@@ -822,13 +822,17 @@ class Trainer:
         )
 
     def _forward_prologue(self) -> None:
-        """What engine.forward does before a forward, for per_task_loss, which runs the model outside it (the fused
-        loss takes hidden states, not the logits engine(...) would return): ZeRO's per-forward bookkeeping. ZeRO-3
-        counts micro-steps there; without it every micro-batch's gradient replaced the one before instead of adding
-        to it (training.grad_accum > 1 trained on the last micro-batch only)."""
-        clear = getattr(self.engine.optimizer, "clear_backward_seen_flag", None)
+        """ZeRO's per-micro-batch bookkeeping that engine.forward (and the backward hook it registers) would do, for
+        per_task_loss, which runs the model outside it (the fused loss takes hidden states, not the logits
+        engine(...) would return). ZeRO-3 counts micro-steps here: without it every micro-batch's gradient replaced
+        the one before (training.grad_accum > 1 trained on the last micro-batch only). ZeRO 1-3 learn whether this
+        micro-batch ends the accumulation (ZeRO-1 then reduces gradients once per step, not once per micro-batch)."""
+        optimizer = self.engine.optimizer
+        clear = getattr(optimizer, "clear_backward_seen_flag", None)
         if clear is not None:
             clear()
+        if self.engine.zero_optimization():
+            optimizer.set_gradient_accumulation_boundary(self.engine.is_gradient_accumulation_boundary())
 
     def _gradients_finite(self) -> bool:
         """This rank's gradients (ZeRO 1-3: its partition of the reduced ones) hold no inf/nan."""

@@ -169,8 +169,9 @@ def rows_agree(a: list[dict], b: list[dict]) -> None:
 
 @pytest.mark.skipif(shutil.which("deepspeed", path=str(Path(sys.executable).parent)) is None, reason="no launcher")
 def test_two_rank_deepspeed_adapt_zero2_and_zero3(tmp_path):
-    """2 ranks through the deepspeed launcher: ADAPT under ZeRO-2, and under ZeRO-3 with every weight partitioned
-    (G in partitions too, gathered per layer); both learn the mixture, and the two runs agree step by step."""
+    """2 ranks through the deepspeed launcher, 2 micro-batches per step: ADAPT under ZeRO-2, and under ZeRO-3 with
+    every weight partitioned (G in partitions too, gathered per layer); both learn the mixture, and the two runs
+    agree step by step."""
     launcher = str(Path(sys.executable).parent / "deepspeed")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     rows = {}
@@ -182,6 +183,7 @@ def test_two_rank_deepspeed_adapt_zero2_and_zero3(tmp_path):
                 "adapt_fast/train.py", *SMALL, "--data.cache_dir", str(tmp_path / "cache"), "--output_dir", str(out),
                 "--budget.tokens", "12345", "--training.zero_stage", str(stage), "--meta.warmup", "1",
                 "--meta.val_every", "2", "--training.deepspeed_config", zero3_all_partitioned(tmp_path),
+                "--training.grad_accum", "2",
             ],
             capture_output=True, text=True, cwd=REPO, timeout=900, env=env,
         )  # fmt: skip
