@@ -826,7 +826,10 @@ class Trainer:
         per_task_loss, which runs the model outside it (the fused loss takes hidden states, not the logits
         engine(...) would return). ZeRO-3 counts micro-steps here: without it every micro-batch's gradient replaced
         the one before (training.grad_accum > 1 trained on the last micro-batch only). ZeRO 1-3 learn whether this
-        micro-batch ends the accumulation (ZeRO-1 then reduces gradients once per step, not once per micro-batch)."""
+        micro-batch ends the accumulation (ZeRO-1 then reduces gradients once per step, not once per micro-batch).
+        (Going through engine(...) with a wrapper module instead was tried: the backward hook engine.forward puts on
+        its outputs divided their gradient by grad_accum under engine.backward(loss, scale_wrt_gas=False), which
+        halved ZeRO-0's gradients at grad_accum 2 but not ZeRO-3's.)"""
         optimizer = self.engine.optimizer
         clear = getattr(optimizer, "clear_backward_seen_flag", None)
         if clear is not None:
