@@ -395,6 +395,8 @@ class Trainer:
             ds_config["gradient_clipping"] = t.grad_clip
         if t.deepspeed_config:
             ds_config = merge_deepspeed_config(ds_config, t.deepspeed_config)
+        if self.is_main:  # what DeepSpeed was given, after merging: for reproducing and debugging a run
+            (self.out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
         optimizer = adamw(model, t, ds_config)
         schedule = lr_lambda(t.warmup_steps, self.total_steps, t.min_lr_ratio, t.lr_schedule)
         try:

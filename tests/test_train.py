@@ -370,6 +370,9 @@ def test_shipped_deepspeed_json_runs(tmp_path):
         "--training.deepspeed_config", str(REPO / "configs" / "deepspeed_zero3.json"),
     )  # fmt: skip
     assert report["steps"] == 3 and "meta_dots" in rows[-1]
+    given = json.loads((tmp_path / "ds_json" / "deepspeed_config.json").read_text())
+    assert given["zero_optimization"]["stage"] == 3 and given["zero_optimization"]["overlap_comm"] is True
+    assert given["train_micro_batch_size_per_gpu"] == 1 and given["bf16"] == {"enabled": False}  # "auto" resolved
 
 
 def test_deepspeed_refusing_the_json_is_one_line_exit_2(tmp_path):
