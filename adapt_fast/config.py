@@ -369,10 +369,6 @@ def validate(cfg: Config) -> None:
     _check(len(t.betas) == 2 and all(0 <= x < 1 for x in t.betas), "training.betas must be two numbers in [0, 1)")
     _check(t.zero_stage in (0, 1, 2, 3), f"training.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
     _check(
-        not t.deepspeed_config or Path(t.deepspeed_config).is_file(),
-        f"training.deepspeed_config: no such file {t.deepspeed_config}",
-    )
-    _check(
         not (t.zero_stage == 3 and m.method == "adapt" and meta.dots == "exact"),
         "meta.dots exact is not supported with training.zero_stage 3 (K backward passes over partitioned weights); "
         "use one_pass",

@@ -306,6 +306,9 @@ class Trainer:
 
         self.cfg = cfg
         self.argv = list(argv or [])
+        if cfg.training.deepspeed_config and not Path(cfg.training.deepspeed_config).is_file():
+            # checked here, not in validate(): evaluate reads a run's config.yaml from anywhere
+            raise ConfigError(f"training.deepspeed_config: no such file {cfg.training.deepspeed_config}")
         self.rank, self.world_size, self.device = init_distributed()
         self.is_main = self.rank == 0
         self.out = check_output_dir(cfg.output_dir)

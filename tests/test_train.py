@@ -311,8 +311,12 @@ def test_zero3_adapt_equals_zero0(tmp_path):
 
 
 def test_deepspeed_config_is_merged_and_conflicts_are_refused(tmp_path):
+    from adapt_fast.config import load_config
     from adapt_fast.errors import ConfigError
     from adapt_fast.train import merge_deepspeed_config
+
+    # a run's config.yaml stays readable (evaluate) where its DeepSpeed JSON is not: only the trainer needs the file
+    assert load_config(None, ["--training.deepspeed_config", "/no/such.json"]).training.deepspeed_config
 
     ours = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": False}, "zero_optimization": {"stage": 2}}
     path = tmp_path / "ds.json"
