@@ -106,6 +106,7 @@ setup(
         "tokenizers",
         "datasets",
         "deepspeed",
+        "accelerate",  # transformers' ZeRO-3 loading (HfDeepSpeedConfig)
         "numpy",
         "tqdm",
         "matplotlib",

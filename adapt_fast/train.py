@@ -301,8 +301,9 @@ class Trainer:
         import deepspeed
         import pydantic  # DeepSpeed validates its config with it
 
-        from adapt_fast.model.loading import enable_gradient_checkpointing, load_model_and_tokenizer
+        from adapt_fast.model.loading import default_dtype, enable_gradient_checkpointing, load_model_and_tokenizer
         from adapt_fast.model.loss import attach_zero3_head_loss
+        from adapt_fast.model.zero3 import full_shape
 
         self.cfg = cfg
         self.argv = list(argv or [])
@@ -364,32 +365,15 @@ class Trainer:
             warnings.simplefilter("ignore" if not self.is_main else "default")
             self.loader: PackedLoader = make_loader(cfg, self.data, p0, self.budget, self.rank, self.world_size)
 
-        # Model and DeepSpeed engine.
-        dtype = DTYPES.get(cfg.model.dtype) if cfg.model.dtype != "auto" else None
-        model, _ = load_model_and_tokenizer(
-            cfg.model.name,
-            dtype=dtype,
-            device=self.device,
-            trust_remote_code=cfg.model.trust_remote_code,
-            seed=cfg.seed,
-        )
-        if len(self.tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            raise ConfigError(f"model.name {cfg.model.name}: its vocabulary is smaller than the tokenizer's")
-        if cfg.training.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-        # Training mode, as HF Trainer sets it (from_pretrained returns the model in eval mode): dropout and
-        # activation checkpointing act on the training steps and on G; validation losses switch to eval mode.
-        model.train()
-        if cfg.training.zero_stage == 3:
-            attach_zero3_head_loss(model)  # the fused loss reads the head weight outside the head's forward
-        self.model_dtype = next(model.parameters()).dtype
+        # The DeepSpeed config first: under ZeRO-3 a model folder loads straight into its partitions.
         t = cfg.training
+        dtype = DTYPES[cfg.model.dtype] if cfg.model.dtype != "auto" else default_dtype(self.device)
         self.total_steps = self._estimate_steps()
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": t.grad_accum,
             "zero_optimization": {"stage": t.zero_stage},
-            "bf16": {"enabled": self.model_dtype == torch.bfloat16},
+            "bf16": {"enabled": dtype == torch.bfloat16},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
@@ -400,6 +384,26 @@ class Trainer:
             ds_config = merge_deepspeed_config(ds_config, t.deepspeed_config)
         if self.is_main:  # what DeepSpeed was given, after merging: for reproducing and debugging a run
             (self.out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
+
+        # The model and the DeepSpeed engine.
+        model, _ = load_model_and_tokenizer(
+            cfg.model.name,
+            dtype=dtype,
+            device=self.device,
+            trust_remote_code=cfg.model.trust_remote_code,
+            seed=cfg.seed,
+            zero3_config=ds_config if t.zero_stage == 3 else None,
+        )
+        if len(self.tokenizer) > full_shape(model.get_input_embeddings().weight)[0]:
+            raise ConfigError(f"model.name {cfg.model.name}: its vocabulary is smaller than the tokenizer's")
+        if t.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        # Training mode, as HF Trainer sets it (from_pretrained returns the model in eval mode): dropout and
+        # activation checkpointing act on the training steps and on G; validation losses switch to eval mode.
+        model.train()
+        if t.zero_stage == 3:
+            attach_zero3_head_loss(model)  # the fused loss reads the head weight outside the head's forward
+        self.model_dtype = next(model.parameters()).dtype
         optimizer = adamw(model, t, ds_config)
         schedule = lr_lambda(t.warmup_steps, self.total_steps, t.min_lr_ratio, t.lr_schedule)
         try:

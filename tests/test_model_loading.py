@@ -175,3 +175,19 @@ def test_big_preset_shapes_on_meta(name):
         assert cfg.rope_parameters["rope_type"] == "llama3" and cfg.rope_parameters["factor"] == 32.0
     # the byte tokenizer's ids fit every big vocabulary
     assert BYTE_VOCAB_SIZE < vocab and json.loads(cfg.to_json_string())["eos_token_id"] == EOS_ID
+
+
+def test_zero3_loading_without_accelerate_warns_and_loads_whole(tmp_path, monkeypatch):
+    """The GPU machine has no accelerate (HfDeepSpeedConfig needs it): ZeRO-3 then loads the folder whole, with a
+    warning, and DeepSpeed partitions it at initialize."""
+    import importlib.util
+
+    from adapt_fast.model import loading
+    from adapt_fast.model.zero3 import is_partitioned
+
+    load_model_and_tokenizer("tiny-llama")[0].save_pretrained(tmp_path / "m")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else find_spec(name))
+    with pytest.warns(UserWarning, match="accelerate is not installed"):
+        model, _ = loading.load_model_and_tokenizer(str(tmp_path / "m"), zero3_config={"zero_optimization": {}})
+    assert not is_partitioned(next(model.parameters()))

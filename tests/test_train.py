@@ -393,6 +393,31 @@ def test_deepspeed_refusing_the_json_is_one_line_exit_2(tmp_path):
     assert "stage3_param_persistence_threshold" in last and "no_such" in last
 
 
+def test_zero3_loads_a_model_folder_into_its_partitions(tmp_path, monkeypatch):
+    """Under ZeRO-3 a model folder loads inside deepspeed.zero.Init (transformers' HfDeepSpeedConfig route), so it is
+    partitioned before DeepSpeed's engine sees it; the ADAPT run equals ZeRO-0 from the same folder."""
+    from adapt_fast.model import loading
+    from adapt_fast.model.zero3 import is_partitioned
+
+    folder = tmp_path / "tiny_folder"
+    loading.load_model_and_tokenizer("tiny-llama")[0].save_pretrained(folder)
+    loaded = []
+    load = loading.load_model_and_tokenizer
+
+    def spy(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        loaded.append(is_partitioned(next(model.parameters())))
+        return model, tokenizer
+
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", spy)
+    common = ["--model.name", str(folder), "--budget.tokens", "6000", "--meta.warmup", "1", "--meta.val_every", "2"]
+    common += ["--training.deepspeed_config", zero3_all_partitioned(tmp_path)]
+    _, rows0 = train(tmp_path, "folder_z0", *common)
+    _, rows3 = train(tmp_path, "folder_z3", *common, "--training.zero_stage", "3")
+    assert loaded == [False, True]
+    rows_agree(rows3, rows0)
+
+
 def test_zero3_static_mixture_equals_zero0(tmp_path):
     """ZeRO-3 partitions the head weight, which the fused loss reads outside the head's forward: the run and the saved
     final model (gathered from the partitions) equal the ZeRO-0 run, with 2 micro-batches per step (ZeRO-3 counts

@@ -17,7 +17,10 @@ generates from.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -34,6 +37,7 @@ from transformers import (
 from adapt_fast.data.tokenizer import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, build_byte_tokenizer
 from adapt_fast.errors import ConfigError
 from adapt_fast.model.attention import use_packed_attention
+from adapt_fast.model.zero3 import full_shape, is_partitioned
 
 TINY_VOCAB = (BYTE_VOCAB_SIZE + 7) // 8 * 8  # 264
 BYTE_IDS = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
@@ -160,25 +164,54 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 _load_tokenizer = load_tokenizer  # the name adapt_fast.data.prepare used first
 
 
+@contextlib.contextmanager
+def partitioned_loading(zero3_config: dict | None):
+    """While active, transformers' from_pretrained builds the model inside deepspeed.zero.Init and loads the
+    checkpoint into each rank's ZeRO-3 partitions, layer by layer (HF's own ZeRO-3 integration, reached through an
+    HfDeepSpeedConfig, as HF Trainer does): a model too large for one device can start. No-op for None; without
+    accelerate (which HfDeepSpeedConfig needs) a warning, and the model loads whole on every rank first."""
+    if zero3_config is None:
+        yield
+        return
+    if importlib.util.find_spec("accelerate") is None:
+        warnings.warn("ZeRO-3: accelerate is not installed, so the model loads whole on every rank first", stacklevel=3)
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    hf_config = HfDeepSpeedConfig(zero3_config)  # transformers keeps only a weak reference: hold it here
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_config
+
+
 def load_model_and_tokenizer(
     name: str,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     trust_remote_code: bool = False,
     seed: int = 0,
+    zero3_config: dict | None = None,
 ) -> tuple[PreTrainedModel, object]:
     """A preset (random init from `seed`) or a local HF folder, with the packed attention switched on.
 
     device: default CUDA when available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU.
-    A folder without tokenizer files gets the byte tokenizer.
+    A folder without tokenizer files gets the byte tokenizer. zero3_config (the DeepSpeed config of a ZeRO-3 run):
+    a folder loads straight into this rank's partitions (partitioned_loading); a preset is built whole, so that its
+    seeded random init is the same under every ZeRO stage.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or default_dtype(device)
 
     if os.path.isdir(name):
-        model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
-        ).to(device)
+        with partitioned_loading(zero3_config):
+            model = AutoModelForCausalLM.from_pretrained(
+                name, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+            )
+        if not is_partitioned(next(model.parameters())):  # zero.Init put the partitions on the device already
+            model = model.to(device)
         tokenizer = load_tokenizer(name, trust_remote_code)
     else:
         config = preset_config(name)
@@ -187,7 +220,7 @@ def load_model_and_tokenizer(
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         tokenizer = build_byte_tokenizer()
 
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = full_shape(model.get_input_embeddings().weight)[0]
     if len(tokenizer) > vocab:
         raise ConfigError(f"tokenizer of {name!r} has {len(tokenizer)} tokens but the model's vocabulary is {vocab}")
     return use_packed_attention(model), tokenizer
