@@ -38,6 +38,7 @@ Fault injection (tests only; documented so nobody is surprised by it):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -161,6 +162,19 @@ def merge_deepspeed_config(ours: dict, path: str) -> dict:
 
     merge(merged, user, "")
     return merged
+
+
+@contextlib.contextmanager
+def deepspeed_config_errors():
+    """DeepSpeed refusing a value or key of its config (pydantic validation; from training.deepspeed_config) as a
+    one-line ConfigError instead of a traceback."""
+    import pydantic  # DeepSpeed validates its config with it
+
+    try:
+        yield
+    except pydantic.ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"training.deepspeed_config: DeepSpeed refuses it ({err.title}: {problems})") from None
 
 
 def adamw(model: torch.nn.Module, t: TrainingConfig, ds_config: dict) -> torch.optim.Optimizer:
@@ -299,7 +313,6 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: str | None = None, argv: list[str] | None = None):
         import deepspeed
-        import pydantic  # DeepSpeed validates its config with it
 
         from adapt_fast.model.loading import default_dtype, enable_gradient_checkpointing, load_model_and_tokenizer
         from adapt_fast.model.loss import attach_zero3_head_loss
@@ -386,14 +399,15 @@ class Trainer:
             (self.out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
 
         # The model and the DeepSpeed engine.
-        model, _ = load_model_and_tokenizer(
-            cfg.model.name,
-            dtype=dtype,
-            device=self.device,
-            trust_remote_code=cfg.model.trust_remote_code,
-            seed=cfg.seed,
-            zero3_config=ds_config if t.zero_stage == 3 else None,
-        )
+        with deepspeed_config_errors():  # zero.Init reads the config too
+            model, _ = load_model_and_tokenizer(
+                cfg.model.name,
+                dtype=dtype,
+                device=self.device,
+                trust_remote_code=cfg.model.trust_remote_code,
+                seed=cfg.seed,
+                zero3_config=ds_config if t.zero_stage == 3 else None,
+            )
         if len(self.tokenizer) > full_shape(model.get_input_embeddings().weight)[0]:
             raise ConfigError(f"model.name {cfg.model.name}: its vocabulary is smaller than the tokenizer's")
         if t.gradient_checkpointing:
@@ -406,16 +420,13 @@ class Trainer:
         self.model_dtype = next(model.parameters()).dtype
         optimizer = adamw(model, t, ds_config)
         schedule = lr_lambda(t.warmup_steps, self.total_steps, t.min_lr_ratio, t.lr_schedule)
-        try:
+        with deepspeed_config_errors():
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model,
                 optimizer=optimizer,
                 lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
                 config=ds_config,
             )
-        except pydantic.ValidationError as err:  # a bad value or key in training.deepspeed_config
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-            raise ConfigError(f"training.deepspeed_config: DeepSpeed refuses it ({err.title}: {problems})") from None
         self.torch_optimizer = optimizer  # the AdamW inside DeepSpeed's wrappers (skipped on bad steps)
         _undo_startup_step(optimizer)
         ckpt.install_safe_loader(self.engine)

@@ -380,17 +380,24 @@ def test_shipped_deepspeed_json_runs(tmp_path):
 
 
 def test_deepspeed_refusing_the_json_is_one_line_exit_2(tmp_path):
+    """DeepSpeed validates its config in deepspeed.initialize, and under ZeRO-3 already in zero.Init while a model
+    folder loads: both refusals are one error line."""
+    from adapt_fast.model.loading import load_model_and_tokenizer
+
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": "abc", "no_such": 1}}))
-    result = subprocess.run(
-        [sys.executable, "-m", "adapt_fast.train", *SMALL, "--data.cache_dir", str(tmp_path / "cache"),
-         "--output_dir", str(tmp_path / "out"), "--training.deepspeed_config", str(bad)],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: training.deepspeed_config: DeepSpeed refuses it"), last
-    assert "stage3_param_persistence_threshold" in last and "no_such" in last
+    folder = tmp_path / "tiny_folder"
+    load_model_and_tokenizer("tiny-llama")[0].save_pretrained(folder)
+    for extra in ([], ["--training.zero_stage", "3", "--model.name", str(folder)]):
+        result = subprocess.run(
+            [sys.executable, "-m", "adapt_fast.train", *SMALL, "--data.cache_dir", str(tmp_path / "cache"),
+             "--output_dir", str(tmp_path / "out"), "--training.deepspeed_config", str(bad), *extra],
+            capture_output=True, text=True, cwd=REPO, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: training.deepspeed_config: DeepSpeed refuses it"), last
+        assert "stage3_param_persistence_threshold" in last and "no_such" in last
 
 
 def test_zero3_loads_a_model_folder_into_its_partitions(tmp_path, monkeypatch):
