@@ -38,23 +38,24 @@ def full_shape(param: nn.Parameter) -> tuple[int, ...]:
     return tuple(param.ds_shape) if is_partitioned(param) else tuple(param.shape)
 
 
-def _group_rank_size(param: nn.Parameter) -> tuple[object, int, int]:
+def _group_and_size(param: nn.Parameter) -> tuple[object, int]:
+    """The process group ZeRO-3 partitions the parameter over, and its size W (1 without torch.distributed)."""
     if not dist.is_initialized():
-        return None, 0, 1
+        return None, 1
     group = getattr(param, "ds_process_group", None)
-    return group, dist.get_rank(group=group), dist.get_world_size(group=group)
+    return group, dist.get_world_size(group=group)
 
 
 def partition_numel(param: nn.Parameter) -> int:
     """Elements of one rank's partition: ceil(numel / W)."""
-    _, _, world = _group_rank_size(param)
+    _, world = _group_and_size(param)
     return -(-param.ds_numel // world)
 
 
 @torch.no_grad()
 def reduce_scatter_sum(grad: torch.Tensor, param: nn.Parameter, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(partition_numel,) in `dtype`: this rank's partition of grad summed over ranks (the padding tail is 0)."""
-    group, _, world = _group_rank_size(param)
+    group, world = _group_and_size(param)
     size = partition_numel(param)
     flat = torch.zeros(size * world, dtype=dtype, device=grad.device)
     flat[: grad.numel()] = grad.reshape(-1)
@@ -68,7 +69,7 @@ def reduce_scatter_sum(grad: torch.Tensor, param: nn.Parameter, dtype: torch.dty
 @torch.no_grad()
 def gather(partition: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
     """The whole tensor (param's ds_shape, partition's dtype) from every rank's partition."""
-    group, _, world = _group_rank_size(param)
+    group, world = _group_and_size(param)
     if world == 1:
         flat = partition
     else:
