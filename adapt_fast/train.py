@@ -474,7 +474,7 @@ class Trainer:
             "loader": ckpt.to_plain(self.loader.state_dict()),
             "adapt": self.adapt.state_dict() if self.adapt is not None else None,
             # ZeRO-3: every rank's partitions of G go to its own file (save_checkpoint).
-            "G": None if self.G is None or self._G_partitioned else {n: g.detach().cpu() for n, g in self.G.items()},
+            "G": None if self.G is None or self._G_partitioned else self._G_on_cpu(),
             "G_step": self.G_step,
             "validation_tokens": self.validation_tokens,
             "train_seconds": self.train_seconds,
@@ -516,6 +516,9 @@ class Trainer:
         """Under ZeRO-3 G is held as every rank's partitions (adapt_fast.model.zero3)."""
         return self.cfg.training.zero_stage == 3
 
+    def _G_on_cpu(self) -> dict[str, torch.Tensor]:
+        return {name: g.detach().cpu() for name, g in self.G.items()}
+
     def load_state_dict(self, state: dict, partitions: dict | None = None) -> None:
         """The trainer's state; `partitions`: this rank's partitions of G (ZeRO-3), saved beside it."""
         self.step = int(state["step"])
@@ -545,7 +548,7 @@ class Trainer:
         self.engine.save_checkpoint(str(self.ckpt_root), tag=tmp_tag, client_state={}, save_latest=False)
         ckpt.save_state(ckpt.rng_state(), tmp / ckpt.rng_file(self.rank))
         if self._G_partitioned and self.G is not None:
-            ckpt.save_state({n: g.detach().cpu() for n, g in self.G.items()}, tmp / ckpt.g_partition_file(self.rank))
+            ckpt.save_state(self._G_on_cpu(), tmp / ckpt.g_partition_file(self.rank))
         if self.is_main:
             ckpt.save_state(self.state_dict(), tmp / ckpt.TRAINER_STATE)
         self._barrier()
@@ -757,10 +760,10 @@ class Trainer:
 
         from adapt_fast.model.ghost import trainable_parameters
 
-        steps = [float(state["step"]) for state in self.torch_optimizer.state.values() if "step" in state]
-        if not steps or self.step == self.bad_steps:  # no update yet (DeepSpeed's bf16 wrapper steps once at init)
+        t = next((float(state["step"]) for state in self.torch_optimizer.state.values() if "step" in state), None)
+        if t is None or self.step == self.bad_steps:  # no update yet (DeepSpeed's bf16 wrapper steps once at init)
             return
-        beta2, eps, t = self.cfg.training.betas[1], 1e-8, steps[0]
+        beta2, eps = self.cfg.training.betas[1], 1e-8
         # ZeRO-0 in bf16/fp16: DeepSpeed's wrapper steps AdamW on fp32 copies, group by group, in order.
         wrapper = self.engine.optimizer
         lows, masters = (itertools.chain.from_iterable(getattr(wrapper, a, [])) for a in ("fp16_groups", "fp32_groups"))
