@@ -113,7 +113,7 @@ setup(
         "tensorboard",
         "pyyaml",
     ],
-    extras_require={"bench": ["liger-kernel", "cut-cross-entropy"], "test": ["pytest", "ruff"]},
+    extras_require={"bench": ["liger-kernel", "cut-cross-entropy", "trl"], "test": ["pytest", "ruff"]},
     ext_modules=[CMakeExtension("adapt_fast._native_packer")],
     cmdclass={"build_ext": CMakeBuild},
 )

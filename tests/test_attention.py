@@ -101,6 +101,24 @@ def test_plain_sdpa_with_packed_positions_leaks(tiny):
     assert (leaky - alone_logits(model, examples)).abs().max() > 1e-2
 
 
+def test_hf_sdpa_finds_packed_examples_without_cache(tiny):
+    """What TRL's padding-free rows rely on without flash-attn (bench/end_to_end.py, trl_packed): with no attention
+    mask and no KV cache, transformers builds the block-diagonal mask from the position_ids restarts itself."""
+    _, model = tiny
+    mb, examples = make_micro_batch(LENGTHS, PAD)
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.no_grad():
+            row = dict(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None])
+            packed = model(**row, use_cache=False).logits[0, : sum(LENGTHS)]
+            with_cache = model(**row, use_cache=True).logits[0, : sum(LENGTHS)]  # a cache switches the detection off
+    finally:
+        model.set_attn_implementation(ATTN_NAME)
+    alone = alone_logits(model, examples)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+    assert (with_cache - alone).abs().max() > 1e-2
+
+
 def test_packed_gradients_equal_sum_of_example_gradients():
     """What the per-task gradient split relies on: d(packed loss) = sum over examples of d(example loss)."""
     model, _ = load_model_and_tokenizer("tiny-gemma3", dtype=torch.float32, device="cpu")

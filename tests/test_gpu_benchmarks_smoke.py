@@ -52,3 +52,28 @@ def test_meta_gradient_bench_smoke(tmp_path):
                        "--example-len", "32", "--repeats", "1")  # fmt: skip
     assert set(result["results"]) == {"train_step", "one_pass", "exact"}
     assert result["dots_rel_err"] < 5e-2  # bf16 model: one-pass and K-backward dots agree to bf16 rounding
+
+
+def test_end_to_end_bench_smoke(tmp_path):
+    """TRL's SFTTrainer on DeepSpeed (padded, length-grouped, packed) and adapt_fast (uniform, ADAPT) train the same
+    tokenised examples."""
+    stacks = "trl,trl_grouped,trl_packed,uniform,adapt"
+    result = run_bench("end_to_end.py", tmp_path, "--model", "tiny-llama", "--stacks", stacks, "--steps", "4",
+                       "--warmup-steps", "1", "--tokens-per-step", "512", "--examples", "90", "--tasks", "3",
+                       "--length-median", "60", "--max-len", "256", "--val-examples", "2")  # fmt: skip
+    rows = result["results"]
+    assert list(rows) == stacks.split(",")
+    for name, r in rows.items():
+        assert r["ok"], (name, r)
+        assert r["steps_measured"] == 3 and r["tokens"] > 0 and r["tokens_per_second"] > 0
+        assert r["loss_tokens"] < r["tokens"] and 0 <= r["padding_fraction"] < 1
+    # the same examples: TRL got adapt_fast's tokenised training split, token for token
+    pools = {(r["train_examples"], r["train_example_tokens"]) for r in rows.values()}
+    assert len(pools) == 1
+    for name in ("uniform", "adapt", "trl_packed"):  # packed: a step holds at most its slots, less padding than rows
+        assert rows[name]["tokens_per_step"] <= 512
+        assert rows[name]["padding_fraction"] < rows["trl"]["padding_fraction"]
+    assert rows["trl_packed"]["padding_fraction"] == 0 and rows["trl_packed"]["attention"] == "sdpa"  # padding-free
+    assert rows["trl"]["deepspeed"] and rows["trl"]["batch_size"] >= 1
+    assert rows["trl_grouped"]["padding_fraction"] < rows["trl"]["padding_fraction"]  # length-grouped batches
+    assert rows["adapt"]["mixture_final_min"] < rows["adapt"]["mixture_final_max"]  # ADAPT moved the mixture
