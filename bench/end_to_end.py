@@ -4,9 +4,10 @@ The stack our users run today is HF transformers + TRL + Liger-Kernel on DeepSpe
 model on the same tokenised examples with each stack, every stack in its own process (fresh GPU memory
 statistics), at the same DeepSpeed ZeRO stage, learning rate and dtype:
 
-  trl         TRL SFTTrainer, examples padded to the longest of each batch (sdpa attention), Liger-Kernel's layer
-              kernels when it is installed (`use_liger_kernel`) and TRL's fused LM head, completion-only loss;
-              batch size = tokens per step / mean example length
+  trl         TRL SFTTrainer, examples padded to the longest of each micro-batch (sdpa attention), Liger-Kernel's
+              layer kernels when it is installed (`use_liger_kernel`) and TRL's fused LM head, completion-only
+              loss; tokens per step / mean example length examples per step, in micro-batches of at most
+              tokens per step / max-len rows (gradient accumulation)
   trl_grouped the same with HF's length-grouped sampler (batches of similar lengths: less padding)
   trl_packed  the same with TRL's packing (best-fit, padding-free rows of `--tokens-per-step` tokens): flash
               attention when flash-attn is installed, else sdpa, where transformers finds the examples from the
@@ -215,7 +216,12 @@ def run_trl(args, variant: str, data: Path, work: Path) -> dict:
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
     }
-    batch_size = 1 if packed else max(1, round(args.tokens_per_step / mean_len))
+    # Padded: about tokens-per-step / mean length examples per optimizer step, in micro-batches of at most
+    # tokens-per-step / max-len rows (so that a micro-batch of the longest examples holds no more slots than one of
+    # adapt_fast's), accumulated. Packed: one row of tokens-per-step slots per step.
+    examples_per_step = max(1, round(args.tokens_per_step / mean_len))
+    batch_size = 1 if packed else min(examples_per_step, max(1, args.tokens_per_step // args.max_len))
+    accumulation = 1 if packed else max(1, round(examples_per_step / batch_size))
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
     by_version = {  # names that moved between transformers versions (5.17 on the GPU machine, 5.23 here)
         "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing":
@@ -229,7 +235,7 @@ def run_trl(args, variant: str, data: Path, work: Path) -> dict:
     config = SFTConfig(
         output_dir=str(work / f"run-{variant}"),
         per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=1,
+        gradient_accumulation_steps=accumulation,
         max_steps=args.steps,
         learning_rate=args.lr,
         lr_scheduler_type="constant",
@@ -252,22 +258,26 @@ def run_trl(args, variant: str, data: Path, work: Path) -> dict:
     clock = StepClock(cuda)
     losses: list[float] = []
 
-    slots = [0, 0]  # slots in the step's (B, L) tensors, non-padding tokens among them
+    slots = [0, 0]  # slots in the (B, L) tensors fed, non-padding tokens among them
+    step = [0, 0, 0.0]  # tokens, loss tokens and loss of the optimizer step so far (its micro-batches' shares)
 
     class Counting(SFTTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
             mask = inputs.get("attention_mask")  # padding-free rows have none: every slot is a token
-            self.step_tokens = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            tokens = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
             slots[0] += inputs["input_ids"].numel()
-            slots[1] += self.step_tokens
-            self.step_loss_tokens = int((inputs["labels"] != -100).sum())
+            slots[1] += tokens
+            step[0] += tokens
+            step[1] += int((inputs["labels"] != -100).sum())
             loss = super().training_step(model, inputs, num_items_in_batch)
-            losses.append(float(loss))
+            step[2] += float(loss)  # this micro-batch's share of the step's mean loss
             return loss
 
     class Clock(TrainerCallback):
-        def on_step_end(self, args_, state, control, **kwargs):
-            clock.step_done(trainer.step_tokens, trainer.step_loss_tokens)
+        def on_step_end(self, args_, state, control, **kwargs):  # after the optimizer step
+            clock.step_done(step[0], step[1])
+            losses.append(step[2])
+            step[:] = [0, 0, 0.0]
 
     trainer = Counting(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                        callbacks=[Clock()])  # fmt: skip
@@ -279,6 +289,7 @@ def run_trl(args, variant: str, data: Path, work: Path) -> dict:
         "peak_memory_gib": peak_memory_gib(cuda),
         "padding_fraction": 1.0 - slots[1] / max(slots[0], 1),
         "batch_size": batch_size,
+        "gradient_accumulation": accumulation,
         "liger_kernel": liger,
         "deepspeed": bool(trainer.is_deepspeed_enabled),
         "train_examples": len(dataset),
@@ -340,7 +351,9 @@ def markdown(results: dict, settings: dict, gpu: str) -> str:
         mem = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
         notes = []
         if "batch_size" in r:
-            notes.append(f"batch {r['batch_size']}, {r['attention']}, liger {'on' if r['liger_kernel'] else 'off'}")
+            accumulation = r["gradient_accumulation"]
+            batch = f"batch {r['batch_size']}" + (f" x {accumulation}" if accumulation > 1 else "")
+            notes.append(f"{batch}, {r['attention']}, liger {'on' if r['liger_kernel'] else 'off'}")
             if not r["deepspeed"]:
                 notes.append("not on DeepSpeed")
         if "kernels" in r:

@@ -74,6 +74,7 @@ def test_end_to_end_bench_smoke(tmp_path):
         assert rows[name]["tokens_per_step"] <= 512
         assert rows[name]["padding_fraction"] < rows["trl"]["padding_fraction"]
     assert rows["trl_packed"]["padding_fraction"] == 0 and rows["trl_packed"]["attention"] == "sdpa"  # padding-free
-    assert rows["trl"]["deepspeed"] and rows["trl"]["batch_size"] >= 1
+    # padded micro-batches of at most 512 // 256 rows (no more slots than a packed one), accumulated
+    assert rows["trl"]["deepspeed"] and rows["trl"]["batch_size"] == 2 and rows["trl"]["gradient_accumulation"] > 1
     assert rows["trl_grouped"]["padding_fraction"] < rows["trl"]["padding_fraction"]  # length-grouped batches
     assert rows["adapt"]["mixture_final_min"] < rows["adapt"]["mixture_final_max"]  # ADAPT moved the mixture
