@@ -106,6 +106,7 @@ class TrainingConfig:
 @dataclass
 class KernelsConfig:
     backend: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | triton | torch
+    fused_layers: bool = True  # with the triton backend: RMSNorm and SwiGLU MLPs through fused kernels too
 
 
 @dataclass

@@ -315,6 +315,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, argv: list[str] | None = None):
         import deepspeed
 
+        from adapt_fast.model.fused_layers import use_fused_layers
         from adapt_fast.model.loading import default_dtype, enable_gradient_checkpointing, load_model_and_tokenizer
         from adapt_fast.model.loss import attach_zero3_head_loss
         from adapt_fast.model.zero3 import full_shape
@@ -411,6 +412,10 @@ class Trainer:
             )
         if len(self.tokenizer) > full_shape(model.get_input_embeddings().weight)[0]:
             raise ConfigError(f"model.name {cfg.model.name}: its vocabulary is smaller than the tokenizer's")
+        self.backend = self._kernel_backend()
+        self.fused_layers = {}  # module kind -> how many run fused kernels
+        if cfg.kernels.fused_layers and self.backend == "triton":
+            self.fused_layers = use_fused_layers(model, self.backend)
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         # Training mode, as HF Trainer sets it (from_pretrained returns the model in eval mode): dropout and
@@ -432,7 +437,6 @@ class Trainer:
         _undo_startup_step(optimizer)
         ckpt.install_safe_loader(self.engine)
         self.model = self.engine.module
-        self.backend = self._kernel_backend()
         self.step = 0
         self.G: dict[str, torch.Tensor] | None = None
         self.G_step: int | None = None  # the step G was computed at
@@ -1096,6 +1100,7 @@ class Trainer:
             "wall_seconds": time.time() - self.start_time,
             "train_seconds": train_seconds,
             "train_tokens_per_second": stats.tokens / max(train_seconds, 1e-9),
+            "kernels": {"backend": self.backend, "fused_layers": self.fused_layers},
             "bad_steps": self.bad_steps,
             "mixture_updates_skipped": self.mixture_updates_skipped,
             "resumed_from": None if self.resumed_from is None else str(self.resumed_from),

@@ -68,12 +68,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
+    parser.add_argument(
+        "--no-fused-layers",
+        dest="fused_layers",
+        action="store_false",
+        help="HF's own RMSNorm and MLP instead of the fused kernels (kernels.fused_layers false)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("bench/meta_gradient.py needs a CUDA GPU")
 
+    from adapt_fast.model.fused_layers import use_fused_layers
     from adapt_fast.model.ghost import GhostDots, exact_task_dots, task_mean_dots, trainable_parameters
     from adapt_fast.model.loading import load_model_and_tokenizer
     from adapt_fast.model.loss import per_task_loss
@@ -81,6 +88,7 @@ def main() -> None:
     K = args.tasks
     model, _ = load_model_and_tokenizer(args.model, dtype=torch.bfloat16, device=device, seed=0)
     model.train()
+    fused_layers = use_fused_layers(model, "triton") if args.fused_layers else {}  # as the trainer runs it
     vocab = model.get_output_embeddings().weight.shape[0]
     batch = packed_batch(args.tokens, K, vocab, args.example_len).to(device)
     n = int(batch.loss_tokens_per_task().sum())
@@ -120,7 +128,7 @@ def main() -> None:
     summary = {
         "gpu": device_name(device), "torch": torch.__version__, "model": args.model,
         "parameters": sum(p.numel() for p in model.parameters()), "tokens": args.tokens, "loss_tokens": n,
-        "tasks": K, "results": results,
+        "tasks": K, "fused_layers": fused_layers, "results": results,
         "speedup_one_pass_vs_exact": results["exact"]["seconds"] / results["one_pass"]["seconds"],
         "one_pass_overhead_vs_train_step": results["one_pass"]["seconds"] / results["train_step"]["seconds"],
         "dots_rel_err": float((d1 - dx).abs().max() / dx.abs().max()),

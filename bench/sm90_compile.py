@@ -23,14 +23,17 @@ from collections import Counter
 from pathlib import Path
 
 import triton
+from adapt_fast.kernels import gated_mlp as swiglu_module
 from adapt_fast.kernels import ghost_dot as ghost_module
 from adapt_fast.kernels import linear_cross_entropy as lce_module
+from adapt_fast.kernels import norm as rms_norm_module
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-UNALIGNED = {"T", "C"}  # row counts: any value; everything else (sizes, strides, pointers) is 16-divisible
+UNALIGNED = {"T", "C", "N", "n"}  # row / element counts: any value; everything else (sizes, strides, pointers) is
+FLOATS = {"softcap", "eps", "offset"}  # 16-divisible; these scalars are fp32, every other one i32
 
 # Pointer element types per kernel for a bf16 run (partials and scales are fp32); every other runtime argument
 # is i32 except `softcap` (fp32).
@@ -42,6 +45,16 @@ KERNELS = {
     "dhidden split-K": (lce_module._dhidden_kernel, dict(dz_ptr="bf16", w_ptr="bf16", dh_ptr="fp32")),
     "dweight": (lce_module._dweight_kernel, dict(dz_ptr="bf16", h_ptr="bf16", dw_ptr="bf16")),
     "ghost_dot": (ghost_module._ghost_dot_kernel, dict(x_ptr="bf16", delta_ptr="bf16", g_ptr="bf16")),
+    "rms_norm forward": (rms_norm_module._rms_norm_forward_kernel, dict(x_ptr="bf16", w_ptr="bf16", y_ptr="bf16")),
+    "rms_norm backward": (
+        rms_norm_module._rms_norm_backward_kernel,
+        dict(x_ptr="bf16", w_ptr="bf16", dy_ptr="bf16", dx_ptr="bf16"),
+    ),
+    "swiglu forward": (swiglu_module._swiglu_forward_kernel, dict(gate_ptr="bf16", up_ptr="bf16", y_ptr="bf16")),
+    "swiglu backward": (
+        swiglu_module._swiglu_backward_kernel,
+        dict(gate_ptr="bf16", up_ptr="bf16", dy_ptr="bf16", dgate_ptr="bf16", dup_ptr="bf16"),
+    ),
 }
 
 # (report name, kernel, its _CUDA_CONFIG entry, extra constexprs); bf16 inputs unless the name says fp32.
@@ -66,8 +79,24 @@ VARIANTS = [
     ("fp32 dhidden split-K", "dhidden split-K", LCE_FP32["dhidden"], dict(SPLIT_K=True, **FP32)),
     ("fp32 dweight", "dweight", LCE_FP32["dweight"], FP32),
     ("fp32 ghost_dot", "ghost_dot", ghost_module._CUDA_CONFIG_FP32, FP32),
+    # the fused layers (elementwise and row reductions: no matrix products), Llama-3.2-1B's widths and 8192
+    ("rms_norm forward H2048", "rms_norm forward", rms_norm_module.cuda_tiles(2048), dict(CAST_BEFORE_WEIGHT=True)),
+    ("rms_norm backward H2048", "rms_norm backward", rms_norm_module.cuda_tiles(2048), dict(CAST_BEFORE_WEIGHT=True)),
+    ("rms_norm forward H8192 gemma", "rms_norm forward", rms_norm_module.cuda_tiles(8192), {}),
+    ("rms_norm backward H8192 gemma", "rms_norm backward", rms_norm_module.cuda_tiles(8192), {}),
+    ("swiglu forward", "swiglu forward", dict(BLOCK=swiglu_module.CUDA_BLOCK), {}),
+    ("swiglu backward", "swiglu backward", dict(BLOCK=swiglu_module.CUDA_BLOCK), {}),
 ]
-DEFAULT_CONSTEXPRS = dict(STORE_P=True, PRECISION="tf32", DOT_FP32=False, INTERPRET_BF16=False)
+DEFAULT_CONSTEXPRS = dict(
+    STORE_P=True,
+    PRECISION="tf32",
+    DOT_FP32=False,
+    INTERPRET_BF16=False,
+    CAST_BEFORE_WEIGHT=False,
+    X_BF16=False,
+    Y_BF16=False,
+    BF16=False,
+)
 
 
 def compile_for_sm90(fn, pointer_types: dict, config: dict, constexprs: dict):
@@ -84,7 +113,7 @@ def compile_for_sm90(fn, pointer_types: dict, config: dict, constexprs: dict):
         if name.endswith("_ptr"):
             signature[name] = "*" + pointer_types.get(name, "fp32")
         else:
-            signature[name] = "fp32" if name == "softcap" else "i32"
+            signature[name] = "fp32" if name in FLOATS else "i32"
         if signature[name] != "fp32" and name not in UNALIGNED:
             attrs[(i,)] = [["tt.divisibility", 16]]
     constants = {k: v for k, v in constants.items() if k in names}

@@ -2,18 +2,22 @@
 
     per_task_linear_cross_entropy(hidden, weight, labels, task_ids, num_tasks, ...) -> PerTaskLoss
     per_task_ghost_dot(x, delta, G, task_ids=None, num_tasks=None, task_offsets=None) -> (K,) fp32
+    rms_norm(x, weight, eps, offset=0.0, cast_before_weight=True) -> like x      (fused layers of the model)
+    swiglu(gate, up) -> silu(gate) * up
 
 Each op takes backend="auto" ("triton" on CUDA, "torch" elsewhere; see resolve_backend); the *_reference
 functions are the plain-PyTorch versions with the same signature.
 """
 
-from .backend import resolve_backend
+from .backend import reference_forced, reference_kernels, resolve_backend
+from .gated_mlp import swiglu, swiglu_reference
 from .ghost_dot import per_task_ghost_dot, per_task_ghost_dot_reference
 from .linear_cross_entropy import (
     PerTaskLoss,
     per_task_linear_cross_entropy,
     per_task_linear_cross_entropy_reference,
 )
+from .norm import rms_norm, rms_norm_reference
 
 __all__ = [
     "PerTaskLoss",
@@ -21,5 +25,11 @@ __all__ = [
     "per_task_ghost_dot_reference",
     "per_task_linear_cross_entropy",
     "per_task_linear_cross_entropy_reference",
+    "reference_forced",
+    "reference_kernels",
     "resolve_backend",
+    "rms_norm",
+    "rms_norm_reference",
+    "swiglu",
+    "swiglu_reference",
 ]

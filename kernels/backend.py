@@ -8,6 +8,7 @@ compiling and interpreting a function when `@triton.jit` runs, from TRITON_INTER
     environment asks for now.
 """
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -53,6 +54,25 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
         if device.type != "cuda" and not interpreter_ready():
             raise ValueError("kernel backend 'triton' on CPU: TRITON_INTERPRET=1 must be set before triton is imported")
     return name
+
+
+_reference_depth = 0
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """Inside: the fused layers (adapt_fast.model.fused_layers) run their modules' own PyTorch forward. For what
+    the kernels' autograd functions cannot do, e.g. the forward-mode jvp of GhostDots (no jvp rule)."""
+    global _reference_depth
+    _reference_depth += 1
+    try:
+        yield
+    finally:
+        _reference_depth -= 1
+
+
+def reference_forced() -> bool:
+    return _reference_depth > 0
 
 
 def launchable(kernel):

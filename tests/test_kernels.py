@@ -46,6 +46,10 @@ from adapt_fast.kernels import (
     per_task_linear_cross_entropy,
     per_task_linear_cross_entropy_reference,
     resolve_backend,
+    rms_norm,
+    rms_norm_reference,
+    swiglu,
+    swiglu_reference,
 )
 from adapt_fast.kernels.backend import interpreter_ready
 
@@ -182,13 +186,16 @@ out = sys.argv[1]
 args = ["--budget.tokens", "3072", "--tokens_per_micro_batch", "1024", "--data.max_len", "256",
         "--data.synthetic_examples", "30", "--training.warmup_steps", "1", "--meta.warmup", "1",
         "--meta.val_every", "2", "--meta.val_examples_per_task", "2", "--data.cache_dir", out + "/cache"]
-for backend in ("torch", "triton"):
-    main([*args, "--kernels.backend", backend, "--output_dir", f"{out}/{backend}"])
+open(out + "/zero3.json", "w").write('{"zero_optimization": {"stage3_param_persistence_threshold": 0}}')
+zero3 = ["--training.zero_stage", "3", "--training.deepspeed_config", out + "/zero3.json"]  # every weight partitioned
+for name, backend, extra in (("torch", "torch", []), ("triton", "triton", []), ("triton_zero3", "triton", zero3)):
+    main([*args, "--kernels.backend", backend, "--output_dir", f"{out}/{name}", *extra])
 """
 
 
 def test_trainer_with_triton_backend_matches_torch(tmp_path):
-    """An ADAPT run of the trainer with kernels.backend triton (interpreted on CPU) against backend torch: the
+    """An ADAPT run of the trainer with kernels.backend triton (interpreted on CPU; the loss, ghost-dot and fused
+    layer kernels), at ZeRO-0 and at ZeRO-3 with every weight partitioned, against backend torch at ZeRO-0: the
     same losses, one-pass meta dots, validation losses and mixtures, to fp32 tolerance."""
     if torch.cuda.is_available():
         pytest.skip("CPU interpreter check (on CUDA, tests/test_ghost.py and the gpu tests cover Triton)")
@@ -197,10 +204,19 @@ def test_trainer_with_triton_backend_matches_torch(tmp_path):
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = {}
-    for backend in ("torch", "triton"):
-        lines = (tmp_path / backend / "metrics.jsonl").read_text().splitlines()
-        runs[backend] = [json.loads(line) for line in lines]
-    torch_rows, triton_rows = runs["torch"], runs["triton"]
+    for name in ("torch", "triton", "triton_zero3"):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        runs[name] = [json.loads(line) for line in lines]
+    torch_rows = runs["torch"]
+    for triton_rows in (runs["triton"], runs["triton_zero3"]):
+        rows_match(torch_rows, triton_rows)
+    kernels = {n: json.loads((tmp_path / n / "report.json").read_text())["kernels"] for n in runs}
+    assert kernels["torch"] == {"backend": "torch", "fused_layers": {}}
+    for name in ("triton", "triton_zero3"):  # tiny Llama: 2 x 2 decoder norms + the final one, 2 MLPs
+        assert kernels[name] == {"backend": "triton", "fused_layers": {"rms_norm": 5, "swiglu_mlp": 2}}
+
+
+def rows_match(torch_rows: list[dict], triton_rows: list[dict]) -> None:
     assert len(torch_rows) == len(triton_rows) >= 3  # the last step may hold only what was left of the budget
     assert sum("meta_dots" in r for r in triton_rows) >= 2 and sum("val_loss" in r for r in triton_rows) >= 1
     for a, b in zip(torch_rows, triton_rows, strict=True):
@@ -232,7 +248,7 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
     for row in rows:
         assert row["stack_bytes"] == 0 and row["spill_stores"] + row["spill_loads"] == 0, row
         assert row["registers"] <= 255, row
-        if not row["kernel"].startswith(("dlogits", "rows", "fp32")):  # fp32: FMA products by design
+        if not row["kernel"].startswith(("dlogits", "rows", "fp32", "rms_norm", "swiglu")):  # fp32: FMA by design
             assert row["hmma"] == 0 and row["hgmma"] > 0, row
 
 
@@ -532,6 +548,143 @@ def test_triton_ghost_dot_matches_reference(dtype, seed, triton_device):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Fused layers: RMSNorm and SwiGLU (kernels/norm.py, kernels/gated_mlp.py, adapt_fast/model/fused_layers.py)
+# ----------------------------------------------------------------------------------------------------------
+
+RMS_NORM_FORMS = {"llama": (0.0, True), "rounded_once": (0.0, False), "gemma": (1.0, False)}
+
+
+def packed_micro_batch(lengths: list[int], tasks: list[int], vocab: int):
+    """A MicroBatch of examples of the given lengths and (sorted) tasks; the first third of each carries no loss."""
+    from adapt_fast.data.batch import MicroBatch
+
+    T = sum(lengths)
+    input_ids = torch.randint(4, vocab, (T,))
+    labels, positions, task_ids, cu = input_ids.clone(), [], [], [0]
+    for n, k in zip(lengths, tasks, strict=True):
+        labels[cu[-1] : cu[-1] + max(1, n // 3)] = -100
+        positions.append(torch.arange(n))
+        task_ids += [k] * n
+        cu.append(cu[-1] + n)
+    task_ids = torch.tensor(task_ids)
+    return MicroBatch(
+        input_ids=input_ids, labels=labels, position_ids=torch.cat(positions), task_ids=task_ids,
+        cu_seqlens=torch.tensor(cu, dtype=torch.int32), task_offsets=torch.searchsorted(task_ids, torch.arange(6)),
+        max_seqlen=max(lengths), num_examples=len(lengths),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_references_are_hf_modules(dtype, seed):
+    """The references are HF's own formulas, bit for bit: LlamaRMSNorm, Qwen3RMSNorm, Gemma3RMSNorm, and the
+    activation product of LlamaMLP."""
+    from transformers.activations import ACT2FN
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    H = random.randint(2, 300)
+    x = (torch.randn(2, random.randint(1, 9), H) * 3).to(dtype)
+    for cls, form in ((LlamaRMSNorm, "llama"), (Qwen3RMSNorm, "llama"), (Gemma3RMSNorm, "gemma")):
+        module = cls(H, eps=1e-5).to(dtype)
+        module.weight.data = torch.randn(H).to(dtype)
+        assert torch.equal(module(x), rms_norm_reference(x, module.weight, 1e-5, *RMS_NORM_FORMS[form])), cls
+    gate, up = torch.randn(5, H).to(dtype), torch.randn(5, H).to(dtype)
+    assert torch.equal(ACT2FN["silu"](gate) * up, swiglu_reference(gate, up))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", list(RMS_NORM_FORMS))
+def test_triton_rms_norm_matches_reference(dtype, form, seed, triton_device):
+    """Odd row counts and widths (up to two blocks of rows, H not a power of two), a 3-D input; against the
+    reference run in fp32 on the same values. The output of a bf16 run also equals the bf16 reference (HF's own
+    roundings) up to one rounding step."""
+    H, rows = random.randint(3, 300), random.randint(1, 40)
+    x = (torch.randn(2, rows, H, device=triton_device) * 3).to(dtype)
+    w = (torch.randn(H, device=triton_device) * 0.5 + (0.0 if form == "gemma" else 1.0)).to(dtype)
+    dy = torch.randn(2, rows, H, device=triton_device).to(dtype)
+    offset, cast = RMS_NORM_FORMS[form]
+    results = {}
+    for name, fn, dt in (("kernel", rms_norm, dtype), ("reference", rms_norm_reference, torch.float32)):
+        xi, wi = x.to(dt, copy=True).requires_grad_(), w.to(dt, copy=True).requires_grad_()
+        kwargs = {"backend": "triton"} if name == "kernel" else {}
+        y = fn(xi, wi, 1e-6, offset, cast, **kwargs)
+        y.backward(dy.to(dt))
+        results[name] = (y, xi.grad, wi.grad)
+    (y, dx, dw), (ry, rdx, rdw) = results["kernel"], results["reference"]
+    assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == dtype and y.shape == x.shape
+    assert rel_err(y, ry) < LOSS_TOL[dtype]
+    assert rel_err(dx, rdx) < GRAD_TOL[dtype] and rel_err(dw, rdw) < GRAD_TOL[dtype]
+    if dtype == torch.bfloat16:
+        same_rounding = rms_norm_reference(x, w, 1e-6, offset, cast)
+        assert (y.float() - same_rounding.float()).abs().max() <= 2**-7 * same_rounding.float().abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_swiglu_matches_reference(dtype, seed, triton_device):
+    shape = (random.randint(1, 5), random.randint(1, 3000))
+    gate, up, dy = ((torch.randn(shape, device=triton_device) * 3).to(dtype) for _ in range(3))
+    results = {}
+    for name, fn, dt in (("kernel", swiglu, dtype), ("reference", swiglu_reference, torch.float32)):
+        g, u = gate.to(dt, copy=True).requires_grad_(), up.to(dt, copy=True).requires_grad_()
+        y = fn(g, u, backend="triton") if name == "kernel" else fn(g, u)
+        y.backward(dy.to(dt))
+        results[name] = (y, g.grad, u.grad)
+    (y, dg, du), (ry, rdg, rdu) = results["kernel"], results["reference"]
+    assert y.dtype == dtype and dg.dtype == dtype
+    assert rel_err(y, ry) < LOSS_TOL[dtype]
+    assert rel_err(dg, rdg) < GRAD_TOL[dtype] and rel_err(du, rdu) < GRAD_TOL[dtype]
+
+
+def test_layer_kernels_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="rms_norm: weight"):
+        rms_norm(torch.randn(3, 8), torch.randn(7), 1e-6)
+    with pytest.raises(ValueError, match="swiglu: gate"):
+        swiglu(torch.randn(3, 8), torch.randn(3, 9))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3", "tiny-gemma3"])
+def test_triton_fused_layers_in_models(name, seed, triton_device):
+    """use_fused_layers swaps every RMSNorm (Qwen3's and Gemma 3's per-head q/k norms too) and SwiGLU MLP (Gemma's
+    GELU MLP stays) without touching parameters or state dicts; the fused model's loss, gradients and one-pass
+    ghost dots (whose forward-mode jvp runs the modules' own forward) equal the unfused model's in fp32."""
+    import copy
+
+    from adapt_fast.model.fused_layers import use_fused_layers
+    from adapt_fast.model.ghost import GhostDots, trainable_parameters
+    from adapt_fast.model.loading import load_model_and_tokenizer
+    from adapt_fast.model.loss import per_task_loss
+
+    plain, _ = load_model_and_tokenizer(name, dtype=torch.float32, device=triton_device, seed=seed % 1000)
+    with torch.no_grad():
+        for p in plain.parameters():
+            if p.dim() == 1:  # norm weights away from their init (ones, or zeros in Gemma's 1 + w)
+                p.add_(0.2 * torch.randn_like(p))
+    fused = copy.deepcopy(plain)
+    counts = use_fused_layers(fused, "triton")
+    expected = {"tiny-llama": (5, 2), "tiny-qwen3": (9, 2), "tiny-gemma3": (19, 0)}[name]
+    assert (counts["rms_norm"], counts["swiglu_mlp"]) == expected
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    assert sum(type(m).__name__.startswith("Fused") for m in fused.modules()) == sum(expected)
+    assert use_fused_layers(fused, "triton") == {"rms_norm": 0, "swiglu_mlp": 0}  # already swapped
+
+    batch, K = packed_micro_batch([5, 9, 1, 30, 12, 7], [0, 0, 1, 2, 2, 3], plain.config.vocab_size), 5  # 4: empty
+    weights = torch.ones(K, dtype=torch.float64) / max(int((batch.labels != -100).sum()), 1)
+    G = {n: torch.randn_like(p) for n, p in trainable_parameters(plain).items()}
+    results = {}
+    for label, model in (("plain", plain), ("fused", fused)):
+        model.zero_grad()
+        with GhostDots(model, G, batch.task_ids, K, backend="torch") as ghost:
+            out = per_task_loss(model, batch, weights, ghost_weight=ghost.head_ghost_weight, backend="torch")
+            out.loss.backward()
+        dots = ghost.dots + out.ghost_dot.double()
+        grads = torch.cat([p.grad.flatten() for p in trainable_parameters(model).values()])
+        results[label] = (out.loss.detach(), grads, dots)
+    (loss, grads, dots), (f_loss, f_grads, f_dots) = results["plain"], results["fused"]
+    assert rel_err(f_loss, loss) < 1e-5 and rel_err(f_grads, grads) < 1e-4 and rel_err(f_dots, dots) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------
 # GPU, full size
 # ----------------------------------------------------------------------------------------------------------
 
@@ -569,3 +722,32 @@ def test_gpu_ghost_dot_full_size(n_out, n_in, seed):
     out = per_task_ghost_dot(x, delta, G, task_offsets=offsets, backend="triton")
     ref = per_task_ghost_dot_reference(x, delta, G, task_offsets=offsets)
     assert rel_err(out, ref) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_layer_kernels_full_size(dtype, seed):
+    """RMSNorm at Llama-3.2-1B's width (T=16384, H=2048; Gemma's form at 8192) and SwiGLU at its MLP width (8192),
+    against the references in fp32 on the same values."""
+    T, cuda = 16384, torch.device("cuda")
+    for H, form in ((2048, "llama"), (8192, "gemma")):
+        offset, cast = RMS_NORM_FORMS[form]
+        x, dy = torch.randn(T, H, device=cuda).to(dtype), torch.randn(T, H, device=cuda).to(dtype)
+        w = (torch.randn(H, device=cuda) * 0.5 + 1.0).to(dtype)
+        out = {}
+        for name, fn, dt in (("kernel", rms_norm, dtype), ("reference", rms_norm_reference, torch.float32)):
+            xi, wi = x.to(dt, copy=True).requires_grad_(), w.to(dt, copy=True).requires_grad_()
+            y = fn(xi, wi, 1e-6, offset, cast, **({"backend": "triton"} if name == "kernel" else {}))
+            y.backward(dy.to(dt))
+            out[name] = (y, xi.grad, wi.grad)
+        for a, b in zip(out["kernel"], out["reference"], strict=True):
+            assert rel_err(a, b) < GRAD_TOL[dtype], (H, form)
+    gate, up, dy = (torch.randn(T, 8192, device=cuda).to(dtype) for _ in range(3))
+    out = {}
+    for name, dt in (("kernel", dtype), ("reference", torch.float32)):
+        g, u = gate.to(dt, copy=True).requires_grad_(), up.to(dt, copy=True).requires_grad_()
+        y = swiglu(g, u, backend="triton") if name == "kernel" else swiglu_reference(g, u)
+        y.backward(dy.to(dt))
+        out[name] = (y, g.grad, u.grad)
+    for a, b in zip(out["kernel"], out["reference"], strict=True):
+        assert rel_err(a, b) < GRAD_TOL[dtype]

@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import jvp
 
 from adapt_fast.data.batch import IGNORE_INDEX, MicroBatch
-from adapt_fast.kernels import PerTaskLoss, per_task_ghost_dot
+from adapt_fast.kernels import PerTaskLoss, per_task_ghost_dot, reference_kernels
 from adapt_fast.model import zero3
 from adapt_fast.model.loading import unwrap
 from adapt_fast.model.loss import per_task_loss
@@ -275,7 +275,7 @@ class GhostDots:
             names = list(params)
             primals = tuple(_value(params[n][0]) for n in names)
             tangents = tuple(_whole(params[n]).to(params[n][0].dtype) for n in names)
-            with torch.no_grad():
+            with torch.no_grad(), reference_kernels():  # a fused layer's kernel has no jvp rule: its own forward
                 _, tangent = jvp(lambda *p: _forward_with(module, dict(zip(names, p, strict=True)), args, kwargs),
                                  primals, tangents)  # fmt: skip
             row = (_rows(tangent, dim, T).to(compute) * d.to(compute)).sum(1)
