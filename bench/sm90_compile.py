@@ -187,9 +187,9 @@ def main() -> int:
     result = {"triton": triton.__version__, "target": "cuda sm_90 (Hopper)", "dtype": "bf16", "kernels": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{out}.json").write_text(json.dumps(result, indent=2) + "\n")  # not with_suffix: "triton3.6" has a dot
     table = markdown(rows)
-    out.with_suffix(".md").write_text(f"Compiled for sm_90 with triton {triton.__version__} (no GPU), bf16.\n\n{table}")
+    Path(f"{out}.md").write_text(f"Compiled for sm_90 with triton {triton.__version__} (no GPU), bf16.\n\n{table}")
     print(table)
     return 0
 
