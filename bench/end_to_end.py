@@ -16,6 +16,8 @@ statistics), at the same DeepSpeed ZeRO stage, learning rate and dtype:
               varlen attention, the fused per-task loss kernel
   adapt       adapt_fast with ADAPT: the mixture updated every step from one-pass ghost dots, G = grad of the
               smooth worst-case validation loss recomputed every `--val-every` steps (its time counts)
+  uniform_unfused  `uniform` with kernels.fused_layers false (HF's own RMSNorm and MLP): what the layer kernels
+              give; not run unless named in --stacks
 
 Measured over the steps after `--warmup-steps`: non-padding tokens per second (the budget's unit), loss tokens per
 second, seconds per step, and the peak GPU memory of the whole run. The data are a JSONL suite written here
@@ -47,7 +49,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
 
-STACKS = ("trl", "trl_grouped", "trl_packed", "uniform", "adapt")
+STACKS = ("uniform", "adapt", "trl", "trl_grouped", "trl_packed", "uniform_unfused")
+DEFAULT_STACKS = STACKS[:5]  # run in this order: ours first, so that a run cut short still compares something
 
 
 # ----------------------------------------------------------------------------- data
@@ -82,7 +85,7 @@ def adapt_fast_overrides(args, stack: str, data: Path, work: Path, dtype: str) -
         "training.zero_stage": args.zero_stage, "training.lr": args.lr, "training.warmup_steps": 0,
         "training.lr_schedule": "constant", "training.weight_decay": 0.0,
         "training.gradient_checkpointing": args.gradient_checkpointing, "kernels.backend": "auto",
-        "output_dir": work / f"run-{stack}", "seed": 0,
+        "output_dir": work / f"run-{stack}", "seed": 0, "kernels.fused_layers": stack != "uniform_unfused",
     }  # fmt: skip
     return [item for key, value in pairs.items() for item in (f"--{key}", str(value))]
 
@@ -165,6 +168,7 @@ def run_adapt_fast(args, stack: str, data: Path, work: Path) -> dict:
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "kernels": trainer.backend,
+        "fused_layers": trainer.fused_layers,
         "train_examples": trainer.data.train.num_examples,  # the pool the stack drew from
         "train_example_tokens": int(np.sum(trainer.data.train.lengths)),
         "mixture_final_min": float(trainer.mixture.min()),
@@ -301,7 +305,7 @@ def run_trl(args, variant: str, data: Path, work: Path) -> dict:
 
 
 def run_stack(args, stack: str, data: Path, work: Path) -> dict:
-    if stack in ("uniform", "adapt"):
+    if stack in ("uniform", "adapt", "uniform_unfused"):
         return run_adapt_fast(args, stack, data, work)
     return run_trl(args, stack, data, work)
 
@@ -332,22 +336,24 @@ def child(args) -> None:
 
 
 def markdown(results: dict, settings: dict, gpu: str) -> str:
-    base = results.get("trl", {}).get("tokens_per_second") if results.get("trl", {}).get("ok") else None
+    trl = {name: r["tokens_per_second"] for name, r in results.items() if name.startswith("trl") and r.get("ok")}
+    best = max(trl, key=trl.get) if trl else None  # the strongest baseline that ran
     lines = [
         f"# End to end: tokens/s on {gpu}",
         "",
         f"{settings['model']}, {settings['tokens_per_step']} tokens per step, {settings['steps']} steps "
         f"(the first {settings['warmup_steps']} not timed), ZeRO-{settings['zero_stage']}, "
-        f"{settings['tasks']} tasks, examples log-normal around {settings['length_median']} bytes.",
+        f"{settings['tasks']} tasks, examples log-normal around {settings['length_median']} bytes. "
+        f"Against the fastest TRL run: {best or 'none ran'}.",
         "",
-        "| stack | tokens/s | vs trl | loss tokens/s | s/step | tokens/step | peak GiB | notes |",
+        "| stack | tokens/s | vs best TRL | loss tokens/s | s/step | tokens/step | peak GiB | notes |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for stack, r in results.items():
         if not r.get("ok"):
             lines.append(f"| {stack} | - | - | - | - | - | - | {r.get('skipped') or r.get('error', '')} |")
             continue
-        ratio = f"{r['tokens_per_second'] / base:.2f}x" if base else "-"
+        ratio = f"{r['tokens_per_second'] / trl[best]:.2f}x" if best else "-"
         mem = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
         notes = []
         if "batch_size" in r:
@@ -357,7 +363,8 @@ def markdown(results: dict, settings: dict, gpu: str) -> str:
             if not r["deepspeed"]:
                 notes.append("not on DeepSpeed")
         if "kernels" in r:
-            notes.append(f"kernels {r['kernels']}")
+            fused = ", ".join(f"{n} {c}" for n, c in r["fused_layers"].items()) or "none"
+            notes.append(f"kernels {r['kernels']} (fused layers: {fused})")
         notes.append(f"padding {100 * r['padding_fraction']:.1f}%")
         notes.append(f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}")
         lines.append(
@@ -367,10 +374,20 @@ def markdown(results: dict, settings: dict, gpu: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(out: Path, gpu: str, settings: dict, results: dict) -> None:
+    import torch
+    from ghost_dot import results_dir  # noqa: E402 (bench/ is the script's folder)
+
+    folder = results_dir(out, gpu)
+    report = {"device": gpu, "torch": torch.__version__, "settings": settings, "results": results}
+    (folder / "end_to_end.json").write_text(json.dumps(report, indent=1))
+    (folder / "end_to_end.md").write_text(markdown(results, settings, gpu))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-3.2-1b")
-    parser.add_argument("--stacks", default=",".join(STACKS))
+    parser.add_argument("--stacks", default=",".join(DEFAULT_STACKS), help=f"from {', '.join(STACKS)}")
     parser.add_argument("--tokens-per-step", type=int, default=16384)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup-steps", type=int, default=5)
@@ -403,7 +420,7 @@ def main() -> None:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/end_to_end.py needs a CUDA GPU (or --device cpu for a smoke run)")
-    from ghost_dot import device_name, results_dir  # noqa: E402 (bench/ is the script's folder)
+    from ghost_dot import device_name  # noqa: E402 (bench/ is the script's folder)
 
     gpu = device_name(torch.device(args.device))
     settings = {k: v for k, v in vars(args).items() if k not in ("only", "data", "work", "result", "out")}
@@ -417,6 +434,7 @@ def main() -> None:
             if reason:
                 results[stack] = {"ok": False, "skipped": reason}
                 print(f"{stack}: skipped ({reason})", flush=True)
+                write_results(args.out, gpu, settings, results)
                 continue
             result_file = work / f"{stack}.json"
             env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -437,10 +455,7 @@ def main() -> None:
             status = f"{r['tokens_per_second']:,.0f} tokens/s" if r.get("ok") else r.get("error")
             print(f"{stack}: {status}", flush=True)
 
-    folder = results_dir(args.out, gpu)
-    report = {"device": gpu, "torch": torch.__version__, "settings": settings, "results": results}
-    (folder / "end_to_end.json").write_text(json.dumps(report, indent=1))
-    (folder / "end_to_end.md").write_text(markdown(results, settings, gpu))
+            write_results(args.out, gpu, settings, results)  # after every stack: a run cut short keeps them
     print(markdown(results, settings, gpu))
 
 
