@@ -643,6 +643,50 @@ def test_layer_kernels_bad_input_is_a_clear_error():
         swiglu(torch.randn(3, 8), torch.randn(3, 9))
 
 
+def test_fused_layers_swap_only_what_they_compute():
+    """Names are not enough: an "RMSNorm" that centres its input, an "MLP" gating the other branch or with GELU,
+    keep their own forward; the real ones are recognised, including a Llama-style norm in a class of another name."""
+    from torch import nn
+
+    from adapt_fast.model.fused_layers import is_swiglu_mlp, rms_norm_form, use_fused_layers
+
+    class CenteringRMSNorm(nn.Module):
+        def __init__(self, h):
+            super().__init__()
+            self.weight, self.eps = nn.Parameter(torch.ones(h)), 1e-6
+
+        def forward(self, x):
+            x = x - x.mean(-1, keepdim=True)
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+    class MyRMSNorm(CenteringRMSNorm):
+        def forward(self, x):
+            h = x.float()
+            return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    class GatedMLP(nn.Module):
+        def __init__(self, act, swapped=False):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 4)
+            self.act_fn, self.swapped = act, swapped
+
+        def forward(self, x):
+            a, b = (self.up_proj(x), self.gate_proj(x)) if self.swapped else (self.gate_proj(x), self.up_proj(x))
+            return self.down_proj(self.act_fn(a) * b)
+
+    assert rms_norm_form(CenteringRMSNorm(8)) is None
+    assert rms_norm_form(MyRMSNorm(8)) == (1e-6, 0.0, True)
+    assert not is_swiglu_mlp(GatedMLP(nn.GELU())) and not is_swiglu_mlp(GatedMLP(nn.SiLU(), swapped=True))
+    assert is_swiglu_mlp(GatedMLP(nn.SiLU()))
+    model = nn.Sequential(CenteringRMSNorm(8), MyRMSNorm(8), GatedMLP(nn.SiLU(), swapped=True), GatedMLP(nn.SiLU()))
+    state = torch.random.get_rng_state()
+    assert use_fused_layers(model, "torch") == {"rms_norm": 1, "swiglu_mlp": 1}
+    assert torch.equal(torch.random.get_rng_state(), state)  # the probes leave the caller's random stream alone
+    assert [type(m).__name__ for m in model] == ["CenteringRMSNorm", "FusedMyRMSNorm", "GatedMLP", "FusedGatedMLP"]
+    x = torch.randn(3, 8)
+    assert torch.equal(model[1](x), MyRMSNorm.forward(model[1], x))  # backend torch: the reference, same numbers
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3", "tiny-gemma3"])
 def test_triton_fused_layers_in_models(name, seed, triton_device):
     """use_fused_layers swaps every RMSNorm (Qwen3's and Gemma 3's per-head q/k norms too) and SwiGLU MLP (Gemma's

@@ -7,8 +7,8 @@ modules pass the checks below (nothing is matched by model name):
   * an RMSNorm (class name ending in "RMSNorm", one weight (H,), an `eps` or `variance_epsilon`) whose own forward
     gives exactly what `rms_norm_reference` gives in one of its forms (Llama's, or Gemma's 1 + w) on probe inputs in
     fp32 and bf16 (where the roundings differ); a module matching none keeps its forward;
-  * an MLP with gate_proj, up_proj and down_proj linear layers whose act_fn computes silu:
-    down_proj(swiglu(gate_proj(x), up_proj(x))).
+  * an MLP with gate_proj, up_proj and down_proj linear layers whose own forward computes, on a probe,
+    down_proj(silu(gate_proj(x)) * up_proj(x)): it becomes down_proj(swiglu(gate_proj(x), up_proj(x))).
 Each module keeps its parameters, submodules and hooks (DeepSpeed's, GhostDots') and changes class to a subclass
 whose forward calls the kernel, so `isinstance` and state dicts are unchanged. Inside `reference_kernels()` (the
 forward-mode jvp of GhostDots, which the kernels' autograd functions cannot take) the class's own forward runs.
@@ -98,17 +98,29 @@ def rms_norm_form(module: nn.Module) -> tuple[float, float, bool] | None:
 
 
 def is_swiglu_mlp(module: nn.Module) -> bool:
-    """An MLP computing down_proj(silu(gate_proj(x)) * up_proj(x)): its three linear layers and a silu act_fn."""
+    """An MLP whose own forward is down_proj(silu(gate_proj(x)) * up_proj(x)): checked on a probe input with small
+    random linear layers put in place of its own (no hooks run, ZeRO-3 partitions untouched)."""
+    names = ("gate_proj", "up_proj", "down_proj")
     if isinstance(module, _FusedSwiGLUMLP) or not type(module).__name__.endswith("MLP"):
         return False
-    if not all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+    if not all(isinstance(getattr(module, n, None), nn.Linear) for n in names):
         return False
-    act = getattr(module, "act_fn", None)
-    if not callable(act):
+    gen = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):  # the probe layers' init must not move the caller's random stream
+        torch.manual_seed(0)
+        probe = {"gate_proj": nn.Linear(8, 16), "up_proj": nn.Linear(8, 16), "down_proj": nn.Linear(16, 8)}
+    x = torch.randn(3, 8, generator=gen)
+    saved = {n: module._modules[n] for n in names}
+    try:
+        module._modules.update(probe)
+        with torch.no_grad():
+            own = type(module).forward(module, x)
+            expected = probe["down_proj"](nn.functional.silu(probe["gate_proj"](x)) * probe["up_proj"](x))
+        return torch.equal(own, expected)
+    except Exception:  # a forward that needs more than x, or other shapes: not this MLP
         return False
-    x = torch.linspace(-6, 6, 25)
-    with torch.no_grad():
-        return torch.equal(act(x), nn.functional.silu(x))
+    finally:
+        module._modules.update(saved)
 
 
 def use_fused_layers(model: nn.Module, backend: str = "triton") -> dict[str, int]:
