@@ -414,7 +414,7 @@ class Trainer:
             raise ConfigError(f"model.name {cfg.model.name}: its vocabulary is smaller than the tokenizer's")
         self.backend = self._kernel_backend()
         self.fused_layers = {}  # module kind -> how many run fused kernels
-        if cfg.kernels.fused_layers and self.backend == "triton":
+        if cfg.kernels.fused_layers and self.backend == "triton" and dtype != torch.float64:  # kernels: up to fp32
             self.fused_layers = use_fused_layers(model, self.backend)
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)

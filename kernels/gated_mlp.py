@@ -81,9 +81,11 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """silu(gate) * up for two tensors of one shape and dtype: the Triton kernel on CUDA (backend="auto"), the
-    reference elsewhere."""
+    reference elsewhere and for float64."""
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} differ")
-    if resolve_backend(backend, gate.device) == "torch":
+    if gate.dtype == torch.float64 and backend == "triton":
+        raise ValueError("swiglu: the Triton kernel takes bf16, fp16 or fp32 inputs, not float64 (backend='torch')")
+    if gate.dtype == torch.float64 or resolve_backend(backend, gate.device) == "torch":
         return swiglu_reference(gate, up)
     return _SwiGLUFunction.apply(gate, up)

@@ -172,9 +172,12 @@ def rms_norm(
     backend: str = "auto",
 ) -> torch.Tensor:
     """RMSNorm over the last dim of x (..., H) with weight (H,): the Triton kernel on CUDA (backend="auto"), the
-    reference elsewhere. Result dtype: promote(x, weight) when cast_before_weight (as Llama's), else x's."""
+    reference elsewhere and for float64. Result dtype: promote(x, weight) when cast_before_weight (as Llama's),
+    else x's."""
     if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
-    if resolve_backend(backend, x.device) == "torch":
+    if x.dtype == torch.float64 and backend == "triton":
+        raise ValueError("rms_norm: the Triton kernel takes bf16, fp16 or fp32 inputs, not float64 (backend='torch')")
+    if x.dtype == torch.float64 or resolve_backend(backend, x.device) == "torch":
         return rms_norm_reference(x, weight, eps, offset, cast_before_weight)
     return _RMSNormFunction.apply(x, weight, eps, offset, cast_before_weight)

@@ -641,6 +641,12 @@ def test_layer_kernels_bad_input_is_a_clear_error():
         rms_norm(torch.randn(3, 8), torch.randn(7), 1e-6)
     with pytest.raises(ValueError, match="swiglu: gate"):
         swiglu(torch.randn(3, 8), torch.randn(3, 9))
+    x, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="not float64"):
+        rms_norm(x, w, 1e-6, backend="triton")
+    with pytest.raises(ValueError, match="not float64"):
+        swiglu(x, x, backend="triton")
+    assert torch.equal(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))  # auto: float64 runs the reference
 
 
 def test_fused_layers_swap_only_what_they_compute():
