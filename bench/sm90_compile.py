@@ -61,6 +61,7 @@ KERNELS = {
 LCE_CONFIG, LCE_FP32 = lce_module._CUDA_CONFIG, lce_module._CUDA_CONFIG_FP32
 TILE_V = LCE_CONFIG["logits"]["BLOCK_V"]  # the dlogits kernel indexes the logits kernel's tiles
 FP32 = dict(PRECISION="ieee")
+NORM_TILES, LLAMA = rms_norm_module.cuda_tiles, dict(CAST_BEFORE_WEIGHT=True)
 VARIANTS = [
     ("logits", "logits", LCE_CONFIG["logits"], dict(HAS_SOFTCAP=False, HAS_GHOST=False)),
     ("logits softcap", "logits", LCE_CONFIG["logits"], dict(HAS_SOFTCAP=True, HAS_GHOST=False)),
@@ -79,24 +80,21 @@ VARIANTS = [
     ("fp32 dhidden split-K", "dhidden split-K", LCE_FP32["dhidden"], dict(SPLIT_K=True, **FP32)),
     ("fp32 dweight", "dweight", LCE_FP32["dweight"], FP32),
     ("fp32 ghost_dot", "ghost_dot", ghost_module._CUDA_CONFIG_FP32, FP32),
-    # the fused layers (elementwise and row reductions: no matrix products), Llama-3.2-1B's widths and 8192
-    ("rms_norm forward H2048", "rms_norm forward", rms_norm_module.cuda_tiles(2048), dict(CAST_BEFORE_WEIGHT=True)),
-    ("rms_norm backward H2048", "rms_norm backward", rms_norm_module.cuda_tiles(2048), dict(CAST_BEFORE_WEIGHT=True)),
-    ("rms_norm forward H8192 gemma", "rms_norm forward", rms_norm_module.cuda_tiles(8192), {}),
-    ("rms_norm backward H8192 gemma", "rms_norm backward", rms_norm_module.cuda_tiles(8192), {}),
+    # the fused layers (elementwise and row reductions: no matrix products): Llama-3.2-1B's width, its q/k head width
+    # (Qwen3's per-head norms) and 8192 in Gemma's form
+    ("rms_norm forward H2048", "rms_norm forward", NORM_TILES(2048), LLAMA),
+    ("rms_norm backward H2048", "rms_norm backward", NORM_TILES(2048, backward=True), LLAMA),
+    ("rms_norm forward H128 q/k", "rms_norm forward", NORM_TILES(128), LLAMA),
+    ("rms_norm backward H128 q/k", "rms_norm backward", NORM_TILES(128, backward=True), LLAMA),
+    ("rms_norm forward H8192 gemma", "rms_norm forward", NORM_TILES(8192), {}),
+    ("rms_norm backward H8192 gemma", "rms_norm backward", NORM_TILES(8192, backward=True), {}),
     ("swiglu forward", "swiglu forward", dict(BLOCK=swiglu_module.CUDA_BLOCK), {}),
     ("swiglu backward", "swiglu backward", dict(BLOCK=swiglu_module.CUDA_BLOCK), {}),
 ]
 DEFAULT_CONSTEXPRS = dict(
-    STORE_P=True,
-    PRECISION="tf32",
-    DOT_FP32=False,
-    INTERPRET_BF16=False,
-    CAST_BEFORE_WEIGHT=False,
-    X_BF16=False,
-    Y_BF16=False,
-    BF16=False,
-)
+    STORE_P=True, PRECISION="tf32", DOT_FP32=False, INTERPRET_BF16=False, CAST_BEFORE_WEIGHT=False, X_BF16=False,
+    Y_BF16=False, BF16=False,
+)  # fmt: skip
 
 
 def compile_for_sm90(fn, pointer_types: dict, config: dict, constexprs: dict):

@@ -80,21 +80,26 @@ def _rms_norm_backward_kernel(
     tl.store(dw_part_ptr + pid.to(tl.int64) * H + cols, dw, mask=mask_h)
 
 
-def cuda_tiles(H: int) -> dict:
-    """BLOCK_R whole rows per program, about 8k fp32 values (bench/sm90_compile.py compiles these)."""
+def cuda_tiles(H: int, backward: bool = False) -> dict:
+    """BLOCK_R whole rows per program. Forward: about 8k values per program. Backward (more live values per element):
+    about 2k, at most 8-16 per thread, which keeps it near 64 registers on sm_90 (4 row-blocks of 4 x 2048 took
+    159, one program per SM); bench/sm90_compile.py compiles both."""
     block_h = triton.next_power_of_2(H)
+    if backward:
+        block_r = max(1, min(16, 2048 // block_h))
+        return dict(BLOCK_R=block_r, BLOCK_H=block_h, num_warps=max(4, min(16, block_r * block_h // 256)))
     num_warps = 16 if block_h >= 8192 else 8 if block_h >= 2048 else 4
     return dict(BLOCK_R=max(1, min(16, 8192 // block_h)), BLOCK_H=block_h, num_warps=num_warps)
 
 
-def _config(H: int, N: int) -> tuple[int, int, int, int]:
+def _config(H: int, N: int, backward: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_R, BLOCK_H, num_warps, backward programs): the CUDA tiles, or in the interpreter (which runs programs
     one after another) fewer, larger programs of about 2k values."""
     if interpret_mode():
         block_h = triton.next_power_of_2(H)
         block_r = max(1, min(16, 2048 // block_h))
         return block_r, block_h, 4, max(1, min(4, triton.cdiv(N, block_r)))
-    tiles = cuda_tiles(H)
+    tiles = cuda_tiles(H, backward)
     programs = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count * 4
     block_r = tiles["BLOCK_R"]
     return block_r, tiles["BLOCK_H"], tiles["num_warps"], max(1, min(programs, triton.cdiv(N, block_r)))
@@ -135,7 +140,7 @@ class _RMSNormFunction(torch.autograd.Function):
         if dy2.stride(-1) != 1:
             dy2 = dy2.contiguous()
         dx = torch.empty(N, H, dtype=x2.dtype, device=x2.device)
-        block_r, block_h, num_warps, programs = _config(H, N)
+        block_r, block_h, num_warps, programs = _config(H, N, backward=True)
         dw_part = torch.zeros(programs, H, dtype=torch.float32, device=x2.device)
         if N > 0:
             launchable(_rms_norm_backward_kernel)[(programs,)](
