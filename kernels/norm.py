@@ -38,13 +38,10 @@ def _rms_norm_forward_kernel(
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / H + eps)
     xh = x * rstd[:, None]
-    w = tl.load(w_ptr + cols, mask=mask_h, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask_h, other=0.0).to(tl.float32) + offset
     if CAST_BEFORE_WEIGHT:  # x's dtype first, then the product in y's dtype (exact in fp32, rounded once)
         xh = _round_bf16(xh, X_BF16).to(x_ptr.dtype.element_ty).to(tl.float32)
-        y = xh * w[None, :]
-    else:
-        y = xh * (offset + w[None, :])
-    y = _round_bf16(y, Y_BF16).to(y_ptr.dtype.element_ty)
+    y = _round_bf16(xh * w[None, :], Y_BF16).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y, mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=mask_r)
 
