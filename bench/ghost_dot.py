@@ -2,7 +2,8 @@
 
 For each linear shape (out, in) and T tokens in K contiguous tasks, times per_task_ghost_dot (Triton) with
 task_offsets and with task_ids, and the PyTorch reference, and compares with the measured rate of the bf16
-matmul of the same shape, x (T, in) @ G^T (in, out). A ghost dot costs 2 * T * in * out FLOPs.
+matmul of the same shape, x (T, in) @ G^T (in, out). A ghost dot costs 2 * T * in * out FLOPs. Also times the
+weight gradient delta^T x alone (the backward's matmul) and per_task_weight_grad, the same with the dots folded in.
 Writes <out>/<gpu name>/ghost_dot.json and ghost_dot.md.
 
     python bench/ghost_dot.py [--tokens 16384 --tasks 8 --shapes 2048x2048,8192x2048,2048x8192 --out bench/results]
@@ -61,7 +62,7 @@ def results_dir(out: Path, gpu: str) -> Path:
 def bench_shape(
     n_out: int, n_in: int, offsets: torch.Tensor, task_ids: torch.Tensor, repeats: int, backend: str
 ) -> dict:
-    from adapt_fast.kernels import per_task_ghost_dot, per_task_ghost_dot_reference
+    from adapt_fast.kernels import per_task_ghost_dot, per_task_ghost_dot_reference, per_task_weight_grad
 
     T, K = task_ids.numel(), offsets.numel() - 1
     torch.manual_seed(0)
@@ -74,11 +75,15 @@ def bench_shape(
         "triton_offsets": lambda: per_task_ghost_dot(x, delta, G, task_offsets=offsets, backend=backend),
         "triton_ids": lambda: per_task_ghost_dot(x, delta, G, task_ids, K, backend=backend),
         "reference": lambda: per_task_ghost_dot_reference(x, delta, G, task_ids, K),
+        # the weight gradient the backward computes anyway (delta^T x), and the same with the dots folded in
+        "dweight_matmul": lambda: delta.T @ x,
+        "dweight_with_dots": lambda: per_task_weight_grad(x, delta, G, offsets, backend=backend),
     }
     ms = {name: median_ms(fn, repeats=repeats) for name, fn in runs.items()}
     flops = 2 * T * n_in * n_out
     tflops = {name: flops / (t * 1e-3) / 1e12 for name, t in ms.items()}
     ours, ref = runs["triton_offsets"](), runs["reference"]()
+    folded = runs["dweight_with_dots"]()[1]
     return dict(
         out=n_out,
         inp=n_in,
@@ -87,6 +92,10 @@ def bench_shape(
         tflops=tflops,
         fraction_of_matmul=tflops["triton_offsets"] / tflops["matmul"],
         rel_err_vs_reference=((ours - ref).norm() / ref.norm()).item(),
+        # what the dots cost on top of the weight gradient: a separate kernel, or folded into the dW GEMM
+        separate_dots_overhead=(ms["dweight_matmul"] + ms["triton_offsets"]) / ms["dweight_matmul"],
+        folded_dots_overhead=ms["dweight_with_dots"] / ms["dweight_matmul"],
+        folded_rel_err_vs_reference=((folded - ref).norm() / ref.norm()).item(),
     )
 
 
@@ -123,8 +132,9 @@ def main() -> None:
         f"T={T} tokens, K={K} tasks, bf16. TFLOP/s at 2*T*in*out FLOPs (ms in parentheses). "
         "Target: triton at >= 60% of the bf16 matmul rate.",
         "",
-        "| out x in | bf16 matmul | triton (offsets) | triton (ids) | reference | triton / matmul | rel err |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| out x in | bf16 matmul | triton (offsets) | triton (ids) | reference | dW matmul | dW with dots "
+        "| triton / matmul | rel err |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         cells = [f"{r['tflops'][k]:.0f} ({r['ms'][k]:.2f})" for k in r["ms"]]
@@ -132,6 +142,16 @@ def main() -> None:
         lines.append(
             f"| {shape} | {' | '.join(cells)} | {r['fraction_of_matmul']:.0%} | {r['rel_err_vs_reference']:.1e} |"
         )
+    lines += [
+        "",
+        "The weight gradient with the dots (time relative to the dW matmul alone): per_task_ghost_dot after it, or",
+        "folded into it (kernels/weight_grad_ghost.py, not used by the trainer yet).",
+        "",
+        "| out x in | dW + separate dots | dW with dots folded in | folded dots rel err |",
+        "|---|---:|---:|---:|",
+        *(f"| {r['out']}x{r['inp']} | {r['separate_dots_overhead']:.2f}x | {r['folded_dots_overhead']:.2f}x | "
+          f"{r['folded_rel_err_vs_reference']:.1e} |" for r in rows),
+    ]  # fmt: skip
     (out_dir / "ghost_dot.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out_dir}/ghost_dot.json and .md")

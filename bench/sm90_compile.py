@@ -27,12 +27,13 @@ from adapt_fast.kernels import gated_mlp as swiglu_module
 from adapt_fast.kernels import ghost_dot as ghost_module
 from adapt_fast.kernels import linear_cross_entropy as lce_module
 from adapt_fast.kernels import norm as rms_norm_module
+from adapt_fast.kernels import weight_grad_ghost as weight_grad_module
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-UNALIGNED = {"T", "C", "N", "n"}  # row / element counts: any value; everything else (sizes, strides, pointers) is
+UNALIGNED = {"T", "C", "N", "n", "K"}  # row / element counts: any value; everything else (sizes, strides, pointers) is
 FLOATS = {"softcap", "eps", "offset"}  # 16-divisible; these scalars are fp32, every other one i32
 
 # Pointer element types per kernel for a bf16 run (partials and scales are fp32); every other runtime argument
@@ -45,6 +46,10 @@ KERNELS = {
     "dhidden split-K": (lce_module._dhidden_kernel, dict(dz_ptr="bf16", w_ptr="bf16", dh_ptr="fp32")),
     "dweight": (lce_module._dweight_kernel, dict(dz_ptr="bf16", h_ptr="bf16", dw_ptr="bf16")),
     "ghost_dot": (ghost_module._ghost_dot_kernel, dict(x_ptr="bf16", delta_ptr="bf16", g_ptr="bf16")),
+    "weight_grad_ghost": (
+        weight_grad_module._weight_grad_ghost_kernel,
+        dict(x_ptr="bf16", delta_ptr="bf16", g_ptr="bf16", off_ptr="i32", dw_ptr="bf16"),
+    ),
     "rms_norm forward": (rms_norm_module._rms_norm_forward_kernel, dict(x_ptr="bf16", w_ptr="bf16", y_ptr="bf16")),
     "rms_norm backward": (
         rms_norm_module._rms_norm_backward_kernel,
@@ -80,6 +85,8 @@ VARIANTS = [
     ("fp32 dhidden split-K", "dhidden split-K", LCE_FP32["dhidden"], dict(SPLIT_K=True, **FP32)),
     ("fp32 dweight", "dweight", LCE_FP32["dweight"], FP32),
     ("fp32 ghost_dot", "ghost_dot", ghost_module._CUDA_CONFIG_FP32, FP32),
+    ("weight_grad_ghost", "weight_grad_ghost", weight_grad_module._CUDA_CONFIG, {}),
+    ("fp32 weight_grad_ghost", "weight_grad_ghost", weight_grad_module._CUDA_CONFIG_FP32, FP32),
     # the fused layers (elementwise and row reductions: no matrix products): Llama-3.2-1B's width, its q/k head width
     # (Qwen3's per-head norms) and 8192 in Gemma's form
     ("rms_norm forward H2048", "rms_norm forward", NORM_TILES(2048), LLAMA),
@@ -93,7 +100,7 @@ VARIANTS = [
 ]
 DEFAULT_CONSTEXPRS = dict(
     STORE_P=True, PRECISION="tf32", DOT_FP32=False, INTERPRET_BF16=False, CAST_BEFORE_WEIGHT=False, X_BF16=False,
-    Y_BF16=False, BF16=False,
+    Y_BF16=False, BF16=False, OUT_BF16=False,
 )  # fmt: skip
 
 

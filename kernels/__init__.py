@@ -4,6 +4,7 @@
     per_task_ghost_dot(x, delta, G, task_ids=None, num_tasks=None, task_offsets=None) -> (K,) fp32
     rms_norm(x, weight, eps, offset=0.0, cast_before_weight=True) -> like x      (fused layers of the model)
     swiglu(gate, up) -> silu(gate) * up
+    per_task_weight_grad(x, delta, G, task_offsets) -> (dW, (K,) dots)  (the dW GEMM with the ghost dots folded in)
 
 Each op takes backend="auto" ("triton" on CUDA, "torch" elsewhere; see resolve_backend); the *_reference
 functions are the plain-PyTorch versions with the same signature.
@@ -18,6 +19,7 @@ from .linear_cross_entropy import (
     per_task_linear_cross_entropy_reference,
 )
 from .norm import rms_norm, rms_norm_reference
+from .weight_grad_ghost import per_task_weight_grad, per_task_weight_grad_reference
 
 __all__ = [
     "PerTaskLoss",
@@ -25,6 +27,8 @@ __all__ = [
     "per_task_ghost_dot_reference",
     "per_task_linear_cross_entropy",
     "per_task_linear_cross_entropy_reference",
+    "per_task_weight_grad",
+    "per_task_weight_grad_reference",
     "reference_forced",
     "reference_kernels",
     "resolve_backend",

@@ -44,7 +44,8 @@ def test_ghost_dot_bench_smoke(tmp_path):
     result = run_bench("ghost_dot.py", tmp_path, "--tokens", "64", "--tasks", "3", "--shapes", "40x24,24x56",
                        "--repeats", "1")  # fmt: skip
     assert [(r["out"], r["inp"]) for r in result["rows"]] == [(40, 24), (24, 56)]
-    assert all(r["rel_err_vs_reference"] < 1e-2 for r in result["rows"])
+    assert all(r["rel_err_vs_reference"] < 1e-2 and r["folded_rel_err_vs_reference"] < 1e-2 for r in result["rows"])
+    assert all(r["separate_dots_overhead"] > 1 and r["folded_dots_overhead"] > 0 for r in result["rows"])
 
 
 def test_meta_gradient_bench_smoke(tmp_path):

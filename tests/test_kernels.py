@@ -45,6 +45,8 @@ from adapt_fast.kernels import (
     per_task_ghost_dot_reference,
     per_task_linear_cross_entropy,
     per_task_linear_cross_entropy_reference,
+    per_task_weight_grad,
+    per_task_weight_grad_reference,
     resolve_backend,
     rms_norm,
     rms_norm_reference,
@@ -547,6 +549,32 @@ def test_triton_ghost_dot_matches_reference(dtype, seed, triton_device):
     assert rel_err(out, ref) < GRAD_TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_weight_grad_ghost_matches_reference(dtype, seed, triton_device):
+    """dW = delta^T x with the per-task dots folded in: rows before the first task and after the last count in dW
+    only, one task is empty, a task may hold a single row."""
+    T, n_in, n_out = random.randint(1, 300), random.randint(17, 80), random.randint(17, 80)
+    x, delta = torch.randn(T, n_in, device=triton_device), torch.randn(T, n_out, device=triton_device)
+    G = torch.randn(n_out, n_in, device=triton_device)
+    x, delta, G = x.to(dtype), delta.to(dtype), G.to(dtype)
+    cuts = sorted(random.randint(0, T) for _ in range(4))
+    offsets = torch.tensor([cuts[0], cuts[1], cuts[1], cuts[2], cuts[3]], device=triton_device)  # task 1 empty
+    dW, dots = per_task_weight_grad(x, delta, G, offsets, backend="triton")
+    ref_dW, ref_dots = per_task_weight_grad_reference(x.float(), delta.float(), G.float(), offsets)
+    assert dW.dtype == dtype and dots.dtype == torch.float32 and dots[1] == 0
+    assert rel_err(dW, ref_dW) < GRAD_TOL[dtype] and rel_err(dots, ref_dots) < GRAD_TOL[dtype]
+    ghost = per_task_ghost_dot(x, delta, G, task_offsets=offsets, backend="triton")  # the same dots, the other way
+    assert rel_err(dots, ghost) < GRAD_TOL[dtype]
+
+
+def test_weight_grad_ghost_bad_input_is_a_clear_error():
+    x, delta, G = torch.randn(5, 3), torch.randn(5, 4), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="task_offsets must be"):
+        per_task_weight_grad(x, delta, G, torch.tensor([0]))
+    with pytest.raises(ValueError, match="do not match"):
+        per_task_weight_grad(x, delta, G.T, torch.tensor([0, 5]))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Fused layers: RMSNorm and SwiGLU (kernels/norm.py, kernels/gated_mlp.py, adapt_fast/model/fused_layers.py)
 # ----------------------------------------------------------------------------------------------------------
@@ -801,3 +829,15 @@ def test_gpu_layer_kernels_full_size(dtype, seed):
         out[name] = (y, g.grad, u.grad)
     for a, b in zip(out["kernel"], out["reference"], strict=True):
         assert rel_err(a, b) < GRAD_TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_out,n_in", [(2048, 2048), (8192, 2048), (2048, 8192)])
+def test_gpu_weight_grad_ghost_full_size(n_out, n_in, seed):
+    T, K, cuda = 16384, 8, torch.device("cuda")
+    x, delta = torch.randn(T, n_in, device=cuda).bfloat16(), torch.randn(T, n_out, device=cuda).bfloat16()
+    G = torch.randn(n_out, n_in, device=cuda).bfloat16()
+    offsets = torch.linspace(0, T - 100, K + 1, device=cuda).long()  # 100 padding rows at the end: dW only
+    dW, dots = per_task_weight_grad(x, delta, G, offsets, backend="triton")
+    ref_dW, ref_dots = per_task_weight_grad_reference(x, delta, G, offsets)
+    assert rel_err(dW, ref_dW) < 1e-2 and rel_err(dots, ref_dots) < 1e-3
