@@ -4,6 +4,7 @@ On a Llama-3.2-1B-shaped model from random init and one packed micro-batch of T 
   * `train_step`: forward + backward of the token-mean loss (a plain training step, for the overhead),
   * `one_pass`:   the same step with every linear layer's ghost dot and the loss kernel's head ghost
                   (GhostDots, kernels.backend triton): what an ADAPT mixture-update step costs,
+  * `one_pass_folded`: the same with each linear layer's dots folded into its weight gradient (fold_linear),
   * `exact`:      exact_task_dots, one backward per task (K of them) and K dot products with G,
 and checks that the two sets of dots agree (bf16 model: agreement to bf16 rounding, reported, not asserted).
 Writes <out>/<gpu name>/meta_gradient.json and meta_gradient.md.
@@ -102,8 +103,8 @@ def main() -> None:
         out.loss.backward()
         model.zero_grad(set_to_none=True)
 
-    def one_pass():
-        with GhostDots(model, G, batch.task_ids, K, backend="triton") as ghost:
+    def one_pass(fold_linear: bool = False):
+        with GhostDots(model, G, batch.task_ids, K, backend="triton", fold_linear=fold_linear) as ghost:
             out = per_task_loss(model, batch, weights, ghost_weight=ghost.head_ghost_weight, backend="triton")
             out.loss.backward()
         model.zero_grad(set_to_none=True)
@@ -114,6 +115,7 @@ def main() -> None:
 
     results = {}
     for name, fn, repeats in (("train_step", train_step, args.repeats), ("one_pass", one_pass, args.repeats),
+                              ("one_pass_folded", lambda: one_pass(fold_linear=True), args.repeats),
                               ("exact", exact, max(1, args.repeats // 2))):  # fmt: skip
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -124,7 +126,7 @@ def main() -> None:
         if name != "train_step":
             results[name]["dots"] = last["value"].double().cpu().tolist()
         print(f"{name}: {ms:.1f} ms, peak {gib(peak)} GiB", flush=True)
-    d1, dx = (torch.tensor(results[k]["dots"]) for k in ("one_pass", "exact"))
+    d1, dx, df = (torch.tensor(results[k]["dots"]) for k in ("one_pass", "exact", "one_pass_folded"))
     summary = {
         "gpu": device_name(device), "torch": torch.__version__, "model": args.model,
         "parameters": sum(p.numel() for p in model.parameters()), "tokens": args.tokens, "loss_tokens": n,
@@ -132,6 +134,8 @@ def main() -> None:
         "speedup_one_pass_vs_exact": results["exact"]["seconds"] / results["one_pass"]["seconds"],
         "one_pass_overhead_vs_train_step": results["one_pass"]["seconds"] / results["train_step"]["seconds"],
         "dots_rel_err": float((d1 - dx).abs().max() / dx.abs().max()),
+        "folded_overhead_vs_train_step": results["one_pass_folded"]["seconds"] / results["train_step"]["seconds"],
+        "folded_dots_rel_err": float((df - dx).abs().max() / dx.abs().max()),
     }  # fmt: skip
     folder = results_dir(args.out, summary["gpu"])
     (folder / "meta_gradient.json").write_text(json.dumps(summary, indent=2))
@@ -144,7 +148,10 @@ def main() -> None:
         "",
         f"One pass is {summary['speedup_one_pass_vs_exact']:.1f}x faster than K={K} backward passes (target >= 10x) "
         f"and costs {summary['one_pass_overhead_vs_train_step']:.2f}x a plain training step; dots agree to "
-        f"{summary['dots_rel_err']:.1e} (max relative, bf16).",
+        f"{summary['dots_rel_err']:.1e} (max relative, bf16). With each linear layer's dots folded into its weight "
+        f"gradient (GhostDots fold_linear, not the trainer's path yet) a mixture-update step costs "
+        f"{summary['folded_overhead_vs_train_step']:.2f}x a training step; dots agree to "
+        f"{summary['folded_dots_rel_err']:.1e}.",
     ]
     (folder / "meta_gradient.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

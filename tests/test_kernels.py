@@ -567,6 +567,42 @@ def test_triton_weight_grad_ghost_matches_reference(dtype, seed, triton_device):
     assert rel_err(dots, ghost) < GRAD_TOL[dtype]
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3", "tiny-gemma3"])
+def test_triton_folded_linear_dots_match_hooks(name, seed, triton_device):
+    """GhostDots(fold_linear=True): every linear layer's dots come with its weight gradient (per_task_weight_grad)
+    and equal the hooks' separate ghost dots, as do the gradients; also under activation checkpointing (the layers
+    recomputed in the backward); the layers get their class back on exit; ungrouped task ids fall back to hooks."""
+    from adapt_fast.model.ghost import GhostDots, trainable_parameters
+    from adapt_fast.model.loading import enable_gradient_checkpointing, load_model_and_tokenizer
+    from adapt_fast.model.loss import per_task_loss
+
+    model, _ = load_model_and_tokenizer(name, dtype=torch.float32, device=triton_device, seed=seed % 1000)
+    batch, K = packed_micro_batch([5, 9, 1, 30, 12, 7], [0, 0, 1, 2, 2, 3], model.config.vocab_size), 5  # 4: empty
+    weights = torch.ones(K, dtype=torch.float64) / int((batch.labels != -100).sum())
+    G = {n: torch.randn_like(p) for n, p in trainable_parameters(model).items()}
+    classes = [type(m) for m in model.modules()]
+
+    def dots_and_grads(fold: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        model.zero_grad()
+        with GhostDots(model, G, batch.task_ids, K, backend=backend, fold_linear=fold) as ghost:
+            assert (ghost.offsets is not None) == fold
+            out = per_task_loss(model, batch, weights, ghost_weight=ghost.head_ghost_weight, backend="torch")
+            out.loss.backward()
+        assert [type(m) for m in model.modules()] == classes
+        grads = torch.cat([p.grad.flatten() for p in trainable_parameters(model).values()])
+        return ghost.dots + out.ghost_dot.double(), grads
+
+    dots, grads = dots_and_grads(False, "torch")
+    for checkpointing in (False, True):
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+            model.train()
+        f_dots, f_grads = dots_and_grads(True, "triton")
+        assert rel_err(f_dots, dots) < 1e-4 and rel_err(f_grads, grads) < 1e-4, checkpointing
+    shuffled = batch.task_ids.flip(0)  # not grouped by task: no offsets, the hooks run
+    assert GhostDots(model, G, shuffled, K, fold_linear=True).offsets is None
+
+
 def test_weight_grad_ghost_bad_input_is_a_clear_error():
     x, delta, G = torch.randn(5, 3), torch.randn(5, 4), torch.randn(4, 3)
     with pytest.raises(ValueError, match="task_offsets must be"):

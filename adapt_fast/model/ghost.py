@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import jvp
 
 from adapt_fast.data.batch import IGNORE_INDEX, MicroBatch
-from adapt_fast.kernels import PerTaskLoss, per_task_ghost_dot, reference_kernels
+from adapt_fast.kernels import PerTaskLoss, per_task_ghost_dot, per_task_weight_grad, reference_kernels
 from adapt_fast.model import zero3
 from adapt_fast.model.loading import unwrap
 from adapt_fast.model.loss import per_task_loss
@@ -119,6 +119,58 @@ def _value(param: nn.Parameter) -> torch.Tensor:
     return param.detach()
 
 
+class _FoldedLinearFunction(torch.autograd.Function):
+    """F.linear whose backward computes the weight gradient and the layer's per-task dots in one kernel
+    (per_task_weight_grad) instead of autograd's dW plus a separate ghost dot."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, ghost, module):
+        ctx.save_for_backward(x, weight)  # the Parameter itself: ZeRO-3 re-gathers it for the backward
+        ctx.ghost, ctx.module, ctx.params, ctx.has_bias = ghost, module, module._ghost_params, bias is not None
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        ghost, params = ctx.ghost, ctx.params
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        dx = (dy2 @ weight.to(dy2.dtype)).view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dW = db = None
+        counted = ghost._active and x2.shape[0] == ghost.task_ids.numel() and x.dtype != torch.float64
+        if ctx.needs_input_grad[1]:
+            if counted and "weight" in params:
+                G = _whole(params["weight"]).to(x.dtype)
+                dW, dots = per_task_weight_grad(x2, dy2.to(x.dtype), G, ghost.offsets, backend=ghost.backend)
+                ghost.dots += dots.to(torch.float64)
+            else:
+                dW = (dy2.T.to(x.dtype) @ x2).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+            if counted and "bias" in params:
+                compute = torch.promote_types(dy2.dtype, torch.float32)
+                row = dy2.to(compute) @ _whole(params["bias"]).to(compute)
+                ghost.dots += _per_task(row, ghost.task_ids, ghost.num_tasks)
+        if ghost._active and not counted:  # not this micro-batch's token rows, or float64: the hook's way
+            ghost.dots += ghost._module_dots(ctx.module, "linear", params, (x.detach(),), {}, dy.detach())
+        return dx, dW, db, None, None
+
+
+class _FoldedLinear(nn.Linear):
+    """nn.Linear inside GhostDots(fold_linear=True): its backward takes the dots with the weight gradient."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FoldedLinearFunction.apply(x, self.weight, self.bias, self._ghost, self)
+
+
+def task_offsets_if_grouped(task_ids: torch.Tensor, num_tasks: int) -> torch.Tensor | None:
+    """(K+1,) offsets of task_ids (padding -1 counts as after the last task) when the tokens are grouped by task in
+    task order, as packed micro-batches are; else None. One host sync."""
+    ids = torch.where((task_ids >= 0) & (task_ids < num_tasks), task_ids, num_tasks)
+    if ids.numel() > 1 and not bool((ids[1:] >= ids[:-1]).all()):
+        return None
+    return torch.searchsorted(ids, torch.arange(num_tasks + 1, device=ids.device))
+
+
 class GhostDots:
     """Context manager: while active, the backward adds D_k = <G, grad of task k's share of the loss> to `dots`.
 
@@ -129,6 +181,11 @@ class GhostDots:
               backward, as ZeRO-3 gathers the weights (collectives: every rank runs the same model).
     task_ids  (T,) int64 task of every token slot of the packed micro-batch; -1 (padding) is ignored.
     dots      (K,) float64 accumulator, reset on __enter__; it never holds per-task gradients.
+
+    fold_linear  take each nn.Linear's dots with its weight gradient in one kernel (per_task_weight_grad: the layer
+              changes class inside the context) instead of a separate ghost-dot GEMM from a hook; needs tokens
+              grouped by task (packed micro-batches are), else the hooks run. Not the trainer's path yet
+              (bench/meta_gradient.py times both).
 
     Per-token products are computed in fp32 (float64 for a float64 model) and summed into float64 on any device.
     Only modules known to act token-wise are hooked; a trainable parameter outside them (other than the head
@@ -142,6 +199,7 @@ class GhostDots:
         task_ids: torch.Tensor,
         num_tasks: int,
         backend: str = "auto",
+        fold_linear: bool = False,
     ):
         module = unwrap(model)
         params = trainable_parameters(module)
@@ -197,7 +255,9 @@ class GhostDots:
         )
         self.dots = torch.zeros(self.num_tasks, dtype=torch.float64, device=device)
         self.loss_grad: torch.Tensor | None = None  # gradient that reached the loss (set by add_head)
+        self.offsets = task_offsets_if_grouped(self.task_ids, self.num_tasks) if fold_linear else None
         self._handles: list = []
+        self._swapped: list[tuple[nn.Module, type]] = []
         self._active = False
 
     # ------------------------------------------------------------------ context
@@ -207,6 +267,10 @@ class GhostDots:
         self.loss_grad = None
         self._active = True
         for mod, kind, params in self.plan:
+            if kind == "linear" and self.offsets is not None:
+                self._swapped.append((mod, type(mod)))
+                mod.__class__, mod._ghost, mod._ghost_params = _FoldedLinear, self, params
+                continue
             hook = self._forward_hook(kind, params)
             self._handles.append(mod.register_forward_hook(hook, with_kwargs=True))
         return self
@@ -216,6 +280,10 @@ class GhostDots:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for mod, cls in self._swapped:
+            mod.__class__ = cls
+            del mod._ghost, mod._ghost_params
+        self._swapped.clear()
         return False
 
     def add_head(self, out: PerTaskLoss) -> None:
