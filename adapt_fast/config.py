@@ -107,6 +107,7 @@ class TrainingConfig:
 class KernelsConfig:
     backend: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | triton | torch
     fused_layers: bool = True  # with the triton backend: RMSNorm and SwiGLU MLPs through fused kernels too
+    fold_ghost_dots: bool = False  # mixture updates: linear layers' dots inside their weight-gradient GEMM
 
 
 @dataclass

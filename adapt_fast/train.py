@@ -814,7 +814,8 @@ class Trainer:
                 counts_here = batch.loss_tokens_per_task().double().to(self.device)
                 dots += d_exact.to(self.device) * counts_here * W / N  # back to this batch's share of the loss
             if update_mixture and not exact:
-                with GhostDots(self.model, self.G, batch.task_ids, K, backend=self.backend) as ghost:
+                fold = self.cfg.kernels.fold_ghost_dots
+                with GhostDots(self.model, self.G, batch.task_ids, K, backend=self.backend, fold_linear=fold) as ghost:
                     out = per_task_loss(
                         self.model, batch, weights, ghost_weight=ghost.head_ghost_weight, backend=self.backend
                     )

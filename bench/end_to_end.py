@@ -16,8 +16,9 @@ statistics), at the same DeepSpeed ZeRO stage, learning rate and dtype:
               varlen attention, the fused per-task loss kernel
   adapt       adapt_fast with ADAPT: the mixture updated every step from one-pass ghost dots, G = grad of the
               smooth worst-case validation loss recomputed every `--val-every` steps (its time counts)
+  adapt_folded `adapt` with kernels.fold_ghost_dots (the linear layers' dots inside their weight-gradient GEMM)
   uniform_unfused  `uniform` with kernels.fused_layers false (HF's own RMSNorm and MLP): what the layer kernels
-              give; not run unless named in --stacks
+              give; these two run only when named in --stacks
 
 Measured over the steps after `--warmup-steps`: non-padding tokens per second (the budget's unit), loss tokens per
 second, seconds per step, and the peak GPU memory of the whole run. The data are a JSONL suite written here
@@ -49,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
 
-STACKS = ("uniform", "adapt", "trl", "trl_grouped", "trl_packed", "uniform_unfused")
+STACKS = ("uniform", "adapt", "trl", "trl_grouped", "trl_packed", "adapt_folded", "uniform_unfused")
 DEFAULT_STACKS = STACKS[:5]  # run in this order: ours first, so that a run cut short still compares something
 
 
@@ -74,8 +75,9 @@ def write_suite(folder: Path, tasks: int, examples: int, median: int, sigma: flo
 
 def adapt_fast_overrides(args, stack: str, data: Path, work: Path, dtype: str) -> list[str]:
     """adapt_fast's config for a stack (also what tokenises the data for TRL: same cache key, same examples)."""
-    method = "adapt" if stack == "adapt" else "uniform"
-    val_every = args.val_every if stack == "adapt" else 1 << 30  # uniform: validation at step 0 only
+    adapt = stack.startswith("adapt")
+    method = "adapt" if adapt else "uniform"
+    val_every = args.val_every if adapt else 1 << 30  # uniform: validation at step 0 only
     pairs = {
         "model.name": args.model, "model.dtype": dtype, "data.path": data, "data.max_len": args.max_len,
         "data.val_examples": args.val_examples, "data.cache_dir": work / "cache", "data.template": "ni",
@@ -86,6 +88,7 @@ def adapt_fast_overrides(args, stack: str, data: Path, work: Path, dtype: str) -
         "training.lr_schedule": "constant", "training.weight_decay": 0.0,
         "training.gradient_checkpointing": args.gradient_checkpointing, "kernels.backend": "auto",
         "output_dir": work / f"run-{stack}", "seed": 0, "kernels.fused_layers": stack != "uniform_unfused",
+        "kernels.fold_ghost_dots": stack == "adapt_folded",
     }  # fmt: skip
     return [item for key, value in pairs.items() for item in (f"--{key}", str(value))]
 
@@ -305,7 +308,7 @@ def run_trl(args, variant: str, data: Path, work: Path) -> dict:
 
 
 def run_stack(args, stack: str, data: Path, work: Path) -> dict:
-    if stack in ("uniform", "adapt", "uniform_unfused"):
+    if not stack.startswith("trl"):
         return run_adapt_fast(args, stack, data, work)
     return run_trl(args, stack, data, work)
 

@@ -11,5 +11,5 @@ out=${1:?usage: bench/gpu_end_to_end.sh OUT_FOLDER}
 mkdir -p "$out"
 python3 -c "import trl, accelerate" || { echo "gpu_end_to_end: TRL or accelerate missing (see the header)" >&2; exit 2; }
 # Results are written after every stack (ours first): a run cut short by the limit keeps what it measured.
-timeout 570 python3 bench/end_to_end.py --out "$out" --stack-timeout 120 \
-    --stacks uniform,adapt,trl,trl_grouped,trl_packed,uniform_unfused 2>&1 | tee "$out/end_to_end.log"
+timeout 570 python3 bench/end_to_end.py --out "$out" --stack-timeout 110 \
+    --stacks uniform,adapt,trl,trl_grouped,trl_packed,adapt_folded,uniform_unfused 2>&1 | tee "$out/end_to_end.log"

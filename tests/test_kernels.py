@@ -190,15 +190,18 @@ args = ["--budget.tokens", "3072", "--tokens_per_micro_batch", "1024", "--data.m
         "--meta.val_every", "2", "--meta.val_examples_per_task", "2", "--data.cache_dir", out + "/cache"]
 open(out + "/zero3.json", "w").write('{"zero_optimization": {"stage3_param_persistence_threshold": 0}}')
 zero3 = ["--training.zero_stage", "3", "--training.deepspeed_config", out + "/zero3.json"]  # every weight partitioned
-for name, backend, extra in (("torch", "torch", []), ("triton", "triton", []), ("triton_zero3", "triton", zero3)):
+folded = ["--kernels.fold_ghost_dots", "true"]
+runs = (("torch", "torch", []), ("triton", "triton", []), ("triton_zero3", "triton", zero3 + folded))
+for name, backend, extra in runs:
     main([*args, "--kernels.backend", backend, "--output_dir", f"{out}/{name}", *extra])
 """
 
 
 def test_trainer_with_triton_backend_matches_torch(tmp_path):
     """An ADAPT run of the trainer with kernels.backend triton (interpreted on CPU; the loss, ghost-dot and fused
-    layer kernels), at ZeRO-0 and at ZeRO-3 with every weight partitioned, against backend torch at ZeRO-0: the
-    same losses, one-pass meta dots, validation losses and mixtures, to fp32 tolerance."""
+    layer kernels), at ZeRO-0, and at ZeRO-3 with every weight partitioned and the linear layers' dots folded into
+    their weight gradients, against backend torch at ZeRO-0: the same losses, one-pass meta dots, validation losses
+    and mixtures, to fp32 tolerance."""
     if torch.cuda.is_available():
         pytest.skip("CPU interpreter check (on CUDA, tests/test_ghost.py and the gpu tests cover Triton)")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
