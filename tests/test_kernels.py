@@ -832,6 +832,8 @@ def test_gpu_lce_full_size(softcap, dtype, seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_out,n_in", [(2048, 2048), (8192, 2048), (2048, 8192)])
 def test_gpu_ghost_dot_full_size(n_out, n_in, seed):
+    """per_task_ghost_dot, and per_task_weight_grad (dW with the dots folded in) with 100 padding rows at the end
+    (dW only), at Llama-3.2-1B's linear shapes."""
     T, K, cuda = 16384, 8, torch.device("cuda")
     x, delta = torch.randn(T, n_in, device=cuda).bfloat16(), torch.randn(T, n_out, device=cuda).bfloat16()
     G = torch.randn(n_out, n_in, device=cuda).bfloat16()
@@ -839,6 +841,10 @@ def test_gpu_ghost_dot_full_size(n_out, n_in, seed):
     out = per_task_ghost_dot(x, delta, G, task_offsets=offsets, backend="triton")
     ref = per_task_ghost_dot_reference(x, delta, G, task_offsets=offsets)
     assert rel_err(out, ref) < 1e-3
+    offsets = torch.linspace(0, T - 100, K + 1, device=cuda).long()
+    dW, dots = per_task_weight_grad(x, delta, G, offsets, backend="triton")
+    ref_dW, ref_dots = per_task_weight_grad_reference(x, delta, G, offsets)
+    assert rel_err(dW, ref_dW) < 1e-2 and rel_err(dots, ref_dots) < 1e-3
 
 
 @pytest.mark.gpu
@@ -868,15 +874,3 @@ def test_gpu_layer_kernels_full_size(dtype, seed):
         out[name] = (y, g.grad, u.grad)
     for a, b in zip(out["kernel"], out["reference"], strict=True):
         assert rel_err(a, b) < GRAD_TOL[dtype]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("n_out,n_in", [(2048, 2048), (8192, 2048), (2048, 8192)])
-def test_gpu_weight_grad_ghost_full_size(n_out, n_in, seed):
-    T, K, cuda = 16384, 8, torch.device("cuda")
-    x, delta = torch.randn(T, n_in, device=cuda).bfloat16(), torch.randn(T, n_out, device=cuda).bfloat16()
-    G = torch.randn(n_out, n_in, device=cuda).bfloat16()
-    offsets = torch.linspace(0, T - 100, K + 1, device=cuda).long()  # 100 padding rows at the end: dW only
-    dW, dots = per_task_weight_grad(x, delta, G, offsets, backend="triton")
-    ref_dW, ref_dots = per_task_weight_grad_reference(x, delta, G, offsets)
-    assert rel_err(dW, ref_dW) < 1e-2 and rel_err(dots, ref_dots) < 1e-3
