@@ -24,6 +24,7 @@ the embedding weight: the embedding hook covers the embedding use, the kernel th
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 
@@ -155,11 +156,17 @@ class _FoldedLinearFunction(torch.autograd.Function):
         return dx, dW, db, None, None
 
 
-class _FoldedLinear(nn.Linear):
-    """nn.Linear inside GhostDots(fold_linear=True): its backward takes the dots with the weight gradient."""
+class _FoldedLinear:
+    """Mixin before a linear layer's class inside GhostDots(fold_linear=True): its backward takes the dots with the
+    weight gradient."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _FoldedLinearFunction.apply(x, self.weight, self.bias, self._ghost, self)
+
+
+@functools.cache
+def _folded_class(cls: type) -> type:
+    return type(f"Folded{cls.__name__}", (_FoldedLinear, cls), {"__module__": cls.__module__})
 
 
 def task_offsets_if_grouped(task_ids: torch.Tensor, num_tasks: int) -> torch.Tensor | None:
@@ -269,7 +276,7 @@ class GhostDots:
         for mod, kind, params in self.plan:
             if kind == "linear" and self.offsets is not None:
                 self._swapped.append((mod, type(mod)))
-                mod.__class__, mod._ghost, mod._ghost_params = _FoldedLinear, self, params
+                mod.__class__, mod._ghost, mod._ghost_params = _folded_class(type(mod)), self, params
                 continue
             hook = self._forward_hook(kind, params)
             self._handles.append(mod.register_forward_hook(hook, with_kwargs=True))
