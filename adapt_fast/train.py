@@ -318,7 +318,6 @@ class Trainer:
         from adapt_fast.model.fused_layers import use_fused_layers
         from adapt_fast.model.loading import default_dtype, enable_gradient_checkpointing, load_model_and_tokenizer
         from adapt_fast.model.loss import attach_zero3_head_loss
-        from adapt_fast.model.zero3 import full_shape
 
         self.cfg = cfg
         self.argv = list(argv or [])
@@ -410,8 +409,6 @@ class Trainer:
                 seed=cfg.seed,
                 zero3_config=ds_config if t.zero_stage == 3 else None,
             )
-        if len(self.tokenizer) > full_shape(model.get_input_embeddings().weight)[0]:
-            raise ConfigError(f"model.name {cfg.model.name}: its vocabulary is smaller than the tokenizer's")
         self.backend = self._kernel_backend()
         self.fused_layers = {}  # module kind -> how many run fused kernels
         if cfg.kernels.fused_layers and self.backend == "triton" and dtype != torch.float64:  # kernels: up to fp32
