@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from adapt_fast.kernels import reference_forced, rms_norm, rms_norm_reference, swiglu
+from adapt_fast.model.ghost import forward_with
 from adapt_fast.model.zero3 import full_shape
 
 # (offset, cast_before_weight): Llama / Qwen / Mistral (weight * x.to(dtype)), the same rounded once, Gemma (1 + w)
@@ -81,19 +82,15 @@ def rms_norm_form(module: nn.Module) -> tuple[float, float, bool] | None:
         return None
     gen = torch.Generator().manual_seed(0)
     forms = list(RMS_NORM_FORMS)
-    saved = module._parameters["weight"]
     try:
         for dtype in (torch.float32, torch.bfloat16):
             x = (torch.randn(3, shape[0], generator=gen) * 2).to(dtype)
-            weight = nn.Parameter((torch.randn(shape[0], generator=gen) * 0.5 + 1.0).to(dtype))
-            module._parameters["weight"] = weight
+            weight = (torch.randn(shape[0], generator=gen) * 0.5 + 1.0).to(dtype)
             with torch.no_grad():
-                own = type(module).forward(module, x)
+                own = forward_with(module, {"weight": weight}, (x,), {})
                 forms = [f for f in forms if torch.equal(own, rms_norm_reference(x, weight, eps, *f))]
     except Exception:  # a forward that needs more than x: not a plain RMSNorm
         return None
-    finally:
-        module._parameters["weight"] = saved
     return (eps, *forms[0]) if forms else None
 
 

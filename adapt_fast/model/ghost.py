@@ -90,7 +90,7 @@ def _per_task(row: torch.Tensor, task_ids: torch.Tensor, num_tasks: int) -> torc
     return out.index_add_(0, torch.where(keep, task_ids, 0), torch.where(keep, row, 0).to(torch.float64))
 
 
-def _forward_with(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict):
+def forward_with(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict):
     """module.forward with some of its own parameters replaced, skipping every hook (functional_call runs the
     module's hooks, e.g. HF's gradient-checkpointing make_inputs_require_grads, which fail inside jvp)."""
     saved = {n: module._parameters[n] for n in params}
@@ -351,7 +351,7 @@ class GhostDots:
             primals = tuple(_value(params[n][0]) for n in names)
             tangents = tuple(_whole(params[n]).to(params[n][0].dtype) for n in names)
             with torch.no_grad(), reference_kernels():  # a fused layer's kernel has no jvp rule: its own forward
-                _, tangent = jvp(lambda *p: _forward_with(module, dict(zip(names, p, strict=True)), args, kwargs),
+                _, tangent = jvp(lambda *p: forward_with(module, dict(zip(names, p, strict=True)), args, kwargs),
                                  primals, tangents)  # fmt: skip
             row = (_rows(tangent, dim, T).to(compute) * d.to(compute)).sum(1)
         if row is not None:
