@@ -27,14 +27,15 @@ from adapt_fast.kernels import gated_mlp as swiglu_module
 from adapt_fast.kernels import ghost_dot as ghost_module
 from adapt_fast.kernels import linear_cross_entropy as lce_module
 from adapt_fast.kernels import norm as rms_norm_module
+from adapt_fast.kernels import rotary as rope_module
 from adapt_fast.kernels import weight_grad_ghost as weight_grad_module
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-UNALIGNED = {"T", "C", "N", "n", "K"}  # row / element counts: any value; everything else (sizes, strides, pointers) is
-FLOATS = {"softcap", "eps", "offset"}  # 16-divisible; these scalars are fp32, every other one i32
+UNALIGNED = {"T", "C", "N", "n", "K", "Hq", "Hk"}  # row / element / head counts: any value; all else (sizes, strides,
+FLOATS = {"softcap", "eps", "offset"}  # pointers) is 16-divisible; these scalars are fp32, every other one i32
 
 # Pointer element types per kernel for a bf16 run (partials and scales are fp32); every other runtime argument
 # is i32 except `softcap` (fp32).
@@ -60,6 +61,7 @@ KERNELS = {
         swiglu_module._swiglu_backward_kernel,
         dict(gate_ptr="bf16", up_ptr="bf16", dy_ptr="bf16", dgate_ptr="bf16", dup_ptr="bf16"),
     ),
+    "rope": (rope_module._rope_kernel, {f"{p}_ptr": "bf16" for p in ("q", "k", "cos", "sin", "qo", "ko")}),
 }
 
 # (report name, kernel, its _CUDA_CONFIG entry, extra constexprs); bf16 inputs unless the name says fp32.
@@ -67,6 +69,7 @@ LCE_CONFIG, LCE_FP32 = lce_module._CUDA_CONFIG, lce_module._CUDA_CONFIG_FP32
 TILE_V = LCE_CONFIG["logits"]["BLOCK_V"]  # the dlogits kernel indexes the logits kernel's tiles
 FP32 = dict(PRECISION="ieee")
 NORM_TILES, LLAMA = rms_norm_module.cuda_tiles, dict(CAST_BEFORE_WEIGHT=True)
+ROPE_TILES = dict(BLOCK_T=rope_module.CUDA_BLOCK_T, num_warps=rope_module.CUDA_NUM_WARPS, enable_fp_fusion=False)
 VARIANTS = [
     ("logits", "logits", LCE_CONFIG["logits"], dict(HAS_SOFTCAP=False, HAS_GHOST=False)),
     ("logits softcap", "logits", LCE_CONFIG["logits"], dict(HAS_SOFTCAP=True, HAS_GHOST=False)),
@@ -97,6 +100,12 @@ VARIANTS = [
     ("rms_norm backward H8192 gemma", "rms_norm backward", NORM_TILES(8192, backward=True), {}),
     ("swiglu forward", "swiglu forward", dict(BLOCK=swiglu_module.CUDA_BLOCK), {}),
     ("swiglu backward", "swiglu backward", dict(BLOCK=swiglu_module.CUDA_BLOCK), {}),
+    # RoPE at head_dim 64 (Llama-3.2-1B) and 128 (Qwen3, Llama-3-8B), as launched: no FMA contraction
+    *(
+        (f"rope {direction} D{D}", "rope", {**ROPE_TILES, "BLOCK_HALF": D // 2}, dict(HALF=D // 2, BACKWARD=backward))
+        for D in (64, 128)
+        for direction, backward in (("forward", False), ("backward", True))
+    ),
 ]
 DEFAULT_CONSTEXPRS = dict(
     STORE_P=True, PRECISION="tf32", DOT_FP32=False, INTERPRET_BF16=False, CAST_BEFORE_WEIGHT=False, X_BF16=False,
@@ -107,7 +116,7 @@ DEFAULT_CONSTEXPRS = dict(
 def compile_for_sm90(fn, pointer_types: dict, config: dict, constexprs: dict):
     """triton.compile for cuda sm_90 with a launch-like specialisation; returns the CompiledKernel."""
     config = dict(config)
-    options = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
+    options = {k: config.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in config}
     constants = {**DEFAULT_CONSTEXPRS, **constexprs, **config}
     names = fn.arg_names
     signature, attrs = {}, {}

@@ -1,6 +1,7 @@
-"""The GPU benchmarks (bench/loss_kernel.py, ghost_dot.py, meta_gradient.py) run end to end on CPU at tiny sizes
-(`--device cpu`, Triton under TRITON_INTERPRET=1), so that a script error does not cost a GPU session. Their
-timings mean nothing here; the numbers checked are the ones that must hold anywhere (losses agree, dots agree)."""
+"""The GPU benchmarks (bench/loss_kernel.py, ghost_dot.py, meta_gradient.py, layer_kernels.py, end_to_end.py) run
+end to end on CPU at tiny sizes (`--device cpu`, Triton under TRITON_INTERPRET=1), so that a script error does not
+cost a GPU session. Their timings mean nothing here; the numbers checked are the ones that must hold anywhere
+(losses agree, dots agree)."""
 
 import json
 import os
@@ -48,12 +49,26 @@ def test_ghost_dot_bench_smoke(tmp_path):
     assert all(r["separate_dots_overhead"] > 1 and r["folded_dots_overhead"] > 0 for r in result["rows"])
 
 
+def test_layer_kernels_bench_smoke(tmp_path):
+    """Every layer runs in each installed stack; ours agree with HF's (RoPE bit for bit, the others to bf16)."""
+    result = run_bench("layer_kernels.py", tmp_path, "--tokens", "37", "--hidden", "40", "--intermediate", "72",
+                       "--heads", "3", "--kv-heads", "1", "--head-dim", "12", "--repeats", "1")  # fmt: skip
+    rows = {(r["layer"], r["stack"]): r for r in result["rows"]}
+    assert {layer for layer, _ in rows} == {"rms_norm", "swiglu", "rope"}
+    for layer in ("rms_norm", "swiglu", "rope"):
+        for stack in ("hf", "ours"):
+            r = rows[layer, stack]
+            assert r["status"] == "ok" and r["forward_backward_ms"] > 0 and r["gb_per_s"] > 0, r
+        assert rows[layer, "ours"]["max_rel_err_vs_hf"] < 1e-2 and rows[layer, "hf"]["max_rel_err_vs_hf"] == 0
+    assert rows["rope", "ours"]["max_rel_err_vs_hf"] == 0
+
+
 def test_meta_gradient_bench_smoke(tmp_path):
     result = run_bench("meta_gradient.py", tmp_path, "--model", "tiny-llama", "--tokens", "128", "--tasks", "3",
                        "--example-len", "32", "--repeats", "1")  # fmt: skip
     assert set(result["results"]) == {"train_step", "one_pass", "one_pass_folded", "exact"}
     assert result["folded_dots_rel_err"] < 5e-2
-    assert result["fused_layers"] == {"rms_norm": 5, "swiglu_mlp": 2}  # as the trainer runs the model
+    assert result["fused_layers"] == {"rms_norm": 5, "swiglu_mlp": 2, "rope_attention": 2}  # as the trainer runs it
     assert result["dots_rel_err"] < 5e-2  # bf16 model: one-pass and K-backward dots agree to bf16 rounding
 
 

@@ -14,6 +14,7 @@ results are compared with the reference evaluated in fp32 on the same (exactly r
 each result's final rounding counts once, not twice.
 """
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -21,6 +22,7 @@ import os
 import random
 import subprocess
 import sys
+import types
 import weakref
 
 import numpy as np
@@ -50,6 +52,8 @@ from adapt_fast.kernels import (
     resolve_backend,
     rms_norm,
     rms_norm_reference,
+    rope,
+    rope_reference,
     swiglu,
     swiglu_reference,
 )
@@ -218,8 +222,9 @@ def test_trainer_with_triton_backend_matches_torch(tmp_path):
         rows_match(torch_rows, triton_rows)
     kernels = {n: json.loads((tmp_path / n / "report.json").read_text())["kernels"] for n in runs}
     assert kernels["torch"] == {"backend": "torch", "fused_layers": {}}
-    for name in ("triton", "triton_zero3"):  # tiny Llama: 2 x 2 decoder norms + the final one, 2 MLPs
-        assert kernels[name] == {"backend": "triton", "fused_layers": {"rms_norm": 5, "swiglu_mlp": 2}}
+    fused = {"rms_norm": 5, "swiglu_mlp": 2, "rope_attention": 2}  # tiny Llama: 2 x 2 decoder norms + the final one
+    for name in ("triton", "triton_zero3"):
+        assert kernels[name] == {"backend": "triton", "fused_layers": fused}
 
 
 def rows_match(torch_rows: list[dict], triton_rows: list[dict]) -> None:
@@ -254,7 +259,7 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
     for row in rows:
         assert row["stack_bytes"] == 0 and row["spill_stores"] + row["spill_loads"] == 0, row
         assert row["registers"] <= 255, row
-        if not row["kernel"].startswith(("dlogits", "rows", "fp32", "rms_norm", "swiglu")):  # fp32: FMA by design
+        if not row["kernel"].startswith(("dlogits", "rows", "fp32", "rms_norm", "swiglu", "rope")):  # no matmul, or FMA
             assert row["hmma"] == 0 and row["hgmma"] > 0, row
 
 
@@ -616,7 +621,7 @@ def test_weight_grad_ghost_bad_input_is_a_clear_error():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fused layers: RMSNorm and SwiGLU (kernels/norm.py, kernels/gated_mlp.py, adapt_fast/model/fused_layers.py)
+# Fused layers: RMSNorm, SwiGLU, RoPE (kernels/norm.py, gated_mlp.py, rotary.py; adapt_fast/model/fused_layers.py)
 # ----------------------------------------------------------------------------------------------------------
 
 RMS_NORM_FORMS = {"llama": (0.0, True), "rounded_once": (0.0, False), "gemma": (1.0, False)}
@@ -644,11 +649,14 @@ def packed_micro_batch(lengths: list[int], tasks: list[int], vocab: int):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_references_are_hf_modules(dtype, seed):
-    """The references are HF's own formulas, bit for bit: LlamaRMSNorm, Qwen3RMSNorm, Gemma3RMSNorm, and the
-    activation product of LlamaMLP."""
+    """The references are HF's own formulas, bit for bit: LlamaRMSNorm, Qwen3RMSNorm, Gemma3RMSNorm, the
+    activation product of LlamaMLP, and apply_rotary_pos_emb of Llama, Qwen3 and Gemma 3 (forward and backward)."""
     from transformers.activations import ACT2FN
+    from transformers.models.gemma3 import modeling_gemma3
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama import modeling_llama
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen3 import modeling_qwen3
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
     H = random.randint(2, 300)
@@ -659,6 +667,31 @@ def test_layer_references_are_hf_modules(dtype, seed):
         assert torch.equal(module(x), rms_norm_reference(x, module.weight, 1e-5, *RMS_NORM_FORMS[form])), cls
     gate, up = torch.randn(5, H).to(dtype), torch.randn(5, H).to(dtype)
     assert torch.equal(ACT2FN["silu"](gate) * up, swiglu_reference(gate, up))
+    q, k, cos, sin, grads = rope_inputs(dtype, CPU)
+    expected = rope_reference(q, k, cos, sin)
+    expected_grads = torch.autograd.grad(expected, (q, k), grads)
+    for modeling in (modeling_llama, modeling_qwen3, modeling_gemma3):
+        own = modeling.apply_rotary_pos_emb(q, k, cos, sin)
+        own_grads = torch.autograd.grad(own, (q, k), grads)
+        pairs = zip((*own, *own_grads), (*expected, *expected_grads), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs), modeling
+
+
+def rope_inputs(dtype: torch.dtype, device: torch.device) -> tuple:
+    """Random q (B, Hq, T, D), k (B, Hk, T, D) (HF's (B, T, H, D) transposed, or contiguous), cos and sin (B or 1,
+    T, D; values unlike a real rotation, so that every element counts) and output gradients, at odd sizes."""
+    B, T, D = random.randint(1, 3), random.randint(1, 300), 2 * random.randint(1, 80)
+    Hq, Hk = random.randint(1, 6), random.randint(1, 3)
+    transposed = random.random() < 0.5
+    q, k = (torch.randn(B, T, H, D, device=device).transpose(1, 2) for H in (Hq, Hk))
+    if not transposed:
+        q, k = q.contiguous(), k.contiguous()
+    q, k = q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_()
+    cos_batch = random.choice([1, B])
+    cos, sin = (torch.randn(cos_batch, T, D, device=device).to(dtype) for _ in range(2))
+    grads = (torch.randn(B, Hq, T, D, device=device).to(dtype), torch.randn(B, Hk, T, D, device=device).to(dtype))
+    print(f"rope inputs: B={B} Hq={Hq} Hk={Hk} T={T} D={D} transposed={transposed} cos batch={cos.shape[0]}")
+    return q, k, cos, sin, grads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -704,11 +737,42 @@ def test_triton_swiglu_matches_reference(dtype, seed, triton_device):
     assert rel_err(dg, rdg) < GRAD_TOL[dtype] and rel_err(du, rdu) < GRAD_TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_rope_matches_reference(dtype, seed, triton_device):
+    """The RoPE kernel's outputs and q / k gradients against the reference: in the interpreter bit for bit in the
+    same dtype (HF's roundings, reproduced), on CUDA within the tolerances; and against the reference in fp32 on
+    the same values within the tolerances. The outputs keep q's and k's memory layout."""
+    q, k, cos, sin, grads = rope_inputs(dtype, triton_device)
+    out = rope(q, k, cos, sin, backend="triton")
+    out_grads = torch.autograd.grad(out, (q, k), grads)
+    assert out[0].stride() == q.stride() and out[1].stride() == k.stride()
+    same = rope_reference(q, k, cos, sin)
+    same_grads = torch.autograd.grad(same, (q, k), grads)
+    upcast = [t.detach().float().requires_grad_() for t in (q, k)]
+    fp32 = rope_reference(*upcast, cos.float(), sin.float())
+    fp32_grads = torch.autograd.grad(fp32, upcast, [g.float() for g in grads])
+    for a, b, c in zip((*out, *out_grads), (*same, *same_grads), (*fp32, *fp32_grads), strict=True):
+        assert a.dtype == dtype and a.shape == b.shape
+        if triton_device.type == "cpu" and dtype != torch.float16:
+            assert torch.equal(a, b)
+        assert rel_err(a, b) <= LOSS_TOL[dtype] and rel_err(a, c) <= LOSS_TOL[dtype]
+
+
 def test_layer_kernels_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="rms_norm: weight"):
         rms_norm(torch.randn(3, 8), torch.randn(7), 1e-6)
     with pytest.raises(ValueError, match="swiglu: gate"):
         swiglu(torch.randn(3, 8), torch.randn(3, 9))
+    q, k, cos = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 5, 8)
+    for bad, match in (
+        ((q, k[..., :6], cos, cos), "are not \\(B, H, T, D\\)"),
+        ((q[..., :7], k[..., :7], cos[..., :7], cos[..., :7]), "head_dim 7 is odd"),
+        ((q, k, cos[:, :4], cos[:, :4]), "cos \\(1, 4, 8\\)"),
+        ((q, k.bfloat16(), cos, cos), "dtypes differ"),
+        ((q.double(), k.double(), cos.double(), cos.double(), "triton"), "not float64"),
+    ):
+        with pytest.raises(ValueError, match="^rope: .*" + match):
+            rope(*bad[:4], backend=bad[4] if len(bad) > 4 else "auto")
     x, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     with pytest.raises(ValueError, match="not float64"):
         rms_norm(x, w, 1e-6, backend="triton")
@@ -754,18 +818,84 @@ def test_fused_layers_swap_only_what_they_compute():
     assert is_swiglu_mlp(GatedMLP(nn.SiLU()))
     model = nn.Sequential(CenteringRMSNorm(8), MyRMSNorm(8), GatedMLP(nn.SiLU(), swapped=True), GatedMLP(nn.SiLU()))
     state = torch.random.get_rng_state()
-    assert use_fused_layers(model, "torch") == {"rms_norm": 1, "swiglu_mlp": 1}
+    assert use_fused_layers(model, "torch") == {"rms_norm": 1, "swiglu_mlp": 1, "rope_attention": 0}
     assert torch.equal(torch.random.get_rng_state(), state)  # the probes leave the caller's random stream alone
     assert [type(m).__name__ for m in model] == ["CenteringRMSNorm", "FusedMyRMSNorm", "GatedMLP", "FusedGatedMLP"]
     x = torch.randn(3, 8)
     assert torch.equal(model[1](x), MyRMSNorm.forward(model[1], x))  # backend torch: the reference, same numbers
 
 
+def attention_class(rotary) -> type:
+    """An attention module class whose forward calls `rotary` as its modeling file's apply_rotary_pos_emb."""
+    from torch import nn
+
+    def forward(self, q, k, cos, sin, **kwargs):
+        return apply_rotary_pos_emb(q, k, cos, sin, **kwargs)  # noqa: F821 (the namespace below)
+
+    namespace = {"apply_rotary_pos_emb": rotary}
+    return type("ToyAttention", (nn.Module,), {"forward": types.FunctionType(forward.__code__, namespace)})
+
+
+def test_fused_rope_only_where_it_computes_the_same(monkeypatch):
+    """A modeling file's apply_rotary_pos_emb is replaced only if it is HF's rotation (an interleaved or partial
+    one is not), and the replacement runs the kernel only inside a swapped attention module's forward: not for an
+    unswapped module of the same class, a direct call, inside reference_kernels(), or with another unsqueeze_dim."""
+    from adapt_fast.kernels import reference_kernels
+    from torch import nn
+
+    from adapt_fast.model import fused_layers
+    from adapt_fast.model.fused_layers import rope_function_namespace, use_fused_layers
+
+    def hf(q, k, cos, sin, unsqueeze_dim=1):
+        half = q.shape[-1] // 2
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        rotated = [torch.cat((-x[..., half:], x[..., :half]), -1) for x in (q, k)]
+        return q * cos + rotated[0] * sin, k * cos + rotated[1] * sin
+
+    def interleaved(q, k, cos, sin):  # GPT-J: pairs (x0, x1) -> (-x1, x0)
+        rot = [torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2) for x in (q, k)]
+        return q * cos[:, None] + rot[0] * sin[:, None], k * cos[:, None] + rot[1] * sin[:, None]
+
+    def partial(q, k, cos, sin):  # the first half of head_dim rotated, the rest passed through
+        d = q.shape[-1] // 2
+        out = [rope_reference(q[..., :d], k[..., :d], cos[..., :d], sin[..., :d]), (q[..., d:], k[..., d:])]
+        return torch.cat((out[0][0], out[1][0]), -1), torch.cat((out[0][1], out[1][1]), -1)
+
+    HF, Interleaved, Partial = attention_class(hf), attention_class(interleaved), attention_class(partial)
+    assert rope_function_namespace(HF()) is not None
+    assert rope_function_namespace(Interleaved()) is None and rope_function_namespace(Partial()) is None
+    model = nn.Sequential(HF(), Interleaved(), Partial(), nn.Linear(2, 2))
+    assert use_fused_layers(model, "torch") == {"rms_norm": 0, "swiglu_mlp": 0, "rope_attention": 1}
+    assert type(model[0]).__name__ == "FusedToyAttention" and type(model[1]).__name__ == "ToyAttention"
+
+    calls = []
+    monkeypatch.setattr(fused_layers, "rope", lambda *a, **kw: calls.append(kw["backend"]) or rope_reference(*a))
+    q, k, cos, sin = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    expected = rope_reference(q, k, cos, sin)
+    direct = HF.forward.__globals__["apply_rotary_pos_emb"]
+    assert direct.adapt_fast_original is hf
+    for label, run, context, fused in (
+        ("swapped", model[0], contextlib.nullcontext(), True),
+        ("unswapped, same class", HF(), contextlib.nullcontext(), False),
+        ("direct call", lambda *a: direct(*a), contextlib.nullcontext(), False),
+        ("reference_kernels", model[0], reference_kernels(), False),
+    ):
+        calls.clear()
+        with context:
+            out = run(q, k, cos, sin)
+        assert calls == (["torch"] if fused else []), label
+        assert all(torch.equal(a, b) for a, b in zip(out, expected, strict=True)), label
+    calls.clear()
+    out = model[0](q.transpose(1, 2), k.transpose(1, 2), cos, sin, unsqueeze_dim=2)  # (B, T, H, D): the original's
+    assert calls == [] and torch.equal(out[0], expected[0].transpose(1, 2))
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3", "tiny-gemma3"])
 def test_triton_fused_layers_in_models(name, seed, triton_device):
-    """use_fused_layers swaps every RMSNorm (Qwen3's and Gemma 3's per-head q/k norms too) and SwiGLU MLP (Gemma's
-    GELU MLP stays) without touching parameters or state dicts; the fused model's loss, gradients and one-pass
-    ghost dots (whose forward-mode jvp runs the modules' own forward) equal the unfused model's in fp32."""
+    """use_fused_layers swaps every RMSNorm (Qwen3's and Gemma 3's per-head q/k norms too), SwiGLU MLP (Gemma's
+    GELU MLP stays) and attention's RoPE without touching parameters or state dicts; the fused model's loss,
+    gradients and one-pass ghost dots (whose forward-mode jvp runs the modules' own forward) equal the unfused
+    model's in fp32."""
     import copy
 
     from adapt_fast.model.fused_layers import use_fused_layers
@@ -780,11 +910,11 @@ def test_triton_fused_layers_in_models(name, seed, triton_device):
                 p.add_(0.2 * torch.randn_like(p))
     fused = copy.deepcopy(plain)
     counts = use_fused_layers(fused, "triton")
-    expected = {"tiny-llama": (5, 2), "tiny-qwen3": (9, 2), "tiny-gemma3": (19, 0)}[name]
-    assert (counts["rms_norm"], counts["swiglu_mlp"]) == expected
+    expected = {"tiny-llama": (5, 2, 2), "tiny-qwen3": (9, 2, 2), "tiny-gemma3": (19, 0, 3)}[name]
+    assert tuple(counts.values()) == expected
     assert list(fused.state_dict()) == list(plain.state_dict())
     assert sum(type(m).__name__.startswith("Fused") for m in fused.modules()) == sum(expected)
-    assert use_fused_layers(fused, "triton") == {"rms_norm": 0, "swiglu_mlp": 0}  # already swapped
+    assert use_fused_layers(fused, "triton") == dict.fromkeys(counts, 0)  # already swapped
 
     batch, K = packed_micro_batch([5, 9, 1, 30, 12, 7], [0, 0, 1, 2, 2, 3], plain.config.vocab_size), 5  # 4: empty
     weights = torch.ones(K, dtype=torch.float64) / max(int((batch.labels != -100).sum()), 1)
@@ -851,8 +981,9 @@ def test_gpu_ghost_dot_full_size(n_out, n_in, seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_layer_kernels_full_size(dtype, seed):
-    """RMSNorm at Llama-3.2-1B's width (T=16384, H=2048; Gemma's form at 8192) and SwiGLU at its MLP width (8192),
-    against the references in fp32 on the same values."""
+    """RMSNorm at Llama-3.2-1B's width (T=16384, H=2048; Gemma's form at 8192), SwiGLU at its MLP width (8192) and
+    RoPE at its attention (32 query and 8 key heads of 64, HF's transposed layout), against the references in fp32
+    on the same values (RoPE also against the reference in its own dtype: how many values differ is printed)."""
     T, cuda = 16384, torch.device("cuda")
     for H, form in ((2048, "llama"), (8192, "gemma")):
         offset, cast = RMS_NORM_FORMS[form]
@@ -873,5 +1004,17 @@ def test_gpu_layer_kernels_full_size(dtype, seed):
         y = swiglu(g, u, backend="triton") if name == "kernel" else swiglu_reference(g, u)
         y.backward(dy.to(dt))
         out[name] = (y, g.grad, u.grad)
+    for a, b in zip(out["kernel"], out["reference"], strict=True):
+        assert rel_err(a, b) < GRAD_TOL[dtype]
+    q, k = (torch.randn(1, T, H, 64, device=cuda).transpose(1, 2).to(dtype) for H in (32, 8))
+    cos, sin = (torch.randn(1, T, 64, device=cuda).to(dtype) for _ in range(2))
+    grads = (torch.randn(1, 32, T, 64, device=cuda).to(dtype), torch.randn(1, 8, T, 64, device=cuda).to(dtype))
+    out = {}
+    for name, dt in (("kernel", dtype), ("same dtype", dtype), ("reference", torch.float32)):
+        qi, ki = q.to(dt, copy=True).requires_grad_(), k.to(dt, copy=True).requires_grad_()
+        embed = rope(qi, ki, cos, sin, backend="triton") if name == "kernel" else rope_reference(qi, ki, cos, sin)
+        out[name] = (*embed, *torch.autograd.grad(embed, (qi, ki), [g.to(dt) for g in grads]))
+    differing = [int((a != b).sum()) for a, b in zip(out["kernel"], out["same dtype"], strict=True)]
+    print(f"rope {dtype}: values differing from the {dtype} reference (q, k, dq, dk): {differing}")
     for a, b in zip(out["kernel"], out["reference"], strict=True):
         assert rel_err(a, b) < GRAD_TOL[dtype]

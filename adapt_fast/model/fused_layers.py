@@ -1,4 +1,4 @@
-"""Fused layer kernels in a loaded HF model: its RMSNorms and SwiGLU MLPs through adapt_fast.kernels.
+"""Fused layer kernels in a loaded HF model: its RMSNorms, SwiGLU MLPs and RoPE through adapt_fast.kernels.
 
     counts = use_fused_layers(model, backend="triton")      # after loading, before DeepSpeed; {"rms_norm": n, ...}
 
@@ -8,7 +8,12 @@ modules pass the checks below (nothing is matched by model name):
     gives exactly what `rms_norm_reference` gives in one of its forms (Llama's, or Gemma's 1 + w) on probe inputs in
     fp32 and bf16 (where the roundings differ); a module matching none keeps its forward;
   * an MLP with gate_proj, up_proj and down_proj linear layers whose own forward computes, on a probe,
-    down_proj(silu(gate_proj(x)) * up_proj(x)): it becomes down_proj(swiglu(gate_proj(x), up_proj(x))).
+    down_proj(silu(gate_proj(x)) * up_proj(x)): it becomes down_proj(swiglu(gate_proj(x), up_proj(x)));
+  * an attention module whose forward calls its modeling file's `apply_rotary_pos_emb`, when that function gives
+    exactly what `rope_reference` gives on probe inputs in fp32 and bf16: the function is replaced in the modeling
+    file's namespace (as Liger-Kernel does) by a dispatcher that runs `rope` only inside the forward of a swapped
+    attention module (a context variable says so); every other caller, other models' attention included, and
+    every call it cannot take (another unsqueeze_dim, shapes or dtypes the kernel does not take) get the original.
 Each module keeps its parameters, submodules and hooks (DeepSpeed's, GhostDots') and changes class to a subclass
 whose forward calls the kernel, so `isinstance` and state dicts are unchanged. Inside `reference_kernels()` (the
 forward-mode jvp of GhostDots, which the kernels' autograd functions cannot take) the class's own forward runs.
@@ -16,12 +21,15 @@ forward-mode jvp of GhostDots, which the kernels' autograd functions cannot take
 
 from __future__ import annotations
 
+import contextvars
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from adapt_fast.kernels import reference_forced, rms_norm, rms_norm_reference, swiglu
+from adapt_fast.kernels import reference_forced, rms_norm, rms_norm_reference, rope, rope_reference, swiglu
+from adapt_fast.kernels.rotary import rope_shape_error
 from adapt_fast.model.ghost import forward_with
 from adapt_fast.model.zero3 import full_shape
 
@@ -47,6 +55,69 @@ class _FusedSwiGLUMLP:
             return super().forward(x)
         (backend,) = self._fused
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=backend))
+
+
+ROPE_FUNCTION = "apply_rotary_pos_emb"
+_rope_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("adapt_fast_rope_backend", default=None)
+
+
+class _FusedRoPEAttention:
+    """Mixin before an HF attention class; `_fused` = (backend,): its modeling file's apply_rotary_pos_emb (the
+    dispatcher of `_rope_dispatcher`) runs the kernel while this forward runs."""
+
+    def forward(self, *args, **kwargs):
+        token = _rope_backend.set(self._fused[0])
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            _rope_backend.reset(token)
+
+
+def _rope_dispatcher(original: Callable) -> Callable:
+    """apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1) that runs `rope` inside a swapped attention forward
+    (outside reference_kernels()) on inputs it takes, else `original`."""
+
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        backend = _rope_backend.get()
+        if (
+            backend is None
+            or reference_forced()
+            or args
+            or kwargs not in ({}, {"unsqueeze_dim": 1})
+            or q.dtype == torch.float64
+            or cos.requires_grad
+            or sin.requires_grad
+            or rope_shape_error(q, k, cos, sin)
+        ):
+            return original(q, k, cos, sin, *args, **kwargs)
+        return rope(q, k, cos, sin, backend=backend)
+
+    apply_rotary_pos_emb.adapt_fast_original = original
+    return apply_rotary_pos_emb
+
+
+def rope_function_namespace(module: nn.Module) -> dict | None:
+    """The globals of `module`'s modeling file if its forward calls that file's apply_rotary_pos_emb and the
+    function (its original, if already replaced) computes rope_reference exactly on probes in fp32 and bf16; None
+    otherwise."""
+    forward = getattr(type(module).forward, "__func__", type(module).forward)
+    code, namespace = getattr(forward, "__code__", None), getattr(forward, "__globals__", None)
+    if code is None or ROPE_FUNCTION not in code.co_names or not callable(namespace.get(ROPE_FUNCTION)):
+        return None
+    function = namespace[ROPE_FUNCTION]
+    function = getattr(function, "adapt_fast_original", function)
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k = torch.randn(2, 3, 5, 8, generator=gen).to(dtype), torch.randn(2, 1, 5, 8, generator=gen).to(dtype)
+            cos, sin = torch.randn(2, 5, 8, generator=gen).to(dtype), torch.randn(2, 5, 8, generator=gen).to(dtype)
+            own, expected = function(q, k, cos, sin), rope_reference(q, k, cos, sin)
+            if len(own) != 2 or not all(torch.equal(a, b) for a, b in zip(own, expected, strict=True)):
+                return None
+    except Exception:  # another signature or another rotation (partial, interleaved): not this RoPE
+        return None
+    return namespace
 
 
 @functools.cache
@@ -121,9 +192,9 @@ def is_swiglu_mlp(module: nn.Module) -> bool:
 
 
 def use_fused_layers(model: nn.Module, backend: str = "triton") -> dict[str, int]:
-    """Swap every RMSNorm and SwiGLU MLP of `model` (see the module docstring) to the fused kernels run by
-    `backend`. Returns how many of each were swapped."""
-    counts = {"rms_norm": 0, "swiglu_mlp": 0}
+    """Swap every RMSNorm, SwiGLU MLP and RoPE attention of `model` (see the module docstring) to the fused kernels
+    run by `backend`. Returns how many of each were swapped."""
+    counts = {"rms_norm": 0, "swiglu_mlp": 0, "rope_attention": 0}
     for module in list(model.modules()):
         form = rms_norm_form(module)
         if form is not None:
@@ -132,4 +203,9 @@ def use_fused_layers(model: nn.Module, backend: str = "triton") -> dict[str, int
         elif is_swiglu_mlp(module):
             _swap_class(module, _FusedSwiGLUMLP, (backend,))
             counts["swiglu_mlp"] += 1
+        elif not isinstance(module, _FusedRoPEAttention) and (namespace := rope_function_namespace(module)):
+            if not hasattr(namespace[ROPE_FUNCTION], "adapt_fast_original"):
+                namespace[ROPE_FUNCTION] = _rope_dispatcher(namespace[ROPE_FUNCTION])
+            _swap_class(module, _FusedRoPEAttention, (backend,))
+            counts["rope_attention"] += 1
     return counts
