@@ -408,6 +408,7 @@ class Trainer:
                 trust_remote_code=cfg.model.trust_remote_code,
                 seed=cfg.seed,
                 zero3_config=ds_config if t.zero_stage == 3 else None,
+                tokenizer=self.tokenizer,  # loaded for the data above: checked against the model, not loaded again
             )
         self.backend = self._kernel_backend()
         self.fused_layers = {}  # module kind -> how many run fused kernels

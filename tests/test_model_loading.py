@@ -191,3 +191,19 @@ def test_zero3_loading_without_accelerate_warns_and_loads_whole(tmp_path, monkey
     with pytest.warns(UserWarning, match="accelerate is not installed"):
         model, _ = loading.load_model_and_tokenizer(str(tmp_path / "m"), zero3_config={"zero_optimization": {}})
     assert not is_partitioned(next(model.parameters()))
+
+
+def test_a_given_tokenizer_is_checked_not_reloaded():
+    """The trainer passes the tokenizer it loaded for the data: it comes back as it is, and one with more tokens
+    than the model's vocabulary is a ConfigError (its ids would index past the embedding)."""
+    byte = build_byte_tokenizer()
+    model, tokenizer = load_model_and_tokenizer("tiny-llama", tokenizer=byte)
+    assert tokenizer is byte
+    vocab = model.get_input_embeddings().weight.shape[0]
+
+    class Large:
+        def __len__(self):
+            return vocab + 1
+
+    with pytest.raises(ConfigError, match=f"has {vocab + 1} tokens but the model's vocabulary is {vocab}"):
+        load_model_and_tokenizer("tiny-llama", tokenizer=Large())

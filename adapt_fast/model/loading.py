@@ -161,9 +161,6 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-_load_tokenizer = load_tokenizer  # the name adapt_fast.data.prepare used first
-
-
 @contextlib.contextmanager
 def partitioned_loading(zero3_config: dict | None):
     """While active, transformers' from_pretrained builds the model inside deepspeed.zero.Init and loads the
@@ -194,13 +191,15 @@ def load_model_and_tokenizer(
     trust_remote_code: bool = False,
     seed: int = 0,
     zero3_config: dict | None = None,
+    tokenizer: object | None = None,
 ) -> tuple[PreTrainedModel, object]:
     """A preset (random init from `seed`) or a local HF folder, with the packed attention switched on.
 
     device: default CUDA when available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU.
-    A folder without tokenizer files gets the byte tokenizer. zero3_config (the DeepSpeed config of a ZeRO-3 run):
-    a folder loads straight into this rank's partitions (partitioned_loading); a preset is built whole, so that its
-    seeded random init is the same under every ZeRO stage.
+    A folder without tokenizer files gets the byte tokenizer; `tokenizer`, when given (the caller loaded it
+    already, with load_tokenizer), is checked against the model and returned instead. zero3_config (the DeepSpeed
+    config of a ZeRO-3 run): a folder loads straight into this rank's partitions (partitioned_loading); a preset is
+    built whole, so that its seeded random init is the same under every ZeRO stage.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or default_dtype(device)
@@ -212,13 +211,13 @@ def load_model_and_tokenizer(
             )
         if not is_partitioned(next(model.parameters())):  # zero.Init put the partitions on the device already
             model = model.to(device)
-        tokenizer = load_tokenizer(name, trust_remote_code)
     else:
         config = preset_config(name)
         torch.manual_seed(seed)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        tokenizer = build_byte_tokenizer()
+    if tokenizer is None:
+        tokenizer = load_tokenizer(name, trust_remote_code)
 
     vocab = full_shape(model.get_input_embeddings().weight)[0]
     if len(tokenizer) > vocab:
