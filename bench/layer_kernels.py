@@ -1,10 +1,13 @@
 """Benchmark the fused layer kernels against HF's eager layers and Liger-Kernel's (CUDA, bf16).
 
-At Llama-3.2-1B's shapes for T tokens: RMSNorm (T, 2048), SwiGLU (T, 8192), and RoPE on q (32 heads) and k (8 heads)
+At Llama-3.2-1B's shapes for T tokens: RMSNorm (T, 2048), SwiGLU (T, 8192) and GEGLU (Gemma's, at the same
+shape), and RoPE on q (32 heads) and k (8 heads)
 of 64 in HF's layout ((B, T, H, D) transposed). Each layer runs as
-  hf     transformers' own: LlamaRMSNorm, silu(gate) * up, modeling_llama.apply_rotary_pos_emb;
-  ours   adapt_fast.kernels rms_norm, swiglu, rope (backend triton), what kernels.fused_layers swaps in;
-  liger  what TRL's use_liger_kernel swaps in: LigerRMSNorm, LigerSiLUMulFunction, liger_rotary_pos_emb
+  hf     transformers' own: LlamaRMSNorm, silu(gate) * up, gelu_pytorch_tanh(gate) * up,
+         modeling_llama.apply_rotary_pos_emb;
+  ours   adapt_fast.kernels rms_norm, swiglu, geglu, rope (backend triton), what kernels.fused_layers swaps in;
+  liger  what TRL's use_liger_kernel swaps in: LigerRMSNorm, LigerSiLUMulFunction, LigerGELUMulFunction,
+         liger_rotary_pos_emb
          (skipped when liger-kernel is not installed: `pip install .[bench]`).
 Reports the median time of the forward and of forward + backward (torch.autograd.grad, so no gradient
 accumulation is timed), the bandwidth that forward + backward reaches on the least traffic it needs (each
@@ -37,28 +40,35 @@ def hf_layers() -> dict:
 
     apply_rope = modeling_llama.apply_rotary_pos_emb
     apply_rope = getattr(apply_rope, "adapt_fast_original", apply_rope)  # HF's own, also if fused_layers ran here
-    silu = ACT2FN["silu"]
+    silu, gelu_tanh = ACT2FN["silu"], ACT2FN["gelu_pytorch_tanh"]
 
     norm = modeling_llama.LlamaRMSNorm(1, eps=EPS)  # its forward, run with the benchmark's weight:
 
     def rms_norm(x, w):
         return torch.func.functional_call(norm, {"weight": w}, (x,))  # w itself: its gradient is timed
 
-    return {"rms_norm": rms_norm, "swiglu": lambda gate, up: silu(gate) * up, "rope": apply_rope}
+    return {
+        "rms_norm": rms_norm,
+        "swiglu": lambda gate, up: silu(gate) * up,
+        "geglu": lambda gate, up: gelu_tanh(gate) * up,
+        "rope": apply_rope,
+    }
 
 
 def our_layers() -> dict:
-    from adapt_fast.kernels import rms_norm, rope, swiglu
+    from adapt_fast.kernels import geglu, rms_norm, rope, swiglu
 
     return {
         "rms_norm": lambda x, w: rms_norm(x, w, EPS, backend="triton"),
         "swiglu": lambda gate, up: swiglu(gate, up, backend="triton"),
+        "geglu": lambda gate, up: geglu(gate, up, backend="triton"),
         "rope": lambda q, k, cos, sin: rope(q, k, cos, sin, backend="triton"),
     }
 
 
 def liger_layers() -> dict | None:
     try:
+        from liger_kernel.ops.geglu import LigerGELUMulFunction
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
         from liger_kernel.transformers.rope import liger_rotary_pos_emb
@@ -67,6 +77,7 @@ def liger_layers() -> dict | None:
     return {  # LigerRMSNorm's defaults: offset 0, Llama casting, the gradient written over dy (in place)
         "rms_norm": lambda x, w: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama", True),
         "swiglu": LigerSiLUMulFunction.apply,
+        "geglu": LigerGELUMulFunction.apply,
         "rope": liger_rotary_pos_emb,
     }
 
@@ -86,6 +97,7 @@ def layer_inputs(args, device: torch.device) -> dict:
     return {
         "rms_norm": ((x, w), (), b * T * H * (2 + 3)),  # forward: x in, y out; backward: x, dy in, dx out
         "swiglu": ((gate, up), (), b * T * I * (3 + 5)),  # forward: 2 in, 1 out; backward: 3 in, 2 out
+        "geglu": ((gate, up), (), b * T * I * (3 + 5)),
         "rope": ((q, k), (cos, sin), b * T * D * ((Hq + Hk) * 4 + 4)),  # q, k in and out, each way; cos, sin twice
     }
 
@@ -176,7 +188,7 @@ def main() -> None:
     lines = [
         f"# Layer kernels, {gpu}",
         "",
-        f"Llama-3.2-1B shapes, T={args.tokens} tokens, bf16: RMSNorm (T, {args.hidden}), SwiGLU (T, "
+        f"Llama-3.2-1B shapes, T={args.tokens} tokens, bf16: RMSNorm (T, {args.hidden}), SwiGLU and GEGLU (T, "
         f"{args.intermediate}), RoPE on {args.heads} + {args.kv_heads} heads of {args.head_dim}. Bandwidth: the least "
         "bytes forward + backward move, over its time. Errors: largest relative error of an output or gradient "
         "against hf's.",

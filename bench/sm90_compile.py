@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 import triton
-from adapt_fast.kernels import gated_mlp as swiglu_module
+from adapt_fast.kernels import gated_mlp as gated_module
 from adapt_fast.kernels import ghost_dot as ghost_module
 from adapt_fast.kernels import linear_cross_entropy as lce_module
 from adapt_fast.kernels import norm as rms_norm_module
@@ -56,9 +56,9 @@ KERNELS = {
         rms_norm_module._rms_norm_backward_kernel,
         dict(x_ptr="bf16", w_ptr="bf16", dy_ptr="bf16", dx_ptr="bf16"),
     ),
-    "swiglu forward": (swiglu_module._swiglu_forward_kernel, dict(gate_ptr="bf16", up_ptr="bf16", y_ptr="bf16")),
-    "swiglu backward": (
-        swiglu_module._swiglu_backward_kernel,
+    "gated forward": (gated_module._gated_forward_kernel, dict(gate_ptr="bf16", up_ptr="bf16", y_ptr="bf16")),
+    "gated backward": (
+        gated_module._gated_backward_kernel,
         dict(gate_ptr="bf16", up_ptr="bf16", dy_ptr="bf16", dgate_ptr="bf16", dup_ptr="bf16"),
     ),
     "rope": (rope_module._rope_kernel, {f"{p}_ptr": "bf16" for p in ("q", "k", "cos", "sin", "qo", "ko")}),
@@ -98,8 +98,11 @@ VARIANTS = [
     ("rms_norm backward H128 q/k", "rms_norm backward", NORM_TILES(128, backward=True), LLAMA),
     ("rms_norm forward H8192 gemma", "rms_norm forward", NORM_TILES(8192), {}),
     ("rms_norm backward H8192 gemma", "rms_norm backward", NORM_TILES(8192, backward=True), {}),
-    ("swiglu forward", "swiglu forward", dict(BLOCK=swiglu_module.CUDA_BLOCK), {}),
-    ("swiglu backward", "swiglu backward", dict(BLOCK=swiglu_module.CUDA_BLOCK), {}),
+    *(
+        (f"{name} {direction}", f"gated {direction}", dict(BLOCK=gated_module.CUDA_BLOCK), dict(ACTIVATION=activation))
+        for name, activation in (("swiglu", 0), ("geglu", 1))
+        for direction in ("forward", "backward")
+    ),
     # RoPE at head_dim 64 (Llama-3.2-1B) and 128 (Qwen3, Llama-3-8B), as launched: no FMA contraction
     *(
         (f"rope {direction} D{D}", "rope", {**ROPE_TILES, "BLOCK_HALF": D // 2}, dict(HALF=D // 2, BACKWARD=backward))

@@ -54,8 +54,8 @@ def test_layer_kernels_bench_smoke(tmp_path):
     result = run_bench("layer_kernels.py", tmp_path, "--tokens", "37", "--hidden", "40", "--intermediate", "72",
                        "--heads", "3", "--kv-heads", "1", "--head-dim", "12", "--repeats", "1")  # fmt: skip
     rows = {(r["layer"], r["stack"]): r for r in result["rows"]}
-    assert {layer for layer, _ in rows} == {"rms_norm", "swiglu", "rope"}
-    for layer in ("rms_norm", "swiglu", "rope"):
+    assert {layer for layer, _ in rows} == {"rms_norm", "swiglu", "geglu", "rope"}
+    for layer in ("rms_norm", "swiglu", "geglu", "rope"):
         for stack in ("hf", "ours"):
             r = rows[layer, stack]
             assert r["status"] == "ok" and r["forward_backward_ms"] > 0 and r["gb_per_s"] > 0, r
@@ -68,7 +68,8 @@ def test_meta_gradient_bench_smoke(tmp_path):
                        "--example-len", "32", "--repeats", "1")  # fmt: skip
     assert set(result["results"]) == {"train_step", "one_pass", "one_pass_folded", "exact"}
     assert result["folded_dots_rel_err"] < 5e-2
-    assert result["fused_layers"] == {"rms_norm": 5, "swiglu_mlp": 2, "rope_attention": 2}  # as the trainer runs it
+    fused = {"rms_norm": 5, "swiglu_mlp": 2, "geglu_mlp": 0, "rope_attention": 2}
+    assert result["fused_layers"] == fused  # as the trainer runs the model
     assert result["dots_rel_err"] < 5e-2  # bf16 model: one-pass and K-backward dots agree to bf16 rounding
 
 

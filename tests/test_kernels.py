@@ -43,6 +43,8 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:  # import trit
 
 from adapt_fast.kernels import (
     PerTaskLoss,
+    geglu,
+    geglu_reference,
     per_task_ghost_dot,
     per_task_ghost_dot_reference,
     per_task_linear_cross_entropy,
@@ -222,7 +224,7 @@ def test_trainer_with_triton_backend_matches_torch(tmp_path):
         rows_match(torch_rows, triton_rows)
     kernels = {n: json.loads((tmp_path / n / "report.json").read_text())["kernels"] for n in runs}
     assert kernels["torch"] == {"backend": "torch", "fused_layers": {}}
-    fused = {"rms_norm": 5, "swiglu_mlp": 2, "rope_attention": 2}  # tiny Llama: 2 x 2 decoder norms + the final one
+    fused = {"rms_norm": 5, "swiglu_mlp": 2, "geglu_mlp": 0, "rope_attention": 2}  # tiny Llama: 2 layers
     for name in ("triton", "triton_zero3"):
         assert kernels[name] == {"backend": "triton", "fused_layers": fused}
 
@@ -259,7 +261,8 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
     for row in rows:
         assert row["stack_bytes"] == 0 and row["spill_stores"] + row["spill_loads"] == 0, row
         assert row["registers"] <= 255, row
-        if not row["kernel"].startswith(("dlogits", "rows", "fp32", "rms_norm", "swiglu", "rope")):  # no matmul, or FMA
+        no_matmul = ("dlogits", "rows", "rms_norm", "swiglu", "geglu", "rope")  # and fp32: FMA by design
+        if not row["kernel"].startswith((*no_matmul, "fp32")):
             assert row["hmma"] == 0 and row["hgmma"] > 0, row
 
 
@@ -650,7 +653,8 @@ def packed_micro_batch(lengths: list[int], tasks: list[int], vocab: int):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_references_are_hf_modules(dtype, seed):
     """The references are HF's own formulas, bit for bit: LlamaRMSNorm, Qwen3RMSNorm, Gemma3RMSNorm, the
-    activation product of LlamaMLP, and apply_rotary_pos_emb of Llama, Qwen3 and Gemma 3 (forward and backward)."""
+    activation products of LlamaMLP and Gemma3MLP, and apply_rotary_pos_emb of Llama, Qwen3 and Gemma 3 (forward
+    and backward)."""
     from transformers.activations import ACT2FN
     from transformers.models.gemma3 import modeling_gemma3
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
@@ -667,6 +671,7 @@ def test_layer_references_are_hf_modules(dtype, seed):
         assert torch.equal(module(x), rms_norm_reference(x, module.weight, 1e-5, *RMS_NORM_FORMS[form])), cls
     gate, up = torch.randn(5, H).to(dtype), torch.randn(5, H).to(dtype)
     assert torch.equal(ACT2FN["silu"](gate) * up, swiglu_reference(gate, up))
+    assert torch.equal(ACT2FN["gelu_pytorch_tanh"](gate) * up, geglu_reference(gate, up))
     q, k, cos, sin, grads = rope_inputs(dtype, CPU)
     expected = rope_reference(q, k, cos, sin)
     expected_grads = torch.autograd.grad(expected, (q, k), grads)
@@ -722,11 +727,13 @@ def test_triton_rms_norm_matches_reference(dtype, form, seed, triton_device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_swiglu_matches_reference(dtype, seed, triton_device):
+@pytest.mark.parametrize("kernel,reference", [(swiglu, swiglu_reference), (geglu, geglu_reference)])
+def test_triton_gated_mlp_matches_reference(kernel, reference, dtype, seed, triton_device):
     shape = (random.randint(1, 5), random.randint(1, 3000))
     gate, up, dy = ((torch.randn(shape, device=triton_device) * 3).to(dtype) for _ in range(3))
+    gate[0, :3] = torch.tensor([30.0, -30.0, 0.0])  # tanh and sigmoid saturated, and at 0
     results = {}
-    for name, fn, dt in (("kernel", swiglu, dtype), ("reference", swiglu_reference, torch.float32)):
+    for name, fn, dt in (("kernel", kernel, dtype), ("reference", reference, torch.float32)):
         g, u = gate.to(dt, copy=True).requires_grad_(), up.to(dt, copy=True).requires_grad_()
         y = fn(g, u, backend="triton") if name == "kernel" else fn(g, u)
         y.backward(dy.to(dt))
@@ -763,6 +770,8 @@ def test_layer_kernels_bad_input_is_a_clear_error():
         rms_norm(torch.randn(3, 8), torch.randn(7), 1e-6)
     with pytest.raises(ValueError, match="swiglu: gate"):
         swiglu(torch.randn(3, 8), torch.randn(3, 9))
+    with pytest.raises(ValueError, match="geglu: gate"):
+        geglu(torch.randn(3, 8), torch.randn(3, 8).bfloat16())
     q, k, cos = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 5, 8)
     for bad, match in (
         ((q, k[..., :6], cos, cos), "are not \\(B, H, T, D\\)"),
@@ -776,17 +785,19 @@ def test_layer_kernels_bad_input_is_a_clear_error():
     x, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     with pytest.raises(ValueError, match="not float64"):
         rms_norm(x, w, 1e-6, backend="triton")
-    with pytest.raises(ValueError, match="not float64"):
-        swiglu(x, x, backend="triton")
+    for fn in (swiglu, geglu):
+        with pytest.raises(ValueError, match="not float64"):
+            fn(x, x, backend="triton")
     assert torch.equal(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))  # auto: float64 runs the reference
 
 
 def test_fused_layers_swap_only_what_they_compute():
-    """Names are not enough: an "RMSNorm" that centres its input, an "MLP" gating the other branch or with GELU,
-    keep their own forward; the real ones are recognised, including a Llama-style norm in a class of another name."""
+    """Names are not enough: an "RMSNorm" that centres its input, an "MLP" gating the other branch or with exact
+    (erf) GELU, keep their own forward; the real ones are recognised (SwiGLU, and GEGLU with GELU's tanh form),
+    including a Llama-style norm in a class of another name."""
     from torch import nn
 
-    from adapt_fast.model.fused_layers import is_swiglu_mlp, rms_norm_form, use_fused_layers
+    from adapt_fast.model.fused_layers import gated_mlp_activation, rms_norm_form, use_fused_layers
 
     class CenteringRMSNorm(nn.Module):
         def __init__(self, h):
@@ -814,13 +825,17 @@ def test_fused_layers_swap_only_what_they_compute():
 
     assert rms_norm_form(CenteringRMSNorm(8)) is None
     assert rms_norm_form(MyRMSNorm(8)) == (1e-6, 0.0, True)
-    assert not is_swiglu_mlp(GatedMLP(nn.GELU())) and not is_swiglu_mlp(GatedMLP(nn.SiLU(), swapped=True))
-    assert is_swiglu_mlp(GatedMLP(nn.SiLU()))
-    model = nn.Sequential(CenteringRMSNorm(8), MyRMSNorm(8), GatedMLP(nn.SiLU(), swapped=True), GatedMLP(nn.SiLU()))
+    assert gated_mlp_activation(GatedMLP(nn.GELU())) is None
+    assert gated_mlp_activation(GatedMLP(nn.SiLU(), swapped=True)) is None
+    assert gated_mlp_activation(GatedMLP(nn.SiLU())) == "silu"
+    assert gated_mlp_activation(GatedMLP(nn.GELU(approximate="tanh"))) == "gelu_tanh"
+    model = nn.Sequential(CenteringRMSNorm(8), MyRMSNorm(8), GatedMLP(nn.SiLU(), swapped=True), GatedMLP(nn.SiLU()),
+                          GatedMLP(nn.GELU()), GatedMLP(nn.GELU(approximate="tanh")))  # fmt: skip
     state = torch.random.get_rng_state()
-    assert use_fused_layers(model, "torch") == {"rms_norm": 1, "swiglu_mlp": 1, "rope_attention": 0}
+    assert use_fused_layers(model, "torch") == {"rms_norm": 1, "swiglu_mlp": 1, "geglu_mlp": 1, "rope_attention": 0}
     assert torch.equal(torch.random.get_rng_state(), state)  # the probes leave the caller's random stream alone
-    assert [type(m).__name__ for m in model] == ["CenteringRMSNorm", "FusedMyRMSNorm", "GatedMLP", "FusedGatedMLP"]
+    names = ["CenteringRMSNorm", "FusedMyRMSNorm", "GatedMLP", "FusedGatedMLP", "GatedMLP", "FusedGatedMLP"]
+    assert [type(m).__name__ for m in model] == names
     x = torch.randn(3, 8)
     assert torch.equal(model[1](x), MyRMSNorm.forward(model[1], x))  # backend torch: the reference, same numbers
 
@@ -865,7 +880,7 @@ def test_fused_rope_only_where_it_computes_the_same(monkeypatch):
     assert rope_function_namespace(HF()) is not None
     assert rope_function_namespace(Interleaved()) is None and rope_function_namespace(Partial()) is None
     model = nn.Sequential(HF(), Interleaved(), Partial(), nn.Linear(2, 2))
-    assert use_fused_layers(model, "torch") == {"rms_norm": 0, "swiglu_mlp": 0, "rope_attention": 1}
+    assert use_fused_layers(model, "torch") == {"rms_norm": 0, "swiglu_mlp": 0, "geglu_mlp": 0, "rope_attention": 1}
     assert type(model[0]).__name__ == "FusedToyAttention" and type(model[1]).__name__ == "ToyAttention"
 
     calls = []
@@ -892,8 +907,8 @@ def test_fused_rope_only_where_it_computes_the_same(monkeypatch):
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3", "tiny-gemma3"])
 def test_triton_fused_layers_in_models(name, seed, triton_device):
-    """use_fused_layers swaps every RMSNorm (Qwen3's and Gemma 3's per-head q/k norms too), SwiGLU MLP (Gemma's
-    GELU MLP stays) and attention's RoPE without touching parameters or state dicts; the fused model's loss,
+    """use_fused_layers swaps every RMSNorm (Qwen3's and Gemma 3's per-head q/k norms too), gated MLP (SwiGLU, and
+    Gemma's GEGLU) and attention's RoPE without touching parameters or state dicts; the fused model's loss,
     gradients and one-pass ghost dots (whose forward-mode jvp runs the modules' own forward) equal the unfused
     model's in fp32."""
     import copy
@@ -910,7 +925,7 @@ def test_triton_fused_layers_in_models(name, seed, triton_device):
                 p.add_(0.2 * torch.randn_like(p))
     fused = copy.deepcopy(plain)
     counts = use_fused_layers(fused, "triton")
-    expected = {"tiny-llama": (5, 2, 2), "tiny-qwen3": (9, 2, 2), "tiny-gemma3": (19, 0, 3)}[name]
+    expected = {"tiny-llama": (5, 2, 0, 2), "tiny-qwen3": (9, 2, 0, 2), "tiny-gemma3": (19, 0, 3, 3)}[name]
     assert tuple(counts.values()) == expected
     assert list(fused.state_dict()) == list(plain.state_dict())
     assert sum(type(m).__name__.startswith("Fused") for m in fused.modules()) == sum(expected)
@@ -981,7 +996,8 @@ def test_gpu_ghost_dot_full_size(n_out, n_in, seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_layer_kernels_full_size(dtype, seed):
-    """RMSNorm at Llama-3.2-1B's width (T=16384, H=2048; Gemma's form at 8192), SwiGLU at its MLP width (8192) and
+    """RMSNorm at Llama-3.2-1B's width (T=16384, H=2048; Gemma's form at 8192), SwiGLU and GEGLU at its MLP width
+    (8192) and
     RoPE at its attention (32 query and 8 key heads of 64, HF's transposed layout), against the references in fp32
     on the same values (RoPE also against the reference in its own dtype: how many values differ is printed)."""
     T, cuda = 16384, torch.device("cuda")
@@ -998,14 +1014,15 @@ def test_gpu_layer_kernels_full_size(dtype, seed):
         for a, b in zip(out["kernel"], out["reference"], strict=True):
             assert rel_err(a, b) < GRAD_TOL[dtype], (H, form)
     gate, up, dy = (torch.randn(T, 8192, device=cuda).to(dtype) for _ in range(3))
-    out = {}
-    for name, dt in (("kernel", dtype), ("reference", torch.float32)):
-        g, u = gate.to(dt, copy=True).requires_grad_(), up.to(dt, copy=True).requires_grad_()
-        y = swiglu(g, u, backend="triton") if name == "kernel" else swiglu_reference(g, u)
-        y.backward(dy.to(dt))
-        out[name] = (y, g.grad, u.grad)
-    for a, b in zip(out["kernel"], out["reference"], strict=True):
-        assert rel_err(a, b) < GRAD_TOL[dtype]
+    for kernel, reference in ((swiglu, swiglu_reference), (geglu, geglu_reference)):
+        out = {}
+        for name, dt in (("kernel", dtype), ("reference", torch.float32)):
+            g, u = gate.to(dt, copy=True).requires_grad_(), up.to(dt, copy=True).requires_grad_()
+            y = kernel(g, u, backend="triton") if name == "kernel" else reference(g, u)
+            y.backward(dy.to(dt))
+            out[name] = (y, g.grad, u.grad)
+        for a, b in zip(out["kernel"], out["reference"], strict=True):
+            assert rel_err(a, b) < GRAD_TOL[dtype], kernel.__name__
     q, k = (torch.randn(1, T, H, 64, device=cuda).transpose(1, 2).to(dtype) for H in (32, 8))
     cos, sin = (torch.randn(1, T, 64, device=cuda).to(dtype) for _ in range(2))
     grads = (torch.randn(1, 32, T, 64, device=cuda).to(dtype), torch.randn(1, 8, T, 64, device=cuda).to(dtype))

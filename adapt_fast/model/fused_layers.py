@@ -8,7 +8,8 @@ modules pass the checks below (nothing is matched by model name):
     gives exactly what `rms_norm_reference` gives in one of its forms (Llama's, or Gemma's 1 + w) on probe inputs in
     fp32 and bf16 (where the roundings differ); a module matching none keeps its forward;
   * an MLP with gate_proj, up_proj and down_proj linear layers whose own forward computes, on a probe,
-    down_proj(silu(gate_proj(x)) * up_proj(x)): it becomes down_proj(swiglu(gate_proj(x), up_proj(x)));
+    down_proj(act(gate_proj(x)) * up_proj(x)) with act silu (Llama, Qwen) or GELU's tanh form (Gemma): it becomes
+    down_proj(swiglu(gate_proj(x), up_proj(x))), or geglu;
   * an attention module whose forward calls its modeling file's `apply_rotary_pos_emb`, when that function gives
     exactly what `rope_reference` gives on probe inputs in fp32 and bf16: the function is replaced in the modeling
     file's namespace (as Liger-Kernel does) by a dispatcher that runs `rope` only inside the forward of a swapped
@@ -28,7 +29,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from adapt_fast.kernels import reference_forced, rms_norm, rms_norm_reference, rope, rope_reference, swiglu
+from adapt_fast.kernels import geglu, reference_forced, rms_norm, rms_norm_reference, rope, rope_reference, swiglu
+from adapt_fast.kernels.gated_mlp import geglu_reference, swiglu_reference
 from adapt_fast.kernels.rotary import rope_shape_error
 from adapt_fast.model.ghost import forward_with
 from adapt_fast.model.zero3 import full_shape
@@ -47,14 +49,18 @@ class _FusedRMSNorm:
         return rms_norm(x, self.weight, eps, offset, cast_before_weight, backend=backend)
 
 
-class _FusedSwiGLUMLP:
-    """Mixin before an HF gated MLP class with a silu activation; `_fused` = (backend,)."""
+# activation -> (kernel, reference, the use_fused_layers count)
+GATED_MLPS = {"silu": (swiglu, swiglu_reference, "swiglu_mlp"), "gelu_tanh": (geglu, geglu_reference, "geglu_mlp")}
+
+
+class _FusedGatedMLP:
+    """Mixin before an HF gated MLP class; `_fused` = (activation, backend), activation a key of GATED_MLPS."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if reference_forced():
             return super().forward(x)
-        (backend,) = self._fused
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=backend))
+        activation, backend = self._fused
+        return self.down_proj(GATED_MLPS[activation][0](self.gate_proj(x), self.up_proj(x), backend=backend))
 
 
 ROPE_FUNCTION = "apply_rotary_pos_emb"
@@ -165,14 +171,15 @@ def rms_norm_form(module: nn.Module) -> tuple[float, float, bool] | None:
     return (eps, *forms[0]) if forms else None
 
 
-def is_swiglu_mlp(module: nn.Module) -> bool:
-    """An MLP whose own forward is down_proj(silu(gate_proj(x)) * up_proj(x)): checked on a probe input with small
-    random linear layers put in place of its own (no hooks run, ZeRO-3 partitions untouched)."""
+def gated_mlp_activation(module: nn.Module) -> str | None:
+    """The GATED_MLPS key act if `module` is an MLP whose own forward is down_proj(act(gate_proj(x)) * up_proj(x)),
+    else None: checked on a probe input with small random linear layers put in place of its own (no hooks run,
+    ZeRO-3 partitions untouched)."""
     names = ("gate_proj", "up_proj", "down_proj")
-    if isinstance(module, _FusedSwiGLUMLP) or not type(module).__name__.endswith("MLP"):
-        return False
+    if isinstance(module, _FusedGatedMLP) or not type(module).__name__.endswith("MLP"):
+        return None
     if not all(isinstance(getattr(module, n, None), nn.Linear) for n in names):
-        return False
+        return None
     gen = torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):  # the probe layers' init must not move the caller's random stream
         torch.manual_seed(0)
@@ -183,26 +190,29 @@ def is_swiglu_mlp(module: nn.Module) -> bool:
         module._modules.update(probe)
         with torch.no_grad():
             own = type(module).forward(module, x)
-            expected = probe["down_proj"](nn.functional.silu(probe["gate_proj"](x)) * probe["up_proj"](x))
-        return torch.equal(own, expected)
+            gate, up = probe["gate_proj"](x), probe["up_proj"](x)
+            for activation, (_, reference, _) in GATED_MLPS.items():
+                if torch.equal(own, probe["down_proj"](reference(gate, up))):
+                    return activation
+        return None
     except Exception:  # a forward that needs more than x, or other shapes: not this MLP
-        return False
+        return None
     finally:
         module._modules.update(saved)
 
 
 def use_fused_layers(model: nn.Module, backend: str = "triton") -> dict[str, int]:
-    """Swap every RMSNorm, SwiGLU MLP and RoPE attention of `model` (see the module docstring) to the fused kernels
+    """Swap every RMSNorm, gated MLP and RoPE attention of `model` (see the module docstring) to the fused kernels
     run by `backend`. Returns how many of each were swapped."""
-    counts = {"rms_norm": 0, "swiglu_mlp": 0, "rope_attention": 0}
+    counts = {"rms_norm": 0, "swiglu_mlp": 0, "geglu_mlp": 0, "rope_attention": 0}
     for module in list(model.modules()):
         form = rms_norm_form(module)
         if form is not None:
             _swap_class(module, _FusedRMSNorm, (*form, backend))
             counts["rms_norm"] += 1
-        elif is_swiglu_mlp(module):
-            _swap_class(module, _FusedSwiGLUMLP, (backend,))
-            counts["swiglu_mlp"] += 1
+        elif activation := gated_mlp_activation(module):
+            _swap_class(module, _FusedGatedMLP, (activation, backend))
+            counts[GATED_MLPS[activation][2]] += 1
         elif not isinstance(module, _FusedRoPEAttention) and (namespace := rope_function_namespace(module)):
             if not hasattr(namespace[ROPE_FUNCTION], "adapt_fast_original"):
                 namespace[ROPE_FUNCTION] = _rope_dispatcher(namespace[ROPE_FUNCTION])
