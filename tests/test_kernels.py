@@ -15,6 +15,7 @@ each result's final rounding counts once, not twice.
 """
 
 import contextlib
+import functools
 import importlib.util
 import json
 import math
@@ -840,15 +841,18 @@ def test_fused_layers_swap_only_what_they_compute():
     assert torch.equal(model[1](x), MyRMSNorm.forward(model[1], x))  # backend torch: the reference, same numbers
 
 
-def attention_class(rotary) -> type:
-    """An attention module class whose forward calls `rotary` as its modeling file's apply_rotary_pos_emb."""
+def attention_class(rotary, decorated: bool = False) -> type:
+    """An attention module class whose forward calls `rotary` as its modeling file's apply_rotary_pos_emb
+    (`decorated`: under a functools.wraps decorator, as HF's deprecate_kwarg puts on some forwards)."""
     from torch import nn
 
     def forward(self, q, k, cos, sin, **kwargs):
         return apply_rotary_pos_emb(q, k, cos, sin, **kwargs)  # noqa: F821 (the namespace below)
 
-    namespace = {"apply_rotary_pos_emb": rotary}
-    return type("ToyAttention", (nn.Module,), {"forward": types.FunctionType(forward.__code__, namespace)})
+    forward = types.FunctionType(forward.__code__, {"apply_rotary_pos_emb": rotary})
+    if decorated:
+        forward = functools.wraps(forward)(lambda self, *args, **kwargs: forward(self, *args, **kwargs))
+    return type("ToyAttention", (nn.Module,), {"forward": forward})
 
 
 def test_fused_rope_only_where_it_computes_the_same(monkeypatch):
@@ -877,7 +881,7 @@ def test_fused_rope_only_where_it_computes_the_same(monkeypatch):
         return torch.cat((out[0][0], out[1][0]), -1), torch.cat((out[0][1], out[1][1]), -1)
 
     HF, Interleaved, Partial = attention_class(hf), attention_class(interleaved), attention_class(partial)
-    assert rope_function_namespace(HF()) is not None
+    assert rope_function_namespace(HF()) is not None and rope_function_namespace(attention_class(hf, True)())
     assert rope_function_namespace(Interleaved()) is None and rope_function_namespace(Partial()) is None
     model = nn.Sequential(HF(), Interleaved(), Partial(), nn.Linear(2, 2))
     assert use_fused_layers(model, "torch") == {"rms_norm": 0, "swiglu_mlp": 0, "geglu_mlp": 0, "rope_attention": 1}

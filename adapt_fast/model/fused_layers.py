@@ -1,4 +1,4 @@
-"""Fused layer kernels in a loaded HF model: its RMSNorms, SwiGLU MLPs and RoPE through adapt_fast.kernels.
+"""Fused layer kernels in a loaded HF model: its RMSNorms, gated MLPs and RoPE through adapt_fast.kernels.
 
     counts = use_fused_layers(model, backend="triton")      # after loading, before DeepSpeed; {"rms_norm": n, ...}
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -107,7 +108,7 @@ def rope_function_namespace(module: nn.Module) -> dict | None:
     """The globals of `module`'s modeling file if its forward calls that file's apply_rotary_pos_emb and the
     function (its original, if already replaced) computes rope_reference exactly on probes in fp32 and bf16; None
     otherwise."""
-    forward = getattr(type(module).forward, "__func__", type(module).forward)
+    forward = inspect.unwrap(type(module).forward)  # under decorators made with functools.wraps: HF's own
     code, namespace = getattr(forward, "__code__", None), getattr(forward, "__globals__", None)
     if code is None or ROPE_FUNCTION not in code.co_names or not callable(namespace.get(ROPE_FUNCTION)):
         return None
