@@ -379,7 +379,7 @@ def markdown(results: dict, settings: dict, gpu: str) -> str:
 
 def write_results(out: Path, gpu: str, settings: dict, results: dict) -> None:
     import torch
-    from ghost_dot import results_dir  # noqa: E402 (bench/ is the script's folder)
+    from harness import results_dir
 
     folder = results_dir(out, gpu)
     report = {"device": gpu, "torch": torch.__version__, "settings": settings, "results": results}
@@ -388,6 +388,8 @@ def write_results(out: Path, gpu: str, settings: dict, results: dict) -> None:
 
 
 def main() -> None:
+    from harness import add_run_options, device_name, run_device  # bench/ is the script's folder
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-3.2-1b")
     parser.add_argument("--stacks", default=",".join(DEFAULT_STACKS), help=f"from {', '.join(STACKS)}")
@@ -405,8 +407,7 @@ def main() -> None:
     parser.add_argument("--val-examples", type=int, default=4, help="validation examples per task (ADAPT's G)")
     parser.add_argument("--val-every", type=int, default=10)
     parser.add_argument("--stack-timeout", type=int, default=300, help="seconds per stack")
-    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    add_run_options(parser)
     parser.add_argument("--only", choices=STACKS, help=argparse.SUPPRESS)  # child process: one stack
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -419,13 +420,7 @@ def main() -> None:
     unknown = [s for s in stacks if s not in STACKS]
     if unknown:
         raise SystemExit(f"bench/end_to_end.py: unknown stacks {', '.join(unknown)} (choose from {', '.join(STACKS)})")
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench/end_to_end.py needs a CUDA GPU (or --device cpu for a smoke run)")
-    from ghost_dot import device_name  # noqa: E402 (bench/ is the script's folder)
-
-    gpu = device_name(torch.device(args.device))
+    gpu = device_name(run_device(args, "bench/end_to_end.py"))
     settings = {k: v for k, v in vars(args).items() if k not in ("only", "data", "work", "result", "out")}
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="end_to_end-") as tmp:

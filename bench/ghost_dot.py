@@ -13,8 +13,6 @@ Writes <out>/<gpu name>/ghost_dot.json and ghost_dot.md.
 
 import argparse
 import json
-import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,40 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
 
-
-def median_ms(fn, warmup: int = 5, repeats: int = 20) -> float:
-    """Median milliseconds of fn(): CUDA events when the run uses the GPU, else the wall clock (smoke runs)."""
-    cuda = torch.cuda.is_initialized()
-    for _ in range(warmup):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        if not cuda:
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name (results go to a folder named after it), or "cpu"."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def results_dir(out: Path, gpu: str) -> Path:
-    """<out>/<gpu>, with the characters a folder name should not hold replaced by "_"; created."""
-    folder = out / re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+from harness import add_run_options, device_name, median_ms, results_dir, run_device  # noqa: E402 (bench/ folder)
 
 
 def bench_shape(
@@ -104,13 +69,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--shapes", default="2048x2048,8192x2048,2048x8192", help="out x in of each linear layer")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
+    add_run_options(parser, repeats=20)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench/ghost_dot.py: needs a CUDA GPU, none found")
+    device = run_device(args, "bench/ghost_dot.py")
 
     gpu = device_name(device)
     T, K = args.tokens, args.tasks

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ghost_dot import device_name, median_ms, results_dir  # noqa: E402 (bench/ is the script's folder)
+
+from harness import add_run_options, device_name, median_ms, results_dir, run_device  # noqa: E402 (bench/ folder)
 
 EPS = 1e-5
 
@@ -145,13 +145,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
+    add_run_options(parser, repeats=20)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench/layer_kernels.py: needs a CUDA GPU, none found")
+    device = run_device(args, "bench/layer_kernels.py")
 
     gpu = device_name(device)
     stacks = {"hf": hf_layers(), "ours": our_layers(), "liger": liger_layers()}

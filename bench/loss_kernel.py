@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
 
-from ghost_dot import device_name, median_ms, results_dir  # noqa: E402 (bench/ is the script's folder)
+from harness import add_run_options, device_name, median_ms, results_dir, run_device  # noqa: E402 (bench/ folder)
 
 
 def measure(step, warmup: int, repeats: int) -> tuple[float, float | None]:
@@ -157,13 +157,9 @@ def main() -> None:
         help="std of the logits (head scale); larger: peaked softmax, more blocks CCE filters",
     )
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
+    add_run_options(parser, repeats=10)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench/loss_kernel.py: needs a CUDA GPU, none found")
+    device = run_device(args, "bench/loss_kernel.py")
 
     gpu = device_name(device)
     T, H, V, K = args.tokens, args.hidden, args.vocab, args.tasks

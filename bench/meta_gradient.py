@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
 
-from ghost_dot import device_name, median_ms, results_dir  # noqa: E402 (bench/ is the script's folder)
+from harness import add_run_options, device_name, median_ms, results_dir, run_device  # noqa: E402 (bench/ folder)
 
 
 def packed_batch(tokens: int, tasks: int, vocab: int, example_len: int, seed: int = 0):
@@ -66,9 +66,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--tasks", type=int, default=20)
     parser.add_argument("--example-len", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
+    add_run_options(parser, repeats=5)
     parser.add_argument(
         "--no-fused-layers",
         dest="fused_layers",
@@ -76,10 +74,8 @@ def main() -> None:
         help="HF's own RMSNorm and MLP instead of the fused kernels (kernels.fused_layers false)",
     )
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device = run_device(args, "bench/meta_gradient.py")
     cuda = device.type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("bench/meta_gradient.py needs a CUDA GPU")
 
     from adapt_fast.model.fused_layers import use_fused_layers
     from adapt_fast.model.ghost import GhostDots, exact_task_dots, task_mean_dots, trainable_parameters

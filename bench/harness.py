@@ -1,0 +1,70 @@
+"""What the GPU benchmarks share: their run options, the device check, timing, and where results go.
+
+add_run_options(parser, repeats=20)          # --repeats (when given), --out, --device
+device = run_device(args, "bench/x.py")      # exits with one line when CUDA is asked for and missing
+median_ms(fn)                                # CUDA events on the GPU, the wall clock on CPU (smoke runs)
+results_dir(args.out, device_name(device))   # <out>/<gpu name>/
+"""
+
+import argparse
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def add_run_options(parser: argparse.ArgumentParser, repeats: int | None = None) -> None:
+    """--repeats (timed runs per measurement, when `repeats` is given), --out (results folder) and --device (cuda,
+    or cpu for a smoke run of the script at tiny sizes)."""
+    if repeats is not None:
+        parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
+
+
+def run_device(args: argparse.Namespace, script: str) -> torch.device:
+    """args.device, after checking that CUDA is there when asked for (else exit with one line)."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"{script}: needs a CUDA GPU, none found (--device cpu for a smoke run)")
+    return device
+
+
+def median_ms(fn, warmup: int = 5, repeats: int = 20) -> float:
+    """Median milliseconds of fn(): CUDA events when the run uses the GPU, else the wall clock (smoke runs)."""
+    cuda = torch.cuda.is_initialized()
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        if not cuda:
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name (results go to a folder named after it), or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def results_dir(out: Path, gpu: str) -> Path:
+    """<out>/<gpu>, with the characters a folder name should not hold replaced by "_"; created."""
+    folder = out / re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
