@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of the kernels issue in one device command (tests marked `gpu`, then the three benchmarks):
 #   source .device/setup.sh && bash bench/gpu_checks.sh "$OUT"
-# Results land in OUT/<gpu name>/ (JSON and markdown; the peaked-logits loss run in OUT/logit_std4/<gpu name>/) and
-# OUT/gpu_tests.txt; commit them under bench/results/.
+# Results land in OUT/<gpu name>/ (JSON and markdown, kernel_targets.md the summary; the peaked-logits loss run in
+# OUT/logit_std4/<gpu name>/) and OUT/gpu_tests.txt; commit them under bench/results/.
 # Setup once per checkout: the shared folder holds its wheels in wheels/ but setup.sh installs device-wheels/*.whl:
 #   mkdir -p .device && cp -r ../shared/device/. .device/ && mv .device/wheels .device/device-wheels
 # and `echo /.device/ >> .git/info/exclude`; pass .device in the run's carry.
@@ -22,4 +22,6 @@ done
 # Peaked logits (std 4, closer to a trained model's softmax): Cut Cross-Entropy skips more blocks there.
 timeout 60 python3 bench/loss_kernel.py --logit-std 4 --out "$out/logit_std4" 2>&1 | tee "$out/loss_kernel_std4.log" \
     || status=1
+# The issue's targets against what the run measured, one table per GPU (reads the JSON above; about a second).
+python3 bench/kernel_targets.py --out "$out" 2>&1 | tee "$out/kernel_targets.log" || status=1
 exit $status
