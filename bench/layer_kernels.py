@@ -21,6 +21,7 @@ hf's. Writes <out>/<gpu name>/layer_kernels.json and layer_kernels.md.
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -103,18 +104,27 @@ def layer_inputs(args, device: torch.device) -> dict:
 
 
 def bench_layer(fn, inputs: tuple, constants: tuple, repeats: int, device: torch.device) -> dict:
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    """Times and peak memory of fn on `inputs`, and its outputs and input gradients for the error columns. Liger's
+    kernels write over their inputs and output gradients: the values checked come from a run on fresh copies,
+    cloned as soon as they exist; the timed runs reuse one set, whose values then drift (elementwise kernels' times
+    do not depend on them)."""
 
-    def forward():
+    def run(leaves: list) -> tuple:
         out = fn(*leaves, *constants)
         return out if isinstance(out, tuple) else (out,)
 
-    outputs = forward()
+    fresh = [t.detach().clone().requires_grad_() for t in inputs]
+    outputs = run(fresh)
+    checked = [o.detach().clone() for o in outputs]
     torch.manual_seed(1)  # the same output gradients for every stack
     grads = [torch.randn_like(o) for o in outputs]
-    checked = [o.detach() for o in (*outputs, *torch.autograd.grad(forward(), leaves, [g.clone() for g in grads]))]
+    checked += [g.clone() for g in torch.autograd.grad(outputs, fresh, [g.clone() for g in grads])]
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
 
-    def forward_backward():  # (Liger's RMSNorm writes its dx over dy: the timed runs' values do not matter)
+    def forward():
+        return run(leaves)
+
+    def forward_backward():
         return torch.autograd.grad(forward(), leaves, grads)
 
     with torch.no_grad():
@@ -132,9 +142,11 @@ def bench_layer(fn, inputs: tuple, constants: tuple, repeats: int, device: torch
             "outputs": checked}  # fmt: skip
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+def max_rel_err(tensors: list[torch.Tensor], references: list[torch.Tensor]) -> float:
+    """The largest norm-wise relative error of tensors against references; nan if any is nan."""
+    errors = [((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+              for a, b in zip(tensors, references, strict=True)]  # fmt: skip
+    return math.nan if any(math.isnan(e) for e in errors) else max(errors)
 
 
 def main() -> None:
@@ -170,8 +182,7 @@ def main() -> None:
                 gb_per_s=least_bytes / (r["forward_backward_ms"] * 1e-3) / 1e9,
                 speedup_vs_hf=(results["hf"]["forward_backward_ms"] / r["forward_backward_ms"]) if "hf" in results
                 else None,
-                max_rel_err_vs_hf=max(rel_err(a, b) for a, b in zip(r["outputs"], results["hf"]["outputs"],
-                                                                      strict=True)) if "hf" in results else None,
+                max_rel_err_vs_hf=max_rel_err(r["outputs"], results["hf"]["outputs"]) if "hf" in results else None,
             ))  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
 

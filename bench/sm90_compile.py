@@ -69,7 +69,7 @@ LCE_CONFIG, LCE_FP32 = lce_module._CUDA_CONFIG, lce_module._CUDA_CONFIG_FP32
 TILE_V = LCE_CONFIG["logits"]["BLOCK_V"]  # the dlogits kernel indexes the logits kernel's tiles
 FP32 = dict(PRECISION="ieee")
 NORM_TILES, LLAMA = rms_norm_module.cuda_tiles, dict(CAST_BEFORE_WEIGHT=True)
-ROPE_TILES = dict(BLOCK_T=rope_module.CUDA_BLOCK_T, num_warps=rope_module.CUDA_NUM_WARPS, enable_fp_fusion=False)
+ROPE_TILES = dict(num_warps=rope_module.CUDA_NUM_WARPS, enable_fp_fusion=False)
 VARIANTS = [
     ("logits", "logits", LCE_CONFIG["logits"], dict(HAS_SOFTCAP=False, HAS_GHOST=False)),
     ("logits softcap", "logits", LCE_CONFIG["logits"], dict(HAS_SOFTCAP=True, HAS_GHOST=False)),
@@ -103,11 +103,17 @@ VARIANTS = [
         for name, activation in (("swiglu", 0), ("geglu", 1))
         for direction in ("forward", "backward")
     ),
-    # RoPE at head_dim 64 (Llama-3.2-1B) and 128 (Qwen3, Llama-3-8B), as launched: no FMA contraction
+    # RoPE at head_dim 64 (Llama-3.2-1B), 128 (Qwen3, Llama-3-8B) and 256 (Gemma 3), as launched: no FMA contraction
     *(
-        (f"rope {direction} D{D}", "rope", {**ROPE_TILES, "BLOCK_HALF": D // 2}, dict(HALF=D // 2, BACKWARD=backward))
-        for D in (64, 128)
-        for direction, backward in (("forward", False), ("backward", True))
+        (
+            f"{dtype}rope {direction} D{D}",
+            "rope",
+            {**ROPE_TILES, "BLOCK_T": rope_module.cuda_block_t(D), "BLOCK_HALF": D // 2},
+            dict(HALF=D // 2, BACKWARD=back),
+        )
+        for dtype, dims in (("", (64, 128, 256)), ("fp32 ", (256,)))
+        for D in dims
+        for direction, back in (("forward", False), ("backward", True))
     ),
 ]
 DEFAULT_CONSTEXPRS = dict(

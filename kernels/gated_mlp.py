@@ -17,6 +17,7 @@ Everything is computed in fp32 and rounded once to the inputs' dtype (HF rounds 
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .backend import interpret_mode, launchable, resolve_backend
 from .linear_cross_entropy import _round_bf16
@@ -88,6 +89,7 @@ class _GatedFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
         dy = dy.contiguous()

@@ -18,6 +18,7 @@ seven kernels and keeps their fp32 intermediates for its backward; this keeps x 
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .backend import interpret_mode, launchable, resolve_backend
 from .linear_cross_entropy import _round_bf16
@@ -129,6 +130,7 @@ class _RMSNormFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], H)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         offset, cast_before_weight, shape = ctx.settings

@@ -21,6 +21,7 @@ transposed), cos and sin (B or 1, T, D); all one dtype. The outputs keep the inp
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .backend import interpret_mode, launchable, resolve_backend
 from .linear_cross_entropy import _round_bf16
@@ -91,9 +92,14 @@ def _rope_kernel(
     )  # fmt: skip
 
 
-# CUDA tiles: BLOCK_T tokens x D/2 per load, heads split over HEAD_SPLIT programs (about 4 programs per SM at
-# T=16k, B=1; each reads cos / sin once and its share of the heads, memory-bound); bench/sm90_compile.py compiles it.
-CUDA_BLOCK_T, CUDA_HEAD_SPLIT, CUDA_NUM_WARPS = 32, 4, 4
+# CUDA tiles: heads split over HEAD_SPLIT programs (about 4 programs per SM at T=16k, B=1; each reads cos / sin once
+# and its share of the heads, memory-bound); bench/sm90_compile.py compiles them at head_dim 64, 128 and 256.
+CUDA_HEAD_SPLIT, CUDA_NUM_WARPS = 4, 4
+
+
+def cuda_block_t(head_dim: int) -> int:
+    """Tokens per program: tiles of about 32 x 64 (head_dim 256 at 32 tokens spilled registers in fp32)."""
+    return max(8, min(32, 2048 // triton.next_power_of_2(head_dim // 2)))
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +115,7 @@ def _rotate(q, k, cos, sin, backward: bool) -> tuple[torch.Tensor, torch.Tensor]
     if q.numel() + k.numel() == 0:
         return qo, ko
     interpret = interpret_mode()
-    block_t = min(triton.next_power_of_2(T), 256) if interpret else CUDA_BLOCK_T  # interpreter: few, large programs
+    block_t = min(triton.next_power_of_2(T), 256) if interpret else cuda_block_t(D)  # interpreter: few, large ones
     split = 1 if interpret else CUDA_HEAD_SPLIT
     launchable(_rope_kernel)[(triton.cdiv(T, block_t), B, split)](
         q, k, cos, sin, qo, ko, T, Hq, Hk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
@@ -130,6 +136,7 @@ class _RoPEFunction(torch.autograd.Function):
         return _rotate(q, k, cos, sin, backward=False)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dq_embed, dk_embed):
         cos, sin = ctx.saved_tensors
         dq, dk = _rotate(dq_embed, dk_embed, cos, sin, backward=True)
@@ -156,7 +163,9 @@ def rope_shape_error(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     B, _, T, D = q.shape
     if D % 2:
         return f"head_dim {D} is odd"
-    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[1:] != (T, D) or cos.shape[0] not in (1, B):
+    if cos.shape != sin.shape:
+        return f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ in shape"
+    if cos.dim() != 3 or cos.shape[1:] != (T, D) or cos.shape[0] not in (1, B):
         return f"cos {tuple(cos.shape)} / sin {tuple(sin.shape)} are not ({B} or 1, {T}, {D})"
     if len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1:
         return f"dtypes differ (q {q.dtype}, k {k.dtype}, cos {cos.dtype}, sin {sin.dtype})"
