@@ -967,6 +967,36 @@ def test_triton_fused_layers_in_models(name, seed, triton_device):
     assert rel_err(f_loss, loss) < 1e-5 and rel_err(f_grads, grads) < 1e-4 and rel_err(f_dots, dots) < 1e-4
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_triton_fused_layers_with_gradient_checkpointing(reentrant, seed, triton_device, monkeypatch):
+    """With activation checkpointing the decoder layers run again in the backward: the swapped attention sets its
+    RoPE dispatch there too (the kernel runs in the forward and in the recompute), and loss and gradients equal
+    the unfused model's without checkpointing."""
+    import copy
+
+    from adapt_fast.model import fused_layers
+    from adapt_fast.model.loading import enable_gradient_checkpointing, load_model_and_tokenizer
+
+    plain, _ = load_model_and_tokenizer("tiny-llama", dtype=torch.float32, device=triton_device, seed=seed % 1000)
+    fused = copy.deepcopy(plain)
+    fused_layers.use_fused_layers(fused, "triton")
+    enable_gradient_checkpointing(fused, reentrant=reentrant)
+    calls = []
+    kernel = fused_layers.rope
+    monkeypatch.setattr(fused_layers, "rope", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    ids = torch.randint(4, plain.config.vocab_size, (1, 37), device=triton_device)
+    results = {}
+    for label, model in (("plain", plain), ("fused", fused)):
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results[label] = (loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]))
+    layers = plain.config.num_hidden_layers
+    assert len(calls) == 2 * layers  # each layer's forward, and its recompute in the backward
+    assert rel_err(results["fused"][0], results["plain"][0]) < 1e-5
+    assert rel_err(results["fused"][1], results["plain"][1]) < 1e-4
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU, full size
 # ----------------------------------------------------------------------------------------------------------
