@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
 # Every GPU check of the kernels issue in one device command (tests marked `gpu`, then the three benchmarks):
 #   source .device/setup.sh && bash bench/gpu_checks.sh "$OUT"
-# Results land in OUT/<gpu name>/ (JSON and markdown, kernel_targets.md the summary; the peaked-logits loss run in
-# OUT/logit_std4/<gpu name>/) and OUT/gpu_tests.txt; commit them under bench/results/.
+# Everything lands in one file, OUT/gpu_checks.tar.gz (bench/stages.sh says why); commit it with
+#   tar -xzf gpu_checks.tar.gz -C bench/results
+# which gives bench/results/<gpu>/: gpu_tests.txt, sm90_compile.{json,md}, {loss_kernel,ghost_dot,meta_gradient}.
+# {json,md}, kernel_targets.{json,md} (the summary) and logs/; and bench/results/logit_std4/<gpu>/ (the peaked-logits
+# loss run). kernel_targets.md is also left beside the archive, and printed last.
 # Setup once per checkout: the shared folder holds its wheels in wheels/ but setup.sh installs device-wheels/*.whl:
 #   mkdir -p .device && cp -r ../shared/device/. .device/ && mv .device/wheels .device/device-wheels
 # and `echo /.device/ >> .git/info/exclude`; pass .device in the run's carry.
-# Each stage has its own time limit (575 s in all, inside the device's 600 s per command), so that one slow stage
-# cannot take the others' results with it; what a stage wrote before its limit stays in OUT.
+# Each stage has its own time limit, and all end within 540 s of the start (leaving setup.sh and the summary room
+# inside the device's 600 s per command), so that one slow stage cannot take the others' results with it.
 set -uo pipefail
 out=${1:?usage: bench/gpu_checks.sh OUT_FOLDER}
-mkdir -p "$out"
-status=0
-timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider -rA -s tests/test_kernels.py tests/test_attention.py tests/test_ghost.py \
-    2>&1 | tee "$out/gpu_tests.txt" || status=1
-timeout 45 python3 bench/sm90_compile.py --out "$out/sm90_compile" 2>&1 | tee "$out/sm90_compile.log" || status=1  # the device's triton
-for stage in loss_kernel:100 ghost_dot:60 meta_gradient:130; do
-    bench=${stage%:*}
-    timeout "${stage#*:}" python3 "bench/$bench.py" --out "$out" 2>&1 | tee "$out/$bench.log" || status=1
-done
+source "$(dirname "$0")/stages.sh"
+stages_begin "$out" gpu_checks "${GPU_CHECKS_BUDGET_S:-540}" || exit 2
+stage 180 gpu_tests.txt python3 -m pytest -q -m gpu -p no:cacheprovider -rA -s \
+    tests/test_kernels.py tests/test_attention.py tests/test_ghost.py
+stage 45 logs/sm90_compile.log python3 bench/sm90_compile.py --out "$work/$gpu/sm90_compile"  # the device's triton
+stage 100 logs/loss_kernel.log python3 bench/loss_kernel.py --out "$work"
+stage 60 logs/ghost_dot.log python3 bench/ghost_dot.py --out "$work"
+stage 130 logs/meta_gradient.log python3 bench/meta_gradient.py --out "$work"
 # Peaked logits (std 4, closer to a trained model's softmax): Cut Cross-Entropy skips more blocks there.
-timeout 60 python3 bench/loss_kernel.py --logit-std 4 --out "$out/logit_std4" 2>&1 | tee "$out/loss_kernel_std4.log" \
-    || status=1
-# The issue's targets against what the run measured, one table per GPU (reads the JSON above; about a second).
-python3 bench/kernel_targets.py --out "$out" 2>&1 | tee "$out/kernel_targets.log" || status=1
-exit $status
+stage 60 logs/loss_kernel_std4.log python3 bench/loss_kernel.py --logit-std 4 --out "$work/logit_std4"
+# The issue's targets against what the run measured (reads the JSON above; about a second, so past the deadline too).
+stages_deadline=$((SECONDS + 20))
+stage 20 logs/kernel_targets.log python3 bench/kernel_targets.py --out "$work"
+cp "$work/$gpu/kernel_targets.md" "$out/" 2>/dev/null
+stages_end

@@ -4,6 +4,8 @@ add_run_options(parser, repeats=20)          # --repeats (when given), --out, --
 device = run_device(args, "bench/x.py")      # exits with one line when CUDA is asked for and missing
 median_ms(fn)                                # CUDA events on the GPU, the wall clock on CPU (smoke runs)
 results_dir(args.out, device_name(device))   # <out>/<gpu name>/
+
+    python bench/harness.py                  # prints that folder's name for this machine's GPU (cpu without one)
 """
 
 import argparse
@@ -63,8 +65,17 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def folder_name(gpu: str) -> str:
+    """`gpu` with the characters a folder name should not hold replaced by "_" ("NVIDIA H200" -> "NVIDIA_H200")."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu)
+
+
 def results_dir(out: Path, gpu: str) -> Path:
-    """<out>/<gpu>, with the characters a folder name should not hold replaced by "_"; created."""
-    folder = out / re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu)
+    """<out>/<folder_name(gpu)>, created."""
+    folder = out / folder_name(gpu)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+if __name__ == "__main__":  # the results folder's name on this machine, for bench/stages.sh
+    print(folder_name(device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))))

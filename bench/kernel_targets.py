@@ -1,11 +1,11 @@
 """The kernels issue's targets against one GPU run's results, in one table (no GPU needed: it reads JSON).
 
-    python bench/kernel_targets.py --out OUT        # OUT as given to bench/gpu_checks.sh
+    python bench/kernel_targets.py --out OUT        # OUT: the folder bench/gpu_checks.sh's stages wrote into
 
 Reads, for each GPU folder OUT/<gpu>/ holding them: loss_kernel.json (and OUT/logit_std4/<gpu>/loss_kernel.json,
 the peaked-logits run), ghost_dot.json and meta_gradient.json, and the `gpu` tests' summary line in
-OUT/gpu_tests.txt. Writes OUT/<gpu>/kernel_targets.json and .md: each target (benchmarks, not tests) with what was
-measured and whether it was met, missing results marked missing, and which of the two ways of taking the linear
+OUT/<gpu>/gpu_tests.txt. Writes OUT/<gpu>/kernel_targets.json and .md: each target (benchmarks, not tests) with what
+was measured and whether it was met, missing results marked missing, and which of the two ways of taking the linear
 layers' ghost dots (separate, or folded into the weight gradient) a mixture-update step ran faster with.
 """
 
@@ -85,7 +85,7 @@ def summarize(out: Path, gpu_folder: Path) -> dict:
     ]
     return {
         "gpu": gpu_folder.name,
-        "gpu_tests": gpu_test_summary(out / "gpu_tests.txt"),
+        "gpu_tests": gpu_test_summary(gpu_folder / "gpu_tests.txt"),
         "targets": rows,
         "ghost_dots_faster": folded_or_separate(read_json(gpu_folder / "meta_gradient.json")),
     }
@@ -112,7 +112,7 @@ def markdown(summary: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="the folder bench/gpu_checks.sh wrote")
+    parser.add_argument("--out", type=Path, required=True, help="the folder bench/gpu_checks.sh's stages wrote into")
     args = parser.parse_args()
     folders = sorted({p.parent for name in ("loss_kernel", "ghost_dot", "meta_gradient")
                       for p in args.out.glob(f"*/{name}.json") if p.parent.name != "logit_std4"})  # fmt: skip

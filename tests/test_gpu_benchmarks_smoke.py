@@ -1,12 +1,15 @@
 """The GPU benchmarks (bench/loss_kernel.py, ghost_dot.py, meta_gradient.py, layer_kernels.py, end_to_end.py) run
 end to end on CPU at tiny sizes (`--device cpu`, Triton under TRITON_INTERPRET=1), so that a script error does not
 cost a GPU session. Their timings mean nothing here; the numbers checked are the ones that must hold anywhere
-(losses agree, dots agree)."""
+(losses agree, dots agree). The device command (bench/gpu_checks.sh, through bench/stages.sh) runs here too, to
+check that what it leaves in OUT is what the device tool brings back."""
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -100,7 +103,7 @@ def test_kernel_targets_table(kernel_bench, tmp_path):
     marks what is missing as missing."""
     loss, ghost, meta = (kernel_bench(s) for s in KERNEL_BENCHES)
     out = kernel_bench.out
-    (out / "gpu_tests.txt").write_text("...\n==== 2 failed, 11 passed, 1 skipped in 80.12s ====\n")
+    (out / "cpu" / "gpu_tests.txt").write_text("...\n==== 2 failed, 11 passed, 1 skipped in 80.12s ====\n")
     script = [sys.executable, str(BENCH / "kernel_targets.py"), "--out"]
     proc = subprocess.run([*script, str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -152,3 +155,77 @@ def test_end_to_end_bench_smoke(tmp_path):
     assert rows["trl"]["deepspeed"] and rows["trl"]["batch_size"] == 2 and rows["trl"]["gradient_accumulation"] > 1
     assert rows["trl_grouped"]["padding_fraction"] < rows["trl"]["padding_fraction"]  # length-grouped batches
     assert rows["adapt"]["mixture_final_min"] < rows["adapt"]["mixture_final_max"]  # ADAPT moved the mixture
+
+
+def device_returns(out: Path) -> list[str]:
+    """The files under `out`, after checking the device tool's limits on what it brings back from $OUT: at most 8
+    files, none deeper than two folders, each name of letters, digits, '.', '_' and '-'."""
+    files = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8, files
+    for rel in files:
+        assert len(rel.parts) <= 3 and all(re.fullmatch(r"[A-Za-z0-9._-]+", part) for part in rel.parts), rel
+    return sorted(str(rel) for rel in files)
+
+
+def archive_names(archive: Path) -> set[str]:
+    with tarfile.open(archive) as tar:
+        return {name.removeprefix("./") for name in tar.getnames()}
+
+
+def python_first_env() -> dict:
+    """The environment with this interpreter's folder first on PATH (the scripts call `python3`)."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_gpu_checks_script_without_gpu(tmp_path):
+    """bench/gpu_checks.sh on a machine without a GPU: the `gpu` tests skip and the benchmarks refuse, so it fails,
+    but every stage leaves its log and OUT holds one archive, laid out like bench/results/, that the device tool
+    brings back whole."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(BENCH / "gpu_checks.sh"), str(out)], env=python_first_env(), cwd=BENCH.parent,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert device_returns(out) == ["gpu_checks.tar.gz"]
+    names = archive_names(out / "gpu_checks.tar.gz")
+    logs = {f"cpu/logs/{name}.log" for name in ("sm90_compile", "loss_kernel", "ghost_dot", "meta_gradient",
+                                                "loss_kernel_std4", "kernel_targets")}  # fmt: skip
+    assert {"cpu/gpu_tests.txt", *logs} <= names, names
+    with tarfile.open(out / "gpu_checks.tar.gz") as tar:
+        tests = tar.extractfile("./cpu/gpu_tests.txt").read().decode()
+        refused = tar.extractfile("./cpu/logs/loss_kernel.log").read().decode()
+    assert re.search(r"\d+ skipped, \d+ deselected", tests), tests[-2000:]  # the gpu tests were collected, not run
+    assert "needs a CUDA GPU" in refused
+
+
+def test_stages_pack_after_every_stage_and_keep_the_deadline(tmp_path):
+    """bench/stages.sh: the stages' files, however many, come back as one archive; a stage that would run past the
+    deadline is stopped at it (and says so), one that starts after it is not run; the status is a failure."""
+    script = tmp_path / "demo.sh"
+    script.write_text(f"""set -uo pipefail
+source {BENCH / "stages.sh"}
+stages_begin "$1" demo 3 || exit 2
+stage 60 logs/many.log python3 -c "
+import pathlib, sys
+for folder in (sys.argv[1] + '/many', sys.argv[2]):
+    pathlib.Path(folder).mkdir(parents=True)
+    for i in range(12):
+        pathlib.Path(folder, f'result{{i}}.json').write_text(str(i))
+print('wrote 24 files')" "$work/$gpu" "$work/logit_std4/$gpu"
+stage 60 logs/slow.log sleep 60
+stage 60 logs/late.log echo this ran
+stages_end
+""")
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(script), str(out)], env=python_first_env(), capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert device_returns(out) == ["demo.tar.gz"]  # no half-written archive left beside it
+    names = archive_names(out / "demo.tar.gz")
+    for folder in ("cpu/many", "logit_std4/cpu"):
+        assert {f"{folder}/result{i}.json" for i in range(12)} <= names, names
+    with tarfile.open(out / "demo.tar.gz") as tar:
+        log = {name: tar.extractfile(f"./cpu/logs/{name}.log").read().decode() for name in ("many", "slow", "late")}
+    assert log["many"] == "wrote 24 files\n"
+    assert "stopped at its limit of" in log["slow"] and "sleep 60" in log["slow"]
+    assert log["late"] == "stages: the deadline has passed; not run: echo this ran\n"  # and nothing else: not run
+    assert "some stages failed" in proc.stdout
