@@ -58,12 +58,14 @@ def gpu_test_summary(path: Path) -> dict:
     """Counts from pytest's last summary line ("3 passed, 1 failed, 2 skipped in 9.1s"), or missing."""
     if not path.exists():
         return {"status": "gpu_tests.txt missing"}
-    lines = [line for line in path.read_text().splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
+    summary = r"=+ .*\d+ (passed|failed|skipped|errors?)\b.* in [\d.]+s"  # "==== 2 passed, 1 skipped in 9.1s ===="
+    lines = [line for line in path.read_text().splitlines() if re.match(summary, line)]
     if not lines:
         return {"status": "no pytest summary line (cut short?)"}
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", lines[-1])}
-    ok = counts.get("failed", 0) == 0 and not any(k.startswith("error") for k in counts)
-    return {"status": "all passed" if ok and counts.get("passed") else "failures", **counts}
+    if counts.get("failed") or any(k.startswith("error") for k in counts):
+        return {"status": "failures", **counts}
+    return {"status": "all passed" if counts.get("passed") else "none ran", **counts}
 
 
 def folded_or_separate(result: dict | None) -> str:
