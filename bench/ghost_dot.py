@@ -4,7 +4,8 @@ For each linear shape (out, in) and T tokens in K contiguous tasks, times per_ta
 task_offsets and with task_ids, and the PyTorch reference, and compares with the measured rate of the bf16
 matmul of the same shape, x (T, in) @ G^T (in, out). A ghost dot costs 2 * T * in * out FLOPs. Also times the
 weight gradient delta^T x alone (the backward's matmul) and per_task_weight_grad, the same with the dots folded in.
-Writes <out>/<gpu name>/ghost_dot.json and ghost_dot.md.
+Then times the ghost-dot kernel at a few other tile configurations (the sweep; --no-sweep skips it), so that one GPU
+run says which tiles to ship if the default misses its target. Writes <out>/<gpu name>/ghost_dot.json and .md.
 
     python bench/ghost_dot.py [--tokens 16384 --tasks 8 --shapes 2048x2048,8192x2048,2048x8192 --out bench/results]
 
@@ -12,6 +13,7 @@ Writes <out>/<gpu name>/ghost_dot.json and ghost_dot.md.
 """
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -64,11 +66,76 @@ def bench_shape(
     )
 
 
+# Tile configurations the sweep tries beside the kernel's default (kernels/ghost_dot.py, _CUDA_CONFIG); under the
+# interpreter (smoke runs) small ones, which check the sweep itself.
+SWEEP_CUDA = [
+    dict(BLOCK_T=128, BLOCK_OUT=128, BLOCK_IN=64, GROUP_T=8, num_warps=4, num_stages=4),
+    dict(BLOCK_T=128, BLOCK_OUT=128, BLOCK_IN=64, GROUP_T=8, num_warps=8, num_stages=4),
+    dict(BLOCK_T=256, BLOCK_OUT=128, BLOCK_IN=64, GROUP_T=8, num_warps=8, num_stages=4),
+    dict(BLOCK_T=256, BLOCK_OUT=128, BLOCK_IN=32, GROUP_T=8, num_warps=8, num_stages=5),
+    dict(BLOCK_T=128, BLOCK_OUT=128, BLOCK_IN=128, GROUP_T=8, num_warps=8, num_stages=3),
+]
+SWEEP_INTERPRETER = [
+    dict(BLOCK_T=32, BLOCK_OUT=16, BLOCK_IN=16, GROUP_T=2),
+    dict(BLOCK_T=16, BLOCK_OUT=64, BLOCK_IN=32, GROUP_T=1),
+    dict(BLOCK_T=16, BLOCK_OUT=16, BLOCK_IN=12, GROUP_T=1),  # not a power of 2: the sweep records its error
+]
+
+
+@contextlib.contextmanager
+def tile_config(config: dict):
+    """Runs per_task_ghost_dot's bf16 kernel with `config` instead of its default tiles (benchmark only)."""
+    from adapt_fast.kernels import ghost_dot
+    from adapt_fast.kernels.backend import interpret_mode
+
+    name = "_INTERPRETER_CONFIG" if interpret_mode() else "_CUDA_CONFIG"
+    default = getattr(ghost_dot, name)
+    setattr(ghost_dot, name, config)
+    try:
+        yield
+    finally:
+        setattr(ghost_dot, name, default)
+
+
+def label(config: dict) -> str:
+    """The config as BLOCK_T x BLOCK_OUT x BLOCK_IN, warps, stages: 256x128x64 w8 s3."""
+    tiles = f"{config['BLOCK_T']}x{config['BLOCK_OUT']}x{config['BLOCK_IN']}"
+    warps = f" w{config['num_warps']}" if "num_warps" in config else ""
+    return tiles + warps + (f" s{config['num_stages']}" if "num_stages" in config else "")
+
+
+def sweep_shape(n_out: int, n_in: int, offsets: torch.Tensor, configs: list[dict], repeats: int) -> dict:
+    """{config label: TFLOP/s of per_task_ghost_dot, or the error that config ran into (e.g. out of resources)}, each
+    config's dots checked against the reference first."""
+    from adapt_fast.kernels import per_task_ghost_dot, per_task_ghost_dot_reference
+
+    T = int(offsets[-1])
+    torch.manual_seed(1)
+    x, delta = (torch.randn(T, n, device=offsets.device, dtype=torch.bfloat16) for n in (n_in, n_out))
+    G = torch.randn(n_out, n_in, device=offsets.device, dtype=torch.bfloat16)
+    ref = per_task_ghost_dot_reference(x, delta, G, task_offsets=offsets)
+    rates = {}
+    for config in configs:
+        try:
+            with tile_config(config):
+                dots = per_task_ghost_dot(x, delta, G, task_offsets=offsets, backend="triton")
+                err = ((dots - ref).norm() / ref.norm()).item()
+                if not err < 1e-2:
+                    raise ValueError(f"dots off the reference: rel err {err:.1e}")
+                ms = median_ms(lambda: per_task_ghost_dot(x, delta, G, task_offsets=offsets, backend="triton"),
+                               repeats=repeats)  # fmt: skip
+            rates[label(config)] = 2 * T * n_in * n_out / (ms * 1e-3) / 1e12
+        except Exception as e:  # a config the chip cannot hold (shared memory, registers): record it, go on
+            rates[label(config)] = f"{type(e).__name__}: {e}"[:160]
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--shapes", default="2048x2048,8192x2048,2048x8192", help="out x in of each linear layer")
+    parser.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the tile sweep")
     add_run_options(parser, repeats=20)
     args = parser.parse_args()
     device = run_device(args, "bench/ghost_dot.py")
@@ -82,6 +149,14 @@ def main() -> None:
         n_out, n_in = (int(v) for v in shape.lower().split("x"))
         rows.append(bench_shape(n_out, n_in, offsets, task_ids, args.repeats, backend="triton"))
         print(rows[-1], flush=True)
+    from adapt_fast.kernels import ghost_dot
+    from adapt_fast.kernels.backend import interpret_mode
+
+    default = ghost_dot._INTERPRETER_CONFIG if interpret_mode() else ghost_dot._CUDA_CONFIG
+    configs = [default, *(SWEEP_INTERPRETER if interpret_mode() else SWEEP_CUDA)] if args.sweep else []
+    for row in rows if configs else []:
+        row["sweep"] = sweep_shape(row["out"], row["inp"], offsets, configs, args.repeats)
+        print({"sweep": (row["out"], row["inp"]), **row["sweep"]}, flush=True)
 
     date = time.strftime("%Y-%m-%d %H:%M:%S")
     result = dict(gpu=gpu, torch=torch.__version__, tasks=K, dtype="bfloat16", date=date, rows=rows)
@@ -113,6 +188,19 @@ def main() -> None:
         *(f"| {r['out']}x{r['inp']} | {r['separate_dots_overhead']:.2f}x | {r['folded_dots_overhead']:.2f}x | "
           f"{r['folded_rel_err_vs_reference']:.1e} |" for r in rows),
     ]  # fmt: skip
+    if configs:
+        header = " | ".join(map(label, configs))
+        lines += [
+            "",
+            "Tile sweep: the ghost-dot kernel's TFLOP/s at other tiles (BLOCK_T x BLOCK_OUT x BLOCK_IN, warps, stages; "
+            "the first is the default).",
+            "",
+            f"| out x in | {header} |",
+            "|---|" + "---:|" * len(configs),
+        ]
+        for r in rows:
+            cells = [f"{v:.0f}" if isinstance(v, float) else "failed" for v in r["sweep"].values()]
+            lines.append(f"| {r['out']}x{r['inp']} | " + " | ".join(cells) + " |")
     (out_dir / "ghost_dot.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out_dir}/ghost_dot.json and .md")

@@ -19,7 +19,7 @@ stage 180 gpu_tests.txt python3 -m pytest -v -m gpu -p no:cacheprovider -rA -s -
     tests/test_kernels.py tests/test_attention.py tests/test_ghost.py
 stage 45 logs/sm90_compile.log python3 bench/sm90_compile.py --out "$work/$gpu/sm90_compile"  # the device's triton
 stage 100 logs/loss_kernel.log python3 bench/loss_kernel.py --out "$work"
-stage 60 logs/ghost_dot.log python3 bench/ghost_dot.py --out "$work"
+stage 75 logs/ghost_dot.log python3 bench/ghost_dot.py --out "$work"
 stage 130 logs/meta_gradient.log python3 bench/meta_gradient.py --out "$work"
 # Peaked logits (std 4, closer to a trained model's softmax): Cut Cross-Entropy skips more blocks there.
 stage 60 logs/loss_kernel_std4.log python3 bench/loss_kernel.py --logit-std 4 --out "$work/logit_std4"

@@ -72,6 +72,10 @@ def test_ghost_dot_bench_smoke(kernel_bench):
     assert [(r["out"], r["inp"]) for r in result["rows"]] == [(40, 24), (24, 56)]
     assert all(r["rel_err_vs_reference"] < 1e-2 and r["folded_rel_err_vs_reference"] < 1e-2 for r in result["rows"])
     assert all(r["separate_dots_overhead"] > 1 and r["folded_dots_overhead"] > 0 for r in result["rows"])
+    for r in result["rows"]:  # the tile sweep: the default and two other tiles, each checked against the reference,
+        *rates, failed = r["sweep"].values()  # and one that cannot run, recorded with its error
+        assert list(r["sweep"]) == ["16x32x16", "32x16x16", "16x64x32", "16x16x12"], r["sweep"]
+        assert all(isinstance(rate, float) and rate > 0 for rate in rates) and "power of 2" in failed, r["sweep"]
 
 
 def test_layer_kernels_bench_smoke(tmp_path):
