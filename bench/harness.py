@@ -3,6 +3,7 @@
 add_run_options(parser, repeats=20)          # --repeats (when given), --out, --device
 device = run_device(args, "bench/x.py")      # exits with one line when CUDA is asked for and missing
 median_ms(fn)                                # CUDA events on the GPU, the wall clock on CPU (smoke runs)
+copy_gb_per_s(device)                        # the measured memory ceiling: a device-to-device copy's bandwidth
 results_dir(args.out, device_name(device))   # <out>/<gpu name>/
 
     python bench/harness.py                  # prints that folder's name for this machine's GPU (cpu without one)
@@ -58,6 +59,15 @@ def median_ms(fn, warmup: int = 5, repeats: int = 20) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def copy_gb_per_s(device: torch.device, nbytes: int = 2**31, repeats: int = 20) -> float:
+    """GB/s of a device-to-device copy of `nbytes` (bytes read plus bytes written), the ceiling memory-bound
+    kernels are measured against (METHOD.md: measure it, don't take the datasheet's). On CPU, 1 MiB (smoke runs)."""
+    n = nbytes // 2 if device.type == "cuda" else 2**19
+    src = torch.randn(n, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    return 2 * 2 * n / (median_ms(lambda: dst.copy_(src), repeats=repeats) * 1e-3) / 1e9
 
 
 def device_name(device: torch.device) -> str:

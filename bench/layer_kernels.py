@@ -11,8 +11,8 @@ of 64 in HF's layout ((B, T, H, D) transposed). Each layer runs as
          (skipped when liger-kernel is not installed: `pip install .[bench]`).
 Reports the median time of the forward and of forward + backward (torch.autograd.grad, so no gradient
 accumulation is timed), the bandwidth that forward + backward reaches on the least traffic it needs (each
-input and output read or written once), the peak memory it allocates, and each output's relative error against
-hf's. Writes <out>/<gpu name>/layer_kernels.json and layer_kernels.md.
+input and output read or written once), also as a fraction of a measured device-to-device copy's, the peak memory
+it allocates, and each output's relative error against hf's. Writes <out>/<gpu name>/layer_kernels.json and .md.
 
     python bench/layer_kernels.py [--tokens 16384 --out bench/results]
 
@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
 
-from harness import add_run_options, device_name, median_ms, results_dir, run_device  # noqa: E402 (bench/ folder)
+from harness import add_run_options, copy_gb_per_s, device_name, median_ms, results_dir, run_device  # noqa: E402
 
 EPS = 1e-5
 
@@ -163,6 +163,7 @@ def main() -> None:
 
     gpu = device_name(device)
     stacks = {"hf": hf_layers(), "ours": our_layers(), "liger": liger_layers()}
+    copy_rate = copy_gb_per_s(device)
     rows = []
     for layer, (inputs, constants, least_bytes) in layer_inputs(args, device).items():
         results = {}
@@ -180,6 +181,7 @@ def main() -> None:
                 layer=layer, stack=stack, status="ok", forward_ms=r["forward_ms"],
                 forward_backward_ms=r["forward_backward_ms"], peak_mib=r["peak_mib"],
                 gb_per_s=least_bytes / (r["forward_backward_ms"] * 1e-3) / 1e9,
+                fraction_of_copy=least_bytes / (r["forward_backward_ms"] * 1e-3) / 1e9 / copy_rate,
                 speedup_vs_hf=(results["hf"]["forward_backward_ms"] / r["forward_backward_ms"]) if "hf" in results
                 else None,
                 max_rel_err_vs_hf=max_rel_err(r["outputs"], results["hf"]["outputs"]) if "hf" in results else None,
@@ -189,7 +191,8 @@ def main() -> None:
     date = time.strftime("%Y-%m-%d %H:%M:%S")
     shapes = dict(tokens=args.tokens, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads,
                   kv_heads=args.kv_heads, head_dim=args.head_dim)  # fmt: skip
-    result = dict(gpu=gpu, torch=torch.__version__, dtype="bfloat16", date=date, shapes=shapes, rows=rows)
+    result = dict(gpu=gpu, torch=torch.__version__, dtype="bfloat16", date=date, shapes=shapes,
+                  copy_gb_per_s=copy_rate, rows=rows)  # fmt: skip
     out_dir = results_dir(args.out, gpu)
     (out_dir / "layer_kernels.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
@@ -197,20 +200,21 @@ def main() -> None:
         "",
         f"Llama-3.2-1B shapes, T={args.tokens} tokens, bf16: RMSNorm (T, {args.hidden}), SwiGLU and GEGLU (T, "
         f"{args.intermediate}), RoPE on {args.heads} + {args.kv_heads} heads of {args.head_dim}. Bandwidth: the least "
-        "bytes forward + backward move, over its time. Errors: largest relative error of an output or gradient "
-        "against hf's.",
+        f"bytes forward + backward move, over its time; of copy: that over a device-to-device copy's {copy_rate:.0f} "
+        "GB/s. Errors: largest relative error of an output or gradient against hf's.",
         "",
-        "| layer | stack | forward ms | fwd + bwd ms | GB/s | vs hf | peak MiB | rel err vs hf |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| layer | stack | forward ms | fwd + bwd ms | GB/s | of copy | vs hf | peak MiB | rel err vs hf |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['layer']} | {r['stack']} | {r['status']} | | | | | |")
+            lines.append(f"| {r['layer']} | {r['stack']} | {r['status']} | | | | | | |")
             continue
         peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         lines.append(
             f"| {r['layer']} | {r['stack']} | {r['forward_ms']:.3f} | {r['forward_backward_ms']:.3f} | "
-            f"{r['gb_per_s']:.0f} | {r['speedup_vs_hf']:.2f}x | {peak} | {r['max_rel_err_vs_hf']:.1e} |"
+            f"{r['gb_per_s']:.0f} | {r['fraction_of_copy']:.0%} | {r['speedup_vs_hf']:.2f}x | {peak} | "
+            f"{r['max_rel_err_vs_hf']:.1e} |"
         )
     (out_dir / "layer_kernels.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

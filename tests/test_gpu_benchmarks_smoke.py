@@ -88,6 +88,7 @@ def test_layer_kernels_bench_smoke(tmp_path):
         for stack in ("hf", "ours"):
             r = rows[layer, stack]
             assert r["status"] == "ok" and r["forward_backward_ms"] > 0 and r["gb_per_s"] > 0, r
+            assert r["fraction_of_copy"] == pytest.approx(r["gb_per_s"] / result["copy_gb_per_s"])  # measured copy
         assert rows[layer, "ours"]["max_rel_err_vs_hf"] < 1e-2 and rows[layer, "hf"]["max_rel_err_vs_hf"] == 0
     assert rows["rope", "ours"]["max_rel_err_vs_hf"] == 0
 
