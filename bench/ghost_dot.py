@@ -130,37 +130,10 @@ def sweep_shape(n_out: int, n_in: int, offsets: torch.Tensor, configs: list[dict
     return rates
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--tasks", type=int, default=8)
-    parser.add_argument("--shapes", default="2048x2048,8192x2048,2048x8192", help="out x in of each linear layer")
-    parser.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the tile sweep")
-    add_run_options(parser, repeats=20)
-    args = parser.parse_args()
-    device = run_device(args, "bench/ghost_dot.py")
-
-    gpu = device_name(device)
-    T, K = args.tokens, args.tasks
-    offsets = torch.linspace(0, T, K + 1, device=device).long()
-    task_ids = torch.repeat_interleave(torch.arange(K, device=device), offsets.diff())
-    rows = []
-    for shape in args.shapes.split(","):
-        n_out, n_in = (int(v) for v in shape.lower().split("x"))
-        rows.append(bench_shape(n_out, n_in, offsets, task_ids, args.repeats, backend="triton"))
-        print(rows[-1], flush=True)
-    from adapt_fast.kernels import ghost_dot
-    from adapt_fast.kernels.backend import interpret_mode
-
-    default = ghost_dot._INTERPRETER_CONFIG if interpret_mode() else ghost_dot._CUDA_CONFIG
-    configs = [default, *(SWEEP_INTERPRETER if interpret_mode() else SWEEP_CUDA)] if args.sweep else []
-    for row in rows if configs else []:
-        row["sweep"] = sweep_shape(row["out"], row["inp"], offsets, configs, args.repeats)
-        print({"sweep": (row["out"], row["inp"]), **row["sweep"]}, flush=True)
-
+def write_results(out_dir: Path, gpu: str, T: int, K: int, rows: list[dict], configs: list[dict]) -> None:
+    """ghost_dot.json and .md; called again as the sweep goes, so a run stopped during it keeps what it measured."""
     date = time.strftime("%Y-%m-%d %H:%M:%S")
     result = dict(gpu=gpu, torch=torch.__version__, tasks=K, dtype="bfloat16", date=date, rows=rows)
-    out_dir = results_dir(args.out, gpu)
     (out_dir / "ghost_dot.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Per-task ghost dot products, {gpu}",
@@ -199,10 +172,43 @@ def main() -> None:
             "|---|" + "---:|" * len(configs),
         ]
         for r in rows:
-            cells = [f"{v:.0f}" if isinstance(v, float) else "failed" for v in r["sweep"].values()]
+            rates = [r.get("sweep", {}).get(label(config)) for config in configs]
+            cells = ["not run" if v is None else f"{v:.0f}" if isinstance(v, float) else "failed" for v in rates]
             lines.append(f"| {r['out']}x{r['inp']} | " + " | ".join(cells) + " |")
     (out_dir / "ghost_dot.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--shapes", default="2048x2048,8192x2048,2048x8192", help="out x in of each linear layer")
+    parser.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the tile sweep")
+    add_run_options(parser, repeats=20)
+    args = parser.parse_args()
+    device = run_device(args, "bench/ghost_dot.py")
+
+    gpu = device_name(device)
+    out_dir = results_dir(args.out, gpu)
+    T, K = args.tokens, args.tasks
+    offsets = torch.linspace(0, T, K + 1, device=device).long()
+    task_ids = torch.repeat_interleave(torch.arange(K, device=device), offsets.diff())
+    rows = []
+    for shape in args.shapes.split(","):
+        n_out, n_in = (int(v) for v in shape.lower().split("x"))
+        rows.append(bench_shape(n_out, n_in, offsets, task_ids, args.repeats, backend="triton"))
+        print(rows[-1], flush=True)
+    write_results(out_dir, gpu, T, K, rows, [])
+    from adapt_fast.kernels import ghost_dot
+    from adapt_fast.kernels.backend import interpret_mode
+
+    default = ghost_dot._INTERPRETER_CONFIG if interpret_mode() else ghost_dot._CUDA_CONFIG
+    configs = [default, *(SWEEP_INTERPRETER if interpret_mode() else SWEEP_CUDA)] if args.sweep else []
+    for row in rows if configs else []:
+        row["sweep"] = sweep_shape(row["out"], row["inp"], offsets, configs, args.repeats)
+        print({"sweep": (row["out"], row["inp"]), **row["sweep"]}, flush=True)
+        write_results(out_dir, gpu, T, K, rows, configs)
+    print((out_dir / "ghost_dot.md").read_text())
     print(f"wrote {out_dir}/ghost_dot.json and .md")
 
 

@@ -12,11 +12,11 @@ set -uo pipefail
 out=${1:?usage: bench/gpu_end_to_end.sh OUT_FOLDER}
 python3 -c "import trl, accelerate" || { echo "gpu_end_to_end: TRL or accelerate missing (see the header)" >&2; exit 2; }
 source "$(dirname "$0")/stages.sh"
-stages_begin "$out" gpu_end_to_end "${GPU_END_TO_END_BUDGET_S:-550}" || exit 2
+stages_begin "$out" gpu_end_to_end "${GPU_END_TO_END_BUDGET_S:-580}" || exit 2
 # The layer kernels against HF's and Liger-Kernel's, one by one (bench/layer_kernels.py, about 20 s).
 stage 45 logs/layer_kernels.log python3 bench/layer_kernels.py --out "$work"
-# end_to_end.py writes its results after every stack (ours first): a run cut short keeps what it measured.
-stage 505 logs/end_to_end.log python3 bench/end_to_end.py --out "$work" --stack-timeout 110 \
+# end_to_end.py writes its results after every stack (ours first), packed every 30 s: a run cut short keeps them.
+stage 520 logs/end_to_end.log python3 bench/end_to_end.py --out "$work" --stack-timeout 110 \
     --stacks uniform,adapt,trl,trl_grouped,trl_packed,adapt_folded,uniform_unfused
 cp "$work/$gpu/end_to_end.md" "$out/" 2>/dev/null
 stages_end

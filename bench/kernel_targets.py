@@ -116,10 +116,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="the folder bench/gpu_checks.sh's stages wrote into")
     args = parser.parse_args()
-    folders = sorted({p.parent for name in ("loss_kernel", "ghost_dot", "meta_gradient")
-                      for p in args.out.glob(f"*/{name}.json") if p.parent.name != "logit_std4"})  # fmt: skip
+    folders = sorted({p.parent for name in ("loss_kernel.json", "ghost_dot.json", "meta_gradient.json", "gpu_tests.txt")
+                      for p in args.out.glob(f"*/{name}") if p.parent.name != "logit_std4"})  # fmt: skip
     if not folders:
-        print(f"bench/kernel_targets.py: no benchmark results under {args.out}", file=sys.stderr)
+        print(f"bench/kernel_targets.py: no benchmark results or gpu_tests.txt under {args.out}", file=sys.stderr)
         return 2
     for folder in folders:
         summary = summarize(args.out, folder)

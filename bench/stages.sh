@@ -3,26 +3,32 @@
 #
 # That tool returns at most 8 files from $OUT (no deeper than two folders, named in letters, digits, '.', '_', '-'),
 # and one GPU run writes about twenty. So the stages write into a work folder laid out like bench/results/
-# (<gpu>/..., logit_std4/<gpu>/...), and after every stage that folder is packed into the one file OUT/<name>.tar.gz;
-# commit a run with `tar -xzf <name>.tar.gz -C bench/results`. A command killed at the device's limit still brings
-# back what its finished stages wrote.
+# (<gpu>/..., logit_std4/<gpu>/...), packed into the one file OUT/<name>.tar.gz after every stage and every 30 s
+# during one; commit a run with `tar -xzf <name>.tar.gz -C bench/results`. A command killed at the device's limit
+# still brings back what its stages wrote up to the last pack.
+#
+# The deadline counts from the start of the device command (the shell that ran setup.sh and then the script: its
+# age; RUN_STARTED_AT, in epoch seconds, overrides), since that is what the device's limit counts from.
 #
 #   source bench/stages.sh
-#   stages_begin "$OUT" gpu_checks 540     # sets $work and $gpu (the results folder's name: NVIDIA_H200, or cpu)
+#   stages_begin "$OUT" gpu_checks 565     # sets $work and $gpu (the results folder's name: NVIDIA_H200, or cpu)
 #   stage 100 logs/x.log python3 bench/x.py --out "$work"   # at most 100 s and never past the deadline
 #   stages_end                              # the exit status: 0 when every stage succeeded in time
 
-stages_begin() {  # OUT NAME BUDGET_S (seconds, from when the GPU is named, that every stage must end within)
+stages_begin() {  # OUT NAME BUDGET_S (seconds from the start of the command that every stage must end within)
     stages_out=$1 stages_name=$2 stages_status=0
+    local now started
+    now=$(date +%s)
+    started=${RUN_STARTED_AT:-$((now - $(ps -o etimes= -p "$PPID" 2>/dev/null || echo 30)))}
+    stages_deadline=$((SECONDS + $3 - (now - started)))
     mkdir -p "$stages_out" || return 1
-    work=$(mktemp -d) || return 1
+    work=$(mktemp -d) && chmod 755 "$work" || return 1  # the archive's ./ entry: extracting it sets bench/results' mode
     gpu=$(python3 "$(dirname "${BASH_SOURCE[0]}")/harness.py") || { echo "stages: no torch to name the GPU" >&2; return 1; }
     mkdir -p "$work/$gpu/logs"
-    stages_deadline=$((SECONDS + $3))
 }
 
 stage() {  # LIMIT_S LOG COMMAND...: run COMMAND, its output to the terminal and to $work/$gpu/LOG, then pack
-    local limit=$1 log="$work/$gpu/$2" left=$((stages_deadline - SECONDS))
+    local limit=$1 log="$work/$gpu/$2" left=$((stages_deadline - SECONDS)) packer code
     shift 2
     if ((left < limit)); then limit=$left; fi
     if ((limit <= 0)); then
@@ -31,16 +37,28 @@ stage() {  # LIMIT_S LOG COMMAND...: run COMMAND, its output to the terminal and
         stages_pack
         return
     fi
-    timeout "$limit" "$@" 2>&1 | tee "$log"
-    local code=${PIPESTATUS[0]}
-    if ((code == 124)); then echo "stages: stopped at its limit of $limit s: $*" | tee -a "$log"; fi
+    set -m  # the packer gets its own process group, so that stopping it stops a tar in flight too
+    (while sleep "${STAGES_PACK_EVERY_S:-30}"; do stages_pack background; done) &
+    packer=$!
+    set +m
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "$log"  # -k: a stage that ignores SIGTERM is killed 10 s later
+    code=${PIPESTATUS[0]}
+    kill -- "-$packer" 2>/dev/null
+    wait "$packer" 2>/dev/null
+    rm -f "$stages_out/$stages_name.tar.gz.background"
+    if ((code == 124 || code == 137)); then echo "stages: stopped at its limit of $limit s: $*" | tee -a "$log"; fi
     if ((code != 0)); then stages_status=1; fi
     stages_pack
 }
 
-stages_pack() {  # $work -> OUT/NAME.tar.gz, replaced whole (never half written)
-    tar -czf "$stages_out/$stages_name.tar.gz.part" -C "$work" . \
-        && mv -f "$stages_out/$stages_name.tar.gz.part" "$stages_out/$stages_name.tar.gz" \
+stages_pack() {  # [background]: $work -> OUT/NAME.tar.gz, replaced whole (never half written)
+    local archive="$stages_out/$stages_name.tar.gz" part="$stages_out/$stages_name.tar.gz.${1:-part}"
+    if [[ -n ${1:-} ]]; then  # while a stage writes: tar's "file changed as we read it" (1) still packs the rest
+        tar -czf "$part" -C "$work" . 2>/dev/null
+        (($? <= 1)) && mv -f "$part" "$archive"
+        return 0
+    fi
+    tar -czf "$part" -C "$work" . && mv -f "$part" "$archive" \
         || { echo "stages: could not pack $work into $stages_out" >&2; stages_status=1; }
 }
 

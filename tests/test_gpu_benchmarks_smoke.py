@@ -4,12 +4,15 @@ cost a GPU session. Their timings mean nothing here; the numbers checked are the
 (losses agree, dots agree). The device command (bench/gpu_checks.sh, through bench/stages.sh) runs here too, to
 check that what it leaves in OUT is what the device tool brings back."""
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -142,6 +145,11 @@ def test_kernel_targets_table(kernel_bench, tmp_path):
     partial = json.loads((tmp_path / "partial" / "H200" / "kernel_targets.json").read_text())
     assert partial["gpu_tests"] == {"status": "gpu_tests.txt missing"}
     assert [t["met"] is None for t in partial["targets"]] == [True] + [False] * len(ghost["rows"]) + [True]
+    (tmp_path / "tests_only" / "H200").mkdir(parents=True)  # every benchmark failed: the tests' summary still counts
+    (tmp_path / "tests_only" / "H200" / "gpu_tests.txt").write_text("=== 20 passed, 1 skipped in 97.10s ===\n")
+    assert subprocess.run([*script, str(tmp_path / "tests_only")], capture_output=True, timeout=120).returncode == 0
+    tests_only = json.loads((tmp_path / "tests_only" / "H200" / "kernel_targets.json").read_text())
+    assert tests_only["gpu_tests"]["status"] == "all passed" and all(t["met"] is None for t in tests_only["targets"])
     assert subprocess.run([*script, str(tmp_path / "empty")], capture_output=True, timeout=120).returncode == 2
 
 
@@ -186,9 +194,11 @@ def archive_names(archive: Path) -> set[str]:
         return {name.removeprefix("./") for name in tar.getnames()}
 
 
-def python_first_env() -> dict:
-    """The environment with this interpreter's folder first on PATH (the scripts call `python3`)."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+def script_env(**extra: str) -> dict:
+    """The environment for the device scripts here: this interpreter's folder first on PATH (they call `python3`),
+    no GPU even where there is one, and their deadline counted from now (on the device: from the command's start)."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return {**os.environ, "PATH": path, "CUDA_VISIBLE_DEVICES": "", "RUN_STARTED_AT": str(int(time.time())), **extra}
 
 
 def test_gpu_checks_script_without_gpu(tmp_path):
@@ -196,18 +206,20 @@ def test_gpu_checks_script_without_gpu(tmp_path):
     but every stage leaves its log and OUT holds one archive, laid out like bench/results/, that the device tool
     brings back whole."""
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(BENCH / "gpu_checks.sh"), str(out)], env=python_first_env(), cwd=BENCH.parent,
+    proc = subprocess.run(["bash", str(BENCH / "gpu_checks.sh"), str(out)], env=script_env(), cwd=BENCH.parent,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert device_returns(out) == ["gpu_checks.tar.gz"]
+    assert device_returns(out) == ["gpu_checks.tar.gz", "kernel_targets.md"]  # the summary beside the archive
     names = archive_names(out / "gpu_checks.tar.gz")
     logs = {f"cpu/logs/{name}.log" for name in ("sm90_compile", "loss_kernel", "ghost_dot", "meta_gradient",
                                                 "loss_kernel_std4", "kernel_targets")}  # fmt: skip
-    assert {"cpu/gpu_tests.txt", *logs} <= names, names
+    assert {"cpu/gpu_tests.txt", "cpu/kernel_targets.json", *logs} <= names, names
     with tarfile.open(out / "gpu_checks.tar.gz") as tar:
         tests = tar.extractfile("./cpu/gpu_tests.txt").read().decode()
         refused = tar.extractfile("./cpu/logs/loss_kernel.log").read().decode()
+        summary = json.load(tar.extractfile("./cpu/kernel_targets.json"))
     assert re.search(r"\d+ skipped, \d+ deselected", tests), tests[-2000:]  # the gpu tests were collected, not run
+    assert summary["gpu_tests"]["status"] == "none ran" and all(t["met"] is None for t in summary["targets"])
     assert "needs a CUDA GPU" in refused
 
 
@@ -217,7 +229,7 @@ def test_stages_pack_after_every_stage_and_keep_the_deadline(tmp_path):
     script = tmp_path / "demo.sh"
     script.write_text(f"""set -uo pipefail
 source {BENCH / "stages.sh"}
-stages_begin "$1" demo 3 || exit 2
+stages_begin "$1" demo 15 || exit 2
 stage 60 logs/many.log python3 -c "
 import pathlib, sys
 for folder in (sys.argv[1] + '/many', sys.argv[2]):
@@ -230,7 +242,7 @@ stage 60 logs/late.log echo this ran
 stages_end
 """)
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(script), str(out)], env=python_first_env(), capture_output=True, text=True,
+    proc = subprocess.run(["bash", str(script), str(out)], env=script_env(), capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert device_returns(out) == ["demo.tar.gz"]  # no half-written archive left beside it
@@ -243,3 +255,45 @@ stages_end
     assert "stopped at its limit of" in log["slow"] and "sleep 60" in log["slow"]
     assert log["late"] == "stages: the deadline has passed; not run: echo this ran\n"  # and nothing else: not run
     assert "some stages failed" in proc.stdout
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid` (timeout and the background packer have process groups of their own)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session ...
+        except OSError:
+            continue
+        if int(fields[3]) == sid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+
+
+def test_stages_pack_while_a_stage_runs(tmp_path):
+    """What a long stage (end_to_end.py: a result after each stack) has written reaches the archive while it runs,
+    so a command killed at the device's limit mid-stage still brings it back."""
+    script = tmp_path / "demo.sh"
+    script.write_text(f"""set -uo pipefail
+source {BENCH / "stages.sh"}
+stages_begin "$1" demo 120 || exit 2
+stage 120 logs/long.log bash -c 'echo 1 > "$0/first_stack.json"; echo first stack done; sleep 120' "$work/$gpu"
+stages_end
+""")
+    out = tmp_path / "out"
+    env = script_env(STAGES_PACK_EVERY_S="1")
+    proc = subprocess.Popen(["bash", str(script), str(out)], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        packed = set()
+        for _ in range(120):  # up to a minute: the archive holds the first result while the stage still runs
+            if (out / "demo.tar.gz").exists():
+                packed = archive_names(out / "demo.tar.gz")
+                if "cpu/first_stack.json" in packed:
+                    break
+            time.sleep(0.5)
+        assert proc.poll() is None and "cpu/first_stack.json" in packed, packed
+    finally:
+        kill_session(proc.pid)  # as the device's limit would
+        proc.wait()
+    assert "cpu/first_stack.json" in archive_names(out / "demo.tar.gz")  # whole after the kill
+    device_returns(out)
