@@ -223,6 +223,18 @@ def test_gpu_checks_script_without_gpu(tmp_path):
     assert "needs a CUDA GPU" in refused
 
 
+def test_gpu_end_to_end_script_without_gpu(tmp_path):
+    """bench/gpu_end_to_end.sh the same way: both benchmarks refuse, their logs come back in one archive."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(BENCH / "gpu_end_to_end.sh"), str(out)], env=script_env(), cwd=BENCH.parent,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert device_returns(out) == ["gpu_end_to_end.tar.gz"]
+    with tarfile.open(out / "gpu_end_to_end.tar.gz") as tar:
+        for name in ("layer_kernels", "end_to_end"):
+            assert "needs a CUDA GPU" in tar.extractfile(f"./cpu/logs/{name}.log").read().decode()
+
+
 def test_stages_pack_after_every_stage_and_keep_the_deadline(tmp_path):
     """bench/stages.sh: the stages' files, however many, come back as one archive; a stage that would run past the
     deadline is stopped at it (and says so), one that starts after it is not run; the status is a failure."""
