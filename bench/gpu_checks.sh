@@ -3,9 +3,9 @@
 #   source .device/setup.sh && bash bench/gpu_checks.sh "$OUT"
 # Everything lands in one file, OUT/gpu_checks.tar.gz (bench/stages.sh says why); commit it with
 #   tar -xzf gpu_checks.tar.gz -C bench/results
-# which gives bench/results/<gpu>/: gpu_tests.txt, sm90_compile.{json,md}, {loss_kernel,ghost_dot,meta_gradient}.
-# {json,md}, kernel_targets.{json,md} (the summary) and logs/; and bench/results/logit_std4/<gpu>/ (the peaked-logits
-# loss run). kernel_targets.md is also left beside the archive, and printed last.
+# which gives bench/results/<gpu>/: gpu_tests.txt, sm90_compile.{json,md}, {loss_kernel,ghost_dot,meta_gradient,
+# loss_kernel_sweep}.{json,md}, kernel_targets.{json,md} (the summary) and logs/; and bench/results/logit_std4/<gpu>/
+# (the peaked-logits loss run). kernel_targets.md is also left beside the archive, and printed last.
 # Setup once per checkout: the shared folder holds its wheels in wheels/ but setup.sh installs device-wheels/*.whl:
 #   mkdir -p .device && cp -r ../shared/device/. .device/ && mv .device/wheels .device/device-wheels
 # and `echo /.device/ >> .git/info/exclude`; pass .device in the run's carry.
@@ -24,6 +24,8 @@ stage 75 logs/ghost_dot.log python3 bench/ghost_dot.py --out "$work"
 stage 130 logs/meta_gradient.log python3 bench/meta_gradient.py --out "$work"
 # Peaked logits (std 4, closer to a trained model's softmax): Cut Cross-Entropy skips more blocks there.
 stage 60 logs/loss_kernel_std4.log python3 bench/loss_kernel.py --logit-std 4 --out "$work/logit_std4"
+# Last, the first to give way to the deadline: the loss layer's GEMM kernels at other tiles (loss_kernel_sweep.*).
+stage 60 logs/loss_kernel_sweep.log python3 bench/loss_kernel.py --sweep --out "$work"
 # The targets against what the run measured (reads the JSON above; about a second, so past the deadline too).
 stages_deadline=$((SECONDS + 15))
 stage 15 logs/kernel_targets.log python3 bench/kernel_targets.py --out "$work"

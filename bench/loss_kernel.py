@@ -21,11 +21,16 @@ and ours_ghost, the milliseconds of each kernel in one step (torch.profiler), to
 
     python bench/loss_kernel.py [--tokens 16384 --hidden 2048 --vocab 128256 --tasks 8 --out bench/results]
 
+With --sweep it instead times `ours` with other tiles for its three GEMM kernels (logits, d hidden, d weight), one
+kernel at a time, each run's loss and gradients checked against the default tiles' first, and writes
+loss_kernel_sweep.json and .md: if the loss layer misses its targets, the same GPU run says which tiles to ship.
+
 `--device cpu` (tiny sizes, TRITON_INTERPRET=1 for our rows) checks the script itself, for tests: wall-clock
 times, no peak memory.
 """
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -143,6 +148,116 @@ def methods(num_tasks: int, ghost_weight: torch.Tensor):
     return out
 
 
+# Tiles the sweep tries for each GEMM kernel of the loss layer beside its default (kernels/linear_cross_entropy.py,
+# _CUDA_CONFIG); each compiles for sm_90 without spills (triton 3.6). Under the interpreter (smoke runs) small ones,
+# and one that cannot compile, so that the sweep's own paths run.
+SWEEP_CUDA = {
+    "logits": [
+        dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=4),
+        dict(BLOCK_T=256, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+        dict(BLOCK_T=128, BLOCK_V=256, BLOCK_H=64, num_warps=8, num_stages=4),
+    ],
+    "dhidden": [
+        dict(BLOCK_T=128, BLOCK_H=256, BLOCK_V=64, num_warps=8, num_stages=3),
+        dict(BLOCK_T=256, BLOCK_H=128, BLOCK_V=64, num_warps=8, num_stages=3),
+        dict(BLOCK_T=128, BLOCK_H=128, BLOCK_V=64, num_warps=4, num_stages=4),
+    ],
+    "dweight": [
+        dict(BLOCK_V=128, BLOCK_H=256, BLOCK_T=64, num_warps=8, num_stages=3),
+        dict(BLOCK_V=256, BLOCK_H=128, BLOCK_T=64, num_warps=8, num_stages=3),
+        dict(BLOCK_V=128, BLOCK_H=128, BLOCK_T=64, num_warps=4, num_stages=4),
+    ],
+}
+SWEEP_INTERPRETER = {
+    "logits": [dict(BLOCK_T=32, BLOCK_V=16, BLOCK_H=16), dict(BLOCK_T=16, BLOCK_V=32, BLOCK_H=12)],  # 12: fails
+    "dhidden": [dict(BLOCK_T=32, BLOCK_H=16, BLOCK_V=16)],
+    "dweight": [dict(BLOCK_V=16, BLOCK_H=32, BLOCK_T=32)],
+}
+
+
+@contextlib.contextmanager
+def loss_tiles(kernel: str, tiles: dict):
+    """Runs per_task_linear_cross_entropy (bf16) with `tiles` for `kernel` instead of its default (benchmark only)."""
+    from adapt_fast.kernels import linear_cross_entropy as lce
+    from adapt_fast.kernels.backend import interpret_mode
+
+    name = "_INTERPRETER_CONFIG" if interpret_mode() else "_CUDA_CONFIG"
+    default = getattr(lce, name)
+    setattr(lce, name, {**default, kernel: tiles})
+    try:
+        yield
+    finally:
+        setattr(lce, name, default)
+
+
+def tiles_label(tiles: dict) -> str:
+    """The tiles in the kernel's own names, with warps and stages: BLOCK_T=128 BLOCK_V=256 BLOCK_H=64 w8 s3."""
+    blocks = " ".join(f"{k}={v}" for k, v in tiles.items() if k.startswith("BLOCK"))
+    warps = f" w{tiles['num_warps']}" if "num_warps" in tiles else ""
+    return blocks + warps + (f" s{tiles['num_stages']}" if "num_stages" in tiles else "")
+
+
+def tile_sweep(inputs: tuple, num_tasks: int, warmup: int, repeats: int, write) -> list[dict]:
+    """`ours` forward + backward with each kernel's sweep tiles; rows of kernel, tiles, ms (or error) and the
+    largest relative difference of loss and gradients from the default tiles' run. write(rows) after each row."""
+    from adapt_fast.kernels import linear_cross_entropy as lce
+    from adapt_fast.kernels.backend import interpret_mode
+
+    ours = methods(num_tasks, ghost_weight=None)["ours"]
+    hidden, weight = inputs[0], inputs[1]
+
+    def step() -> list[torch.Tensor]:
+        loss = ours(*inputs)
+        loss.backward()
+        values = [loss.detach(), hidden.grad, weight.grad]
+        hidden.grad = weight.grad = None
+        return values
+
+    def run() -> tuple[float, list[torch.Tensor]]:
+        values = [v.float() for v in step()]  # the first call compiles the new tiles
+        return measure(step, warmup, repeats)[0], values
+
+    defaults = lce._INTERPRETER_CONFIG if interpret_mode() else lce._CUDA_CONFIG
+    sweep = SWEEP_INTERPRETER if interpret_mode() else SWEEP_CUDA
+    ms, reference = run()
+    rows = [dict(kernel="all", tiles="default", ms=ms, max_rel_diff=0.0, status="ok")]
+    write(rows)
+    for kernel, candidates in sweep.items():
+        for tiles in [defaults[kernel], *candidates]:
+            row = dict(kernel=kernel, tiles=tiles_label(tiles), ms=None, max_rel_diff=None)
+            try:
+                with loss_tiles(kernel, tiles):
+                    row["ms"], values = run()
+                diffs = [((a - b).norm() / b.norm()).item() for a, b in zip(values, reference, strict=True)]
+                row["max_rel_diff"] = max(diffs)
+                row["status"] = "ok" if row["max_rel_diff"] < 1e-2 else "**differs from the default tiles**"
+            except Exception as e:  # a tile the chip cannot hold (shared memory, registers): record it, go on
+                hidden.grad = weight.grad = None
+                row["status"] = f"{type(e).__name__}: {e}"[:160]
+            rows.append(row)
+            write(rows)
+            print(row, flush=True)
+    return rows
+
+
+def write_sweep(rows: list[dict], shape: str, out_dir: Path) -> None:
+    (out_dir / "loss_kernel_sweep.json").write_text(json.dumps(dict(shape=shape, rows=rows), indent=2) + "\n")
+    lines = [
+        f"# Loss layer tile sweep ({shape})",
+        "",
+        "`ours` forward+backward with one kernel's tiles changed (the first row of each kernel is its default); "
+        "relative difference of loss and gradients from the default tiles' run.",
+        "",
+        "| kernel | tiles | ms | rel diff | status |",
+        "|---|---|---:|---:|---|",
+    ]
+    for r in rows:
+        ms = "-" if r["ms"] is None else f"{r['ms']:.2f}"
+        diff = "-" if r["max_rel_diff"] is None else f"{r['max_rel_diff']:.1e}"
+        lines.append(f"| {r['kernel']} | {r['tiles']} | {ms} | {diff} | {r['status']} |")
+    (out_dir / "loss_kernel_sweep.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=16384)
@@ -157,6 +272,7 @@ def main() -> None:
         help="std of the logits (head scale); larger: peaked softmax, more blocks CCE filters",
     )
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--sweep", action="store_true", help="time ours at other tiles instead (loss_kernel_sweep)")
     add_run_options(parser, repeats=10)
     args = parser.parse_args()
     device = run_device(args, "bench/loss_kernel.py")
@@ -170,6 +286,13 @@ def main() -> None:
     labels = torch.randint(0, V, (T,), device=device)
     labels[torch.rand(T, device=device) < args.ignore_frac] = -100
     task_ids = torch.arange(T, device=device) * K // T  # K contiguous tasks
+    if args.sweep:
+        shape = f"{gpu}, T={T}, H={H}, V={V}, K={K}, bf16, logit std {args.logit_std:g}"
+        out_dir = results_dir(args.out, gpu)
+        tile_sweep((hidden, weight, labels, task_ids), K, args.warmup, args.repeats,
+                   lambda rows: write_sweep(rows, shape, out_dir))  # fmt: skip
+        print((out_dir / "loss_kernel_sweep.md").read_text())
+        return
 
     rate = matmul_tflops(T, V, H, device)
     gemm_ms = 2 * T * H * V / (rate * 1e12) * 1e3

@@ -70,6 +70,23 @@ def test_loss_kernel_bench_smoke(kernel_bench):
         assert "error" not in ops and len(ops) > 3 and all(v["ms"] >= 0 and v["launches"] > 0 for v in ops.values())
 
 
+def test_loss_kernel_tile_sweep_smoke(tmp_path):
+    """loss_kernel.py --sweep: each GEMM kernel at its default and other tiles, every run's loss and gradients
+    checked against the default tiles' run; a tile that cannot compile is recorded, the sweep goes on."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, str(BENCH / "loss_kernel.py"), "--device", "cpu", "--out", str(tmp_path), "--sweep",
+           *KERNEL_BENCHES["loss_kernel.py"]]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "cpu" / "loss_kernel_sweep.json").read_text())["rows"]
+    assert (tmp_path / "cpu" / "loss_kernel_sweep.md").exists() and not (tmp_path / "cpu" / "loss_kernel.json").exists()
+    assert [r["kernel"] for r in rows] == ["all"] + ["logits"] * 3 + ["dhidden"] * 2 + ["dweight"] * 2
+    assert rows[1]["tiles"] == "BLOCK_T=16 BLOCK_V=32 BLOCK_H=16"  # each kernel's default first
+    failed = [r for r in rows if r["status"] != "ok"]
+    assert [r["tiles"] for r in failed] == ["BLOCK_T=16 BLOCK_V=32 BLOCK_H=12"] and "power of 2" in failed[0]["status"]
+    assert all(r["ms"] > 0 and r["max_rel_diff"] < 1e-2 for r in rows if r["status"] == "ok")
+
+
 def test_ghost_dot_bench_smoke(kernel_bench):
     result = kernel_bench("ghost_dot.py")
     assert [(r["out"], r["inp"]) for r in result["rows"]] == [(40, 24), (24, 56)]
@@ -212,7 +229,7 @@ def test_gpu_checks_script_without_gpu(tmp_path):
     assert device_returns(out) == ["gpu_checks.tar.gz", "kernel_targets.md"]  # the summary beside the archive
     names = archive_names(out / "gpu_checks.tar.gz")
     logs = {f"cpu/logs/{name}.log" for name in ("sm90_compile", "loss_kernel", "ghost_dot", "meta_gradient",
-                                                "loss_kernel_std4", "kernel_targets")}  # fmt: skip
+                                                "loss_kernel_std4", "loss_kernel_sweep", "kernel_targets")}  # fmt: skip
     assert {"cpu/gpu_tests.txt", "cpu/kernel_targets.json", *logs} <= names, names
     with tarfile.open(out / "gpu_checks.tar.gz") as tar:
         tests = tar.extractfile("./cpu/gpu_tests.txt").read().decode()
