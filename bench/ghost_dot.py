@@ -66,8 +66,9 @@ def bench_shape(
     )
 
 
-# Tile configurations the sweep tries beside the kernel's default (kernels/ghost_dot.py, _CUDA_CONFIG); under the
-# interpreter (smoke runs) small ones, which check the sweep itself.
+# Tile configurations the sweep tries beside the kernel's default (kernels/ghost_dot.py, _CUDA_CONFIG; none spills on
+# sm_90: bench/sm90_compile.py's "sweep" rows); under the interpreter (smoke runs) small ones, which check the sweep
+# itself.
 SWEEP_CUDA = [
     dict(BLOCK_T=128, BLOCK_OUT=128, BLOCK_IN=64, GROUP_T=8, num_warps=4, num_stages=4),
     dict(BLOCK_T=128, BLOCK_OUT=128, BLOCK_IN=64, GROUP_T=8, num_warps=8, num_stages=4),

@@ -149,8 +149,8 @@ def methods(num_tasks: int, ghost_weight: torch.Tensor):
 
 
 # Tiles the sweep tries for each GEMM kernel of the loss layer beside its default (kernels/linear_cross_entropy.py,
-# _CUDA_CONFIG); each compiles for sm_90 without spills (triton 3.6). Under the interpreter (smoke runs) small ones,
-# and one that cannot compile, so that the sweep's own paths run.
+# _CUDA_CONFIG); bench/sm90_compile.py checks that none spills on sm_90 (its "sweep" rows). Under the interpreter
+# (smoke runs) small ones, and one that cannot compile, so that the sweep's own paths run.
 SWEEP_CUDA = {
     "logits": [
         dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=4),

@@ -5,7 +5,8 @@ the matrix products use Hopper's warpgroup MMA (HGMMA in the SASS) or an older p
     python bench/sm90_compile.py [--out bench/results/sm90_compile]
 
 Each kernel is compiled with the tiles it launches with on CUDA (the _CUDA_CONFIG tables) for bf16 inputs (and
-the FMA-path variants for fp32 inputs, _CUDA_CONFIG_FP32, whose products use no tensor cores), with
+the FMA-path variants for fp32 inputs, _CUDA_CONFIG_FP32, whose products use no tensor cores; and the other tiles
+the benchmarks' sweeps time, "sweep ..."), with
 the argument specialisation a real launch gets (pointers, sizes and strides divisible by 16; the row count not).
 A kernel that spills (stack > 0, STL/LDL in SASS) runs far under the matmul rate: fix its tiles before timing it.
 Needs the ptxas/cuobjdump that ship with the triton wheel. Writes <out>.json and <out>.md.
@@ -31,6 +32,10 @@ from adapt_fast.kernels import rotary as rope_module
 from adapt_fast.kernels import weight_grad_ghost as weight_grad_module
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: the benchmarks' tile sweeps
+from ghost_dot import SWEEP_CUDA as GHOST_DOT_SWEEP  # noqa: E402
+from loss_kernel import SWEEP_CUDA as LOSS_SWEEP  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -116,6 +121,13 @@ VARIANTS = [
         for direction, back in (("forward", False), ("backward", True))
     ),
 ]
+# The other tiles bench/ghost_dot.py and bench/loss_kernel.py --sweep time on the GPU: none may spill either.
+SWEEP_CONSTEXPRS = {"logits": dict(HAS_SOFTCAP=False, HAS_GHOST=False), "dhidden": dict(SPLIT_K=False), "dweight": {}}
+VARIANTS += [
+    *((f"sweep ghost_dot {i}", "ghost_dot", tiles, {}) for i, tiles in enumerate(GHOST_DOT_SWEEP, 1)),
+    *((f"sweep {kernel} {i}", kernel, tiles, SWEEP_CONSTEXPRS[kernel])
+      for kernel, candidates in LOSS_SWEEP.items() for i, tiles in enumerate(candidates, 1)),
+]  # fmt: skip
 DEFAULT_CONSTEXPRS = dict(
     STORE_P=True, PRECISION="tf32", DOT_FP32=False, INTERPRET_BF16=False, CAST_BEFORE_WEIGHT=False, X_BF16=False,
     Y_BF16=False, BF16=False, OUT_BF16=False,
