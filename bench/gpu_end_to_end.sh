@@ -16,7 +16,7 @@ stages_begin "$out" gpu_end_to_end "${GPU_END_TO_END_BUDGET_S:-580}" || exit 2
 # The layer kernels against HF's and Liger-Kernel's, one by one (bench/layer_kernels.py, about 20 s).
 stage 45 logs/layer_kernels.log python3 bench/layer_kernels.py --out "$work"
 # end_to_end.py writes its results after every stack, packed every 30 s: a run cut short keeps them. Ours first,
-# then TRL's fastest setting here (padding-free packing), so that a cut-short run still compares the two.
+# then TRL's padding-free packed run (the one expected to be its fastest), so that a cut-short run compares them.
 stage 520 logs/end_to_end.log python3 bench/end_to_end.py --out "$work" --stack-timeout 110 \
     --stacks uniform,trl_packed,adapt,trl,trl_grouped,adapt_folded,uniform_unfused
 cp "$work/$gpu/end_to_end.md" "$out/" 2>/dev/null
