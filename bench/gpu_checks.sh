@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of the kernels issue in one device command (tests marked `gpu`, then the three benchmarks):
+# Every GPU check of the kernels issue in one device command (tests marked `gpu`, then the benchmarks, then a summary):
 #   source .device/setup.sh && bash bench/gpu_checks.sh "$OUT"
 # Everything lands in one file, OUT/gpu_checks.tar.gz (bench/stages.sh says why); commit it with
 #   tar -xzf gpu_checks.tar.gz -C bench/results
