@@ -49,7 +49,8 @@ def meta_targets(result: dict | None) -> list[dict]:
     if result is None:
         return [target("one-pass meta-gradient speedup vs K backward passes", None, META_SPEEDUP, True,
                        "meta_gradient.json missing")]  # fmt: skip
-    note = f"K={result['tasks']}, {result['model']}, dots rel err {result['dots_rel_err']:.1e}"
+    err = result["dots_rel_err"]
+    note = f"K={result['tasks']}, {result['model']}, dots rel err {'-' if err is None else format(err, '.1e')}"
     return [target("one-pass meta-gradient speedup vs K backward passes", result["speedup_one_pass_vs_exact"],
                    META_SPEEDUP, at_least=True, note=note)]  # fmt: skip
 
@@ -72,6 +73,8 @@ def folded_or_separate(result: dict | None) -> str:
     if result is None or "folded_overhead_vs_train_step" not in result:
         return "unknown (meta_gradient.json missing)"
     separate, folded = result["one_pass_overhead_vs_train_step"], result["folded_overhead_vs_train_step"]
+    if separate is None or folded is None:
+        return "unknown (meta_gradient.py stopped before timing both)"
     faster = "folded" if folded < separate else "separate"
     return (f"{faster}: a mixture-update step costs {separate:.2f}x a training step with separate ghost dots, "
             f"{folded:.2f}x with them folded into the weight gradient (kernels.fold_ghost_dots)")  # fmt: skip

@@ -109,6 +109,50 @@ def main() -> None:
     def exact():
         return exact_task_dots(model, batch, G, K, backend="triton")
 
+    def ratio(a: str, b: str) -> float | None:
+        return results[a]["seconds"] / results[b]["seconds"] if a in results and b in results else None
+
+    def dots_err(a: str) -> float | None:
+        if a not in results or "exact" not in results:
+            return None
+        got, want = torch.tensor(results[a]["dots"]), torch.tensor(results["exact"]["dots"])
+        return float((got - want).abs().max() / want.abs().max())
+
+    def write() -> None:
+        """meta_gradient.json and .md from what has been measured so far (None for what has not)."""
+        summary = {
+            "gpu": device_name(device), "torch": torch.__version__, "model": args.model,
+            "parameters": sum(p.numel() for p in model.parameters()), "tokens": args.tokens, "loss_tokens": n,
+            "tasks": K, "fused_layers": fused_layers, "results": results,
+            "speedup_one_pass_vs_exact": ratio("exact", "one_pass"),
+            "one_pass_overhead_vs_train_step": ratio("one_pass", "train_step"),
+            "dots_rel_err": dots_err("one_pass"),
+            "folded_overhead_vs_train_step": ratio("one_pass_folded", "train_step"),
+            "folded_dots_rel_err": dots_err("one_pass_folded"),
+        }  # fmt: skip
+        folder = results_dir(args.out, summary["gpu"])
+        (folder / "meta_gradient.json").write_text(json.dumps(summary, indent=2))
+
+        def fmt(key: str, spec: str) -> str:
+            return "-" if summary[key] is None else format(summary[key], spec)
+
+        md = [
+            f"# Whole-model meta-gradient ({args.model}, T={args.tokens}, K={K}, bf16, {summary['gpu']})",
+            "",
+            "| what | ms | peak GiB |",
+            "|---|---|---|",
+            *(f"| {k} | {v['seconds'] * 1e3:.1f} | {gib(v['peak_memory_gib'])} |" for k, v in results.items()),
+            "",
+            f"One pass is {fmt('speedup_one_pass_vs_exact', '.1f')}x faster than K={K} backward passes (target >= "
+            f"10x) and costs {fmt('one_pass_overhead_vs_train_step', '.2f')}x a plain training step; dots agree to "
+            f"{fmt('dots_rel_err', '.1e')} (max relative, bf16). With each linear layer's dots folded into its "
+            f"weight gradient (GhostDots fold_linear, not the trainer's path yet) a mixture-update step costs "
+            f"{fmt('folded_overhead_vs_train_step', '.2f')}x a training step; dots agree to "
+            f"{fmt('folded_dots_rel_err', '.1e')}.",
+        ]
+        (folder / "meta_gradient.md").write_text("\n".join(md) + "\n")
+        print("\n".join(md), flush=True)
+
     results = {}
     for name, fn, repeats in (("train_step", train_step, args.repeats), ("one_pass", one_pass, args.repeats),
                               ("one_pass_folded", lambda: one_pass(fold_linear=True), args.repeats),
@@ -122,35 +166,7 @@ def main() -> None:
         if name != "train_step":
             results[name]["dots"] = last["value"].double().cpu().tolist()
         print(f"{name}: {ms:.1f} ms, peak {gib(peak)} GiB", flush=True)
-    d1, dx, df = (torch.tensor(results[k]["dots"]) for k in ("one_pass", "exact", "one_pass_folded"))
-    summary = {
-        "gpu": device_name(device), "torch": torch.__version__, "model": args.model,
-        "parameters": sum(p.numel() for p in model.parameters()), "tokens": args.tokens, "loss_tokens": n,
-        "tasks": K, "fused_layers": fused_layers, "results": results,
-        "speedup_one_pass_vs_exact": results["exact"]["seconds"] / results["one_pass"]["seconds"],
-        "one_pass_overhead_vs_train_step": results["one_pass"]["seconds"] / results["train_step"]["seconds"],
-        "dots_rel_err": float((d1 - dx).abs().max() / dx.abs().max()),
-        "folded_overhead_vs_train_step": results["one_pass_folded"]["seconds"] / results["train_step"]["seconds"],
-        "folded_dots_rel_err": float((df - dx).abs().max() / dx.abs().max()),
-    }  # fmt: skip
-    folder = results_dir(args.out, summary["gpu"])
-    (folder / "meta_gradient.json").write_text(json.dumps(summary, indent=2))
-    md = [
-        f"# Whole-model meta-gradient ({args.model}, T={args.tokens}, K={K}, bf16, {summary['gpu']})",
-        "",
-        "| what | ms | peak GiB |",
-        "|---|---|---|",
-        *(f"| {k} | {v['seconds'] * 1e3:.1f} | {gib(v['peak_memory_gib'])} |" for k, v in results.items()),
-        "",
-        f"One pass is {summary['speedup_one_pass_vs_exact']:.1f}x faster than K={K} backward passes (target >= 10x) "
-        f"and costs {summary['one_pass_overhead_vs_train_step']:.2f}x a plain training step; dots agree to "
-        f"{summary['dots_rel_err']:.1e} (max relative, bf16). With each linear layer's dots folded into its weight "
-        f"gradient (GhostDots fold_linear, not the trainer's path yet) a mixture-update step costs "
-        f"{summary['folded_overhead_vs_train_step']:.2f}x a training step; dots agree to "
-        f"{summary['folded_dots_rel_err']:.1e}.",
-    ]
-    (folder / "meta_gradient.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+        write()  # after each: a run stopped at its time limit keeps what it measured
 
 
 if __name__ == "__main__":
