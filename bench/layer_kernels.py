@@ -187,7 +187,13 @@ def main() -> None:
                 max_rel_err_vs_hf=max_rel_err(r["outputs"], results["hf"]["outputs"]) if "hf" in results else None,
             ))  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
+        write_results(args, gpu, copy_rate, rows)  # after each layer: a run stopped at its limit keeps them
+    print((results_dir(args.out, gpu) / "layer_kernels.md").read_text())
+    print(f"wrote {results_dir(args.out, gpu)}/layer_kernels.json and .md")
 
+
+def write_results(args: argparse.Namespace, gpu: str, copy_rate: float, rows: list[dict]) -> None:
+    """<out>/<gpu>/layer_kernels.json and .md."""
     date = time.strftime("%Y-%m-%d %H:%M:%S")
     shapes = dict(tokens=args.tokens, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads,
                   kv_heads=args.kv_heads, head_dim=args.head_dim)  # fmt: skip
@@ -211,14 +217,13 @@ def main() -> None:
             lines.append(f"| {r['layer']} | {r['stack']} | {r['status']} | | | | | | |")
             continue
         peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        speedup = "-" if r["speedup_vs_hf"] is None else f"{r['speedup_vs_hf']:.2f}x"  # hf's own run failed
+        err = "-" if r["max_rel_err_vs_hf"] is None else f"{r['max_rel_err_vs_hf']:.1e}"
         lines.append(
             f"| {r['layer']} | {r['stack']} | {r['forward_ms']:.3f} | {r['forward_backward_ms']:.3f} | "
-            f"{r['gb_per_s']:.0f} | {r['fraction_of_copy']:.0%} | {r['speedup_vs_hf']:.2f}x | {peak} | "
-            f"{r['max_rel_err_vs_hf']:.1e} |"
+            f"{r['gb_per_s']:.0f} | {r['fraction_of_copy']:.0%} | {speedup} | {peak} | {err} |"
         )
     (out_dir / "layer_kernels.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {out_dir}/layer_kernels.json and .md")
 
 
 if __name__ == "__main__":
