@@ -300,6 +300,25 @@ def main() -> None:
         dict(method="floor_3gemm", ms=3 * gemm_ms, peak_gib=None, loss=None, status="ok"),
         dict(method="floor_4gemm", ms=4 * gemm_ms, peak_gib=None, loss=None, status="ok"),
     ]
+    result = dict(
+        gpu=gpu,
+        torch=torch.__version__,
+        shape=dict(
+            tokens=T,
+            hidden=H,
+            vocab=V,
+            tasks=K,
+            ignore_frac=args.ignore_frac,
+            logit_std=args.logit_std,
+            dtype="bfloat16",
+        ),
+        matmul_tflops=rate,
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        rows=rows,
+        targets=targets(rows),
+        kernels={},  # ours, ours_ghost: ms per kernel (per op on CPU) in one step
+    )
+    out_dir = results_dir(args.out, gpu)
     steps = {}  # ours, ours_ghost: profiled after every row is measured and written
     for name, fn in methods(K, ghost_weight).items():
         if isinstance(fn, str):
@@ -322,26 +341,9 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(rows[-1], flush=True)
+        result["targets"] = targets(rows)
+        write_results(result, out_dir, device, echo=False)  # after each row: a run stopped at its limit keeps them
 
-    result = dict(
-        gpu=gpu,
-        torch=torch.__version__,
-        shape=dict(
-            tokens=T,
-            hidden=H,
-            vocab=V,
-            tasks=K,
-            ignore_frac=args.ignore_frac,
-            logit_std=args.logit_std,
-            dtype="bfloat16",
-        ),
-        matmul_tflops=rate,
-        date=time.strftime("%Y-%m-%d %H:%M:%S"),
-        rows=rows,
-        targets=targets(rows),
-        kernels={},  # ours, ours_ghost: ms per kernel (per op on CPU) in one step
-    )
-    out_dir = results_dir(args.out, gpu)
     write_results(result, out_dir, device)  # first without the profiles: a profiler that crashes loses nothing
     for name in ("ours", "ours_ghost"):
         if name in steps:
@@ -349,8 +351,8 @@ def main() -> None:
     write_results(result, out_dir, device)
 
 
-def write_results(result: dict, out_dir: Path, device: torch.device) -> None:
-    """<out_dir>/loss_kernel.json and loss_kernel.md (also printed)."""
+def write_results(result: dict, out_dir: Path, device: torch.device, echo: bool = True) -> None:
+    """<out_dir>/loss_kernel.json and loss_kernel.md (also printed, when `echo`)."""
     (out_dir / "loss_kernel.json").write_text(json.dumps(result, indent=2) + "\n")
     shape = result["shape"]
     lines = [
@@ -381,8 +383,9 @@ def write_results(result: dict, out_dir: Path, device: torch.device) -> None:
         lines += ["| name | ms | launches |", "|---|---:|---:|"]
         lines += [f"| `{k}` | {v['ms']:.2f} | {v['launches']} |" for k, v in list(kernels.items())[:12]]
     (out_dir / "loss_kernel.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {out_dir}/loss_kernel.json and .md", flush=True)
+    if echo:
+        print("\n".join(lines))
+        print(f"wrote {out_dir}/loss_kernel.json and .md", flush=True)
 
 
 if __name__ == "__main__":
