@@ -199,7 +199,7 @@ def main() -> None:
         n_out, n_in = (int(v) for v in shape.lower().split("x"))
         rows.append(bench_shape(n_out, n_in, offsets, task_ids, args.repeats, backend="triton"))
         print(rows[-1], flush=True)
-    write_results(out_dir, gpu, T, K, rows, [])
+        write_results(out_dir, gpu, T, K, rows, [])  # after each shape: a run stopped at its limit keeps them
     from adapt_fast.kernels import ghost_dot
     from adapt_fast.kernels.backend import interpret_mode
 
