@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
 
-from harness import add_run_options, device_name, median_ms, results_dir, run_device  # noqa: E402 (bench/ folder)
+from harness import add_run_options, device_name, error_text, median_ms, results_dir, run_device  # noqa: E402
 
 
 def bench_shape(
@@ -127,7 +127,7 @@ def sweep_shape(n_out: int, n_in: int, offsets: torch.Tensor, configs: list[dict
                                repeats=repeats)  # fmt: skip
             rates[label(config)] = 2 * T * n_in * n_out / (ms * 1e-3) / 1e12
         except Exception as e:  # a config the chip cannot hold (shared memory, registers): record it, go on
-            rates[label(config)] = f"{type(e).__name__}: {e}"[:160]
+            rates[label(config)] = error_text(e, 160)
     return rates
 
 

@@ -5,6 +5,7 @@ device = run_device(args, "bench/x.py")      # exits with one line when CUDA is 
 median_ms(fn)                                # CUDA events on the GPU, the wall clock on CPU (smoke runs)
 copy_gb_per_s(device)                        # the measured memory ceiling: a device-to-device copy's bandwidth
 results_dir(args.out, device_name(device))   # <out>/<gpu name>/
+error_text(e)                                # an exception as one short line, for a results table
 
     python bench/harness.py                  # prints that folder's name for this machine's GPU (cpu without one)
 """
@@ -68,6 +69,12 @@ def copy_gb_per_s(device: torch.device, nbytes: int = 2**31, repeats: int = 20) 
     src = torch.randn(n, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     return 2 * 2 * n / (median_ms(lambda: dst.copy_(src), repeats=repeats) * 1e-3) / 1e9
+
+
+def error_text(error: BaseException, limit: int = 200) -> str:
+    """`Type: message` on one line (compiler errors span many, and break the markdown tables), at most `limit`
+    characters."""
+    return " ".join(f"{type(error).__name__}: {error}".split())[:limit]
 
 
 def device_name(device: torch.device) -> str:

@@ -20,7 +20,11 @@ META_SPEEDUP = 10.0  # one-pass meta-gradient >= 10x faster than K per-task back
 
 
 def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    """The file's JSON, or None when it is missing or cut off (a benchmark killed while writing it)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def target(name: str, value: float | None, bound: float, at_least: bool = False, note: str = "") -> dict:

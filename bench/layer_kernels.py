@@ -30,7 +30,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
 
-from harness import add_run_options, copy_gb_per_s, device_name, median_ms, results_dir, run_device  # noqa: E402
+from harness import (  # noqa: E402 (bench/ folder)
+    add_run_options,
+    copy_gb_per_s,
+    device_name,
+    error_text,
+    median_ms,
+    results_dir,
+    run_device,
+)
 
 EPS = 1e-5
 
@@ -174,7 +182,7 @@ def main() -> None:
             try:
                 results[stack] = bench_layer(layers[layer], inputs, constants, args.repeats, device)
             except Exception as error:  # noqa: BLE001 (a failing stack is a result, the others still run)
-                rows.append(dict(layer=layer, stack=stack, status=f"error: {type(error).__name__}: {error}"[:300]))
+                rows.append(dict(layer=layer, stack=stack, status="error: " + error_text(error, 290)))
                 continue
             r = results[stack]
             rows.append(dict(

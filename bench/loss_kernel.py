@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
 
-from harness import add_run_options, device_name, median_ms, results_dir, run_device  # noqa: E402 (bench/ folder)
+from harness import add_run_options, device_name, error_text, median_ms, results_dir, run_device  # noqa: E402
 
 
 def measure(step, warmup: int, repeats: int) -> tuple[float, float | None]:
@@ -89,7 +89,7 @@ def kernel_breakdown(step, device: torch.device) -> dict:
                 entry[0] += (event.device_time_total if cuda else event.self_cpu_time_total) / 1e3  # us -> ms
                 entry[1] += 1
     except Exception as e:  # CUPTI unavailable (e.g. a sandboxed GPU): the timings above still stand
-        return {"error": f"{type(e).__name__}: {e}"[:200]}
+        return {"error": error_text(e)}
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
     return {name: dict(ms=ms, launches=n) for name, (ms, n) in ranked}
 
@@ -233,7 +233,7 @@ def tile_sweep(inputs: tuple, num_tasks: int, warmup: int, repeats: int, write) 
                 row["status"] = "ok" if row["max_rel_diff"] < 1e-2 else "**differs from the default tiles**"
             except Exception as e:  # a tile the chip cannot hold (shared memory, registers): record it, go on
                 hidden.grad = weight.grad = None
-                row["status"] = f"{type(e).__name__}: {e}"[:160]
+                row["status"] = error_text(e, 160)
             rows.append(row)
             write(rows)
             print(row, flush=True)
@@ -337,7 +337,7 @@ def main() -> None:
             rows.append(dict(method=name, ms=ms, peak_gib=peak, loss=loss, status="ok"))
             steps[name] = step
         except Exception as e:  # an OOM or a version mismatch in a third-party package: record it, go on
-            rows.append(dict(method=name, ms=None, peak_gib=None, loss=None, status=f"{type(e).__name__}: {e}"[:200]))
+            rows.append(dict(method=name, ms=None, peak_gib=None, loss=None, status=error_text(e)))
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(rows[-1], flush=True)

@@ -122,10 +122,12 @@ VARIANTS = [
     ),
 ]
 # The other tiles bench/ghost_dot.py and bench/loss_kernel.py --sweep time on the GPU: none may spill either.
-SWEEP_CONSTEXPRS = {"logits": dict(HAS_SOFTCAP=False, HAS_GHOST=False), "dhidden": dict(SPLIT_K=False), "dweight": {}}
+# d hidden as it runs at the benchmark's shape: split over the vocabulary (a 512-row chunk has too few row tiles).
+SWEEP_KERNELS = {"logits": ("logits", dict(HAS_SOFTCAP=False, HAS_GHOST=False)),
+                 "dhidden": ("dhidden split-K", dict(SPLIT_K=True)), "dweight": ("dweight", {})}  # fmt: skip
 VARIANTS += [
     *((f"sweep ghost_dot {i}", "ghost_dot", tiles, {}) for i, tiles in enumerate(GHOST_DOT_SWEEP, 1)),
-    *((f"sweep {kernel} {i}", kernel, tiles, SWEEP_CONSTEXPRS[kernel])
+    *((f"sweep {kernel} {i}", SWEEP_KERNELS[kernel][0], tiles, SWEEP_KERNELS[kernel][1])
       for kernel, candidates in LOSS_SWEEP.items() for i, tiles in enumerate(candidates, 1)),
 ]  # fmt: skip
 DEFAULT_CONSTEXPRS = dict(
