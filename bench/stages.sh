@@ -7,8 +7,9 @@
 # during one; commit a run with `tar -xzf <name>.tar.gz -C bench/results`. A command killed at the device's limit
 # still brings back what its stages wrote up to the last pack.
 #
-# The deadline counts from the start of the device command (the shell that ran setup.sh and then the script: its
-# age; RUN_STARTED_AT, in epoch seconds, overrides), since that is what the device's limit counts from.
+# The deadline counts from the start of the device command (the age of the shell that ran setup.sh and then the
+# script, unless that is older than the budget, as a terminal is; RUN_STARTED_AT, in epoch seconds, overrides),
+# since that is what the device's limit counts from.
 #
 #   source bench/stages.sh
 #   stages_begin "$OUT" gpu_checks 565     # sets $work and $gpu (the results folder's name: NVIDIA_H200, or cpu)
@@ -17,10 +18,15 @@
 
 stages_begin() {  # OUT NAME BUDGET_S (seconds from the start of the command that every stage must end within)
     stages_out=$1 stages_name=$2 stages_status=0
-    local now started
-    now=$(date +%s)
-    started=${RUN_STARTED_AT:-$((now - $(ps -o etimes= -p "$PPID" 2>/dev/null || echo 30)))}
-    stages_deadline=$((SECONDS + $3 - (now - started)))
+    local age
+    if [[ -n ${RUN_STARTED_AT:-} ]]; then
+        age=$(($(date +%s) - RUN_STARTED_AT))
+    else
+        age=$(ps -o etimes= -p "$PPID" 2>/dev/null) || age=30
+        # a parent older than the budget is no device command's shell (a terminal, say): count from now
+        if ((${age:-30} > $3)); then age=0; fi
+    fi
+    stages_deadline=$((SECONDS + $3 - ${age:-30}))
     mkdir -p "$stages_out" || return 1
     work=$(mktemp -d) && chmod 755 "$work" || return 1  # the archive's ./ entry: extracting it sets bench/results' mode
     gpu=$(python3 "$(dirname "${BASH_SOURCE[0]}")/harness.py") || { echo "stages: no torch to name the GPU" >&2; return 1; }
