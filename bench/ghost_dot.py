@@ -13,7 +13,6 @@ run says which tiles to ship if the default misses its target. Writes <out>/<gpu
 """
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -23,7 +22,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
 
-from harness import add_run_options, device_name, error_text, median_ms, results_dir, run_device  # noqa: E402
+from harness import (  # noqa: E402 (bench/ folder)
+    add_run_options,
+    default_tiles,
+    device_name,
+    error_text,
+    median_ms,
+    results_dir,
+    run_device,
+    swapped_tiles,
+)
 
 
 def bench_shape(
@@ -83,21 +91,6 @@ SWEEP_INTERPRETER = [
 ]
 
 
-@contextlib.contextmanager
-def tile_config(config: dict):
-    """Runs per_task_ghost_dot's bf16 kernel with `config` instead of its default tiles (benchmark only)."""
-    from adapt_fast.kernels import ghost_dot
-    from adapt_fast.kernels.backend import interpret_mode
-
-    name = "_INTERPRETER_CONFIG" if interpret_mode() else "_CUDA_CONFIG"
-    default = getattr(ghost_dot, name)
-    setattr(ghost_dot, name, config)
-    try:
-        yield
-    finally:
-        setattr(ghost_dot, name, default)
-
-
 def label(config: dict) -> str:
     """The config as BLOCK_T x BLOCK_OUT x BLOCK_IN, warps, stages: 256x128x64 w8 s3."""
     tiles = f"{config['BLOCK_T']}x{config['BLOCK_OUT']}x{config['BLOCK_IN']}"
@@ -108,7 +101,7 @@ def label(config: dict) -> str:
 def sweep_shape(n_out: int, n_in: int, offsets: torch.Tensor, configs: list[dict], repeats: int) -> dict:
     """{config label: TFLOP/s of per_task_ghost_dot, or the error that config ran into (e.g. out of resources)}, each
     config's dots checked against the reference first."""
-    from adapt_fast.kernels import per_task_ghost_dot, per_task_ghost_dot_reference
+    from adapt_fast.kernels import ghost_dot, per_task_ghost_dot, per_task_ghost_dot_reference
 
     T = int(offsets[-1])
     torch.manual_seed(1)
@@ -118,7 +111,7 @@ def sweep_shape(n_out: int, n_in: int, offsets: torch.Tensor, configs: list[dict
     rates = {}
     for config in configs:
         try:
-            with tile_config(config):
+            with swapped_tiles(ghost_dot, config):
                 dots = per_task_ghost_dot(x, delta, G, task_offsets=offsets, backend="triton")
                 err = ((dots - ref).norm() / ref.norm()).item()
                 if not err < 1e-2:
@@ -203,8 +196,7 @@ def main() -> None:
     from adapt_fast.kernels import ghost_dot
     from adapt_fast.kernels.backend import interpret_mode
 
-    default = ghost_dot._INTERPRETER_CONFIG if interpret_mode() else ghost_dot._CUDA_CONFIG
-    configs = [default, *(SWEEP_INTERPRETER if interpret_mode() else SWEEP_CUDA)] if args.sweep else []
+    configs = [default_tiles(ghost_dot), *(SWEEP_INTERPRETER if interpret_mode() else SWEEP_CUDA)] if args.sweep else []
     for row in rows if configs else []:
         row["sweep"] = sweep_shape(row["out"], row["inp"], offsets, configs, args.repeats)
         print({"sweep": (row["out"], row["inp"]), **row["sweep"]}, flush=True)

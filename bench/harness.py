@@ -6,11 +6,13 @@ median_ms(fn)                                # CUDA events on the GPU, the wall 
 copy_gb_per_s(device)                        # the measured memory ceiling: a device-to-device copy's bandwidth
 results_dir(args.out, device_name(device))   # <out>/<gpu name>/
 error_text(e)                                # an exception as one short line, for a results table
+with swapped_tiles(module, tiles): ...       # a kernel module launching other tiles (the benchmarks' sweeps)
 
     python bench/harness.py                  # prints that folder's name for this machine's GPU (cpu without one)
 """
 
 import argparse
+import contextlib
 import re
 import statistics
 import sys
@@ -75,6 +77,33 @@ def error_text(error: BaseException, limit: int = 200) -> str:
     """`Type: message` on one line (compiler errors span many, and break the markdown tables), at most `limit`
     characters."""
     return " ".join(f"{type(error).__name__}: {error}".split())[:limit]
+
+
+def default_tiles(module):
+    """The bf16 tiles a kernel module launches with here: its _INTERPRETER_CONFIG under TRITON_INTERPRET=1, else its
+    _CUDA_CONFIG."""
+    from adapt_fast.kernels.backend import interpret_mode
+
+    return getattr(module, _tiles_name(interpret_mode()))
+
+
+@contextlib.contextmanager
+def swapped_tiles(module, tiles):
+    """Runs `module`'s bf16 kernels with `tiles` in place of default_tiles(module) (benchmark sweeps only: the
+    launchers read the table at every call)."""
+    from adapt_fast.kernels.backend import interpret_mode
+
+    name = _tiles_name(interpret_mode())
+    default = getattr(module, name)
+    setattr(module, name, tiles)
+    try:
+        yield
+    finally:
+        setattr(module, name, default)
+
+
+def _tiles_name(interpreted: bool) -> str:
+    return "_INTERPRETER_CONFIG" if interpreted else "_CUDA_CONFIG"
 
 
 def device_name(device: torch.device) -> str:

@@ -30,7 +30,6 @@ times, no peak memory.
 """
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -41,7 +40,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without install
 
-from harness import add_run_options, device_name, error_text, median_ms, results_dir, run_device  # noqa: E402
+from harness import (  # noqa: E402 (bench/ folder)
+    add_run_options,
+    default_tiles,
+    device_name,
+    error_text,
+    median_ms,
+    results_dir,
+    run_device,
+    swapped_tiles,
+)
 
 
 def measure(step, warmup: int, repeats: int) -> tuple[float, float | None]:
@@ -175,21 +183,6 @@ SWEEP_INTERPRETER = {
 }
 
 
-@contextlib.contextmanager
-def loss_tiles(kernel: str, tiles: dict):
-    """Runs per_task_linear_cross_entropy (bf16) with `tiles` for `kernel` instead of its default (benchmark only)."""
-    from adapt_fast.kernels import linear_cross_entropy as lce
-    from adapt_fast.kernels.backend import interpret_mode
-
-    name = "_INTERPRETER_CONFIG" if interpret_mode() else "_CUDA_CONFIG"
-    default = getattr(lce, name)
-    setattr(lce, name, {**default, kernel: tiles})
-    try:
-        yield
-    finally:
-        setattr(lce, name, default)
-
-
 def tiles_label(tiles: dict) -> str:
     """The tiles in the kernel's own names, with warps and stages: BLOCK_T=128 BLOCK_V=256 BLOCK_H=64 w8 s3."""
     blocks = " ".join(f"{k}={v}" for k, v in tiles.items() if k.startswith("BLOCK"))
@@ -217,7 +210,7 @@ def tile_sweep(inputs: tuple, num_tasks: int, warmup: int, repeats: int, write) 
         values = [v.float() for v in step()]  # the first call compiles the new tiles
         return measure(step, warmup, repeats)[0], values
 
-    defaults = lce._INTERPRETER_CONFIG if interpret_mode() else lce._CUDA_CONFIG
+    defaults = default_tiles(lce)
     sweep = SWEEP_INTERPRETER if interpret_mode() else SWEEP_CUDA
     ms, reference = run()
     rows = [dict(kernel="all", tiles="default", ms=ms, max_rel_diff=0.0, status="ok")]
@@ -226,7 +219,7 @@ def tile_sweep(inputs: tuple, num_tasks: int, warmup: int, repeats: int, write) 
         for tiles in [defaults[kernel], *candidates]:
             row = dict(kernel=kernel, tiles=tiles_label(tiles), ms=None, max_rel_diff=None)
             try:
-                with loss_tiles(kernel, tiles):
+                with swapped_tiles(lce, {**defaults, kernel: tiles}):
                     row["ms"], values = run()
                 diffs = [((a - b).norm() / b.norm()).item() for a, b in zip(values, reference, strict=True)]
                 row["max_rel_diff"] = max(diffs)
