@@ -76,10 +76,13 @@ def random_G(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     return {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in trainable_parameters(model).items()}
 
 
-def one_pass(model, batch, G, scale: float = 1.0, add_head: bool = False, token_mean: bool = True, backend="auto"):
-    """d (K,), missing (K,) from one backward of the token-mean loss (or the loss sum), times `scale`; the GhostDots."""
+def one_pass(
+    model, batch, G, scale: float = 1.0, add_head: bool = False, token_mean: bool = True, backend="auto", fold=False
+):
+    """d (K,), missing (K,) from one backward of the token-mean loss (or the loss sum), times `scale`; the GhostDots.
+    fold: every linear layer's dots taken inside its weight-gradient kernel (GhostDots' fold_linear)."""
     n = int(batch.loss_tokens_per_task().sum()) if token_mean else 1
-    with GhostDots(model, G, batch.task_ids, K, backend=backend) as ghost:
+    with GhostDots(model, G, batch.task_ids, K, backend=backend, fold_linear=fold) as ghost:
         weights = torch.full((K,), 1.0 / n, device=batch.input_ids.device)
         out = per_task_loss(model, batch, weights, ghost_weight=ghost.head_ghost_weight, backend=backend)
         if add_head:
@@ -256,10 +259,12 @@ def test_validation_losses_and_gradient(data):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fold", [False, True], ids=["ghost_dot", "folded"])
 @pytest.mark.parametrize("name", PRESETS)
-def test_gpu_triton_one_pass_matches_exact(name, data):
+def test_gpu_triton_one_pass_matches_exact(name, fold, data):
     """CUDA: one backward with the Triton kernels (loss layer with the head's ghost, every linear layer's ghost
-    dot) on the fp32 model against the float64 exact K-backward reference on CPU; fp32 tolerance 1e-4."""
+    dot, or with fold its dots inside its weight-gradient kernel as kernels.fold_ghost_dots does) on the fp32
+    model against the float64 exact K-backward reference on CPU; fp32 tolerance 1e-4."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     batch, _ = data
@@ -268,8 +273,9 @@ def test_gpu_triton_one_pass_matches_exact(name, data):
     exact = exact_task_dots(model, batch, G, K)
     model = model.float().cuda()
     G = {n: g.float().cuda() for n, g in G.items()}
-    d, missing, _ = one_pass(model, batch.to("cuda"), G, backend="triton")
+    d, missing, ghost = one_pass(model, batch.to("cuda"), G, backend="triton", fold=fold)
+    assert (ghost.offsets is not None) == fold  # the batch is grouped by task, so folding really ran
     assert missing.tolist() == [k == EMPTY for k in range(K)]
     err = rel_err(d.cpu(), exact)
-    print(f"{name} triton one pass (fp32, cuda) vs float64 exact: max rel err {err:.2e}")
+    print(f"{name} triton one pass{' folded' if fold else ''} (fp32, cuda) vs float64 exact: max rel err {err:.2e}")
     assert err <= 1e-4

@@ -91,6 +91,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item() if b.norm() > 0 else a.norm().item()
 
 
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool):
+    """CUDA fp32 matmuls with TF32 on or off inside the block (whatever the session set), restored after."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def make_batch(T: int, H: int, V: int, K: int, dtype: torch.dtype, device: torch.device = CPU) -> dict:
     """Random inputs with every edge case: ~25% ignored labels, padding rows (task id -1) at the end, task K-2
     present but with all labels ignored, task K-1 empty. Logits are O(1-10)."""
@@ -1012,12 +1023,8 @@ def test_gpu_lce_full_size(softcap, dtype, seed):
     batch = make_batch(T, H, V, K, dtype, torch.device("cuda"))
     batch["weight"] = batch["weight"] * 0.3  # keep Llama-like logit scales
     r, d_h, d_w = run_lce(per_task_linear_cross_entropy, batch, softcap, backend="triton")
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = dtype == torch.bfloat16  # keeps the bf16 reference fast
-    try:
+    with tf32_matmuls(dtype == torch.bfloat16):  # keeps the bf16 reference fast
         e, e_dh, e_dw = run_lce(per_task_linear_cross_entropy_reference, upcast(batch), softcap)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     assert torch.equal(r.count, e.count)
     low = dtype == torch.bfloat16
     assert rel_err(r.loss_sum, e.loss_sum) < (1e-4 if low else LOSS_TOL[dtype])
@@ -1026,21 +1033,31 @@ def test_gpu_lce_full_size(softcap, dtype, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n_out,n_in", [(2048, 2048), (8192, 2048), (2048, 8192)])
-def test_gpu_ghost_dot_full_size(n_out, n_in, seed):
-    """per_task_ghost_dot, and per_task_weight_grad (dW with the dots folded in) with 100 padding rows at the end
-    (dW only), at Llama-3.2-1B's linear shapes."""
+def test_gpu_ghost_dot_full_size(n_out, n_in, dtype, seed):
+    """At Llama-3.2-1B's linear shapes, T=16384, against the references on the same values (fp32 matmuls, no TF32):
+    per_task_ghost_dot by task ids (task K-1 empty, the last 100 rows padding) and by task offsets (task 2 empty,
+    100 rows of no task at the end), and per_task_weight_grad (dW with the dots folded in) on the offsets.
+    fp32 runs the kernels' fp32 tiles (FMA, not tensor cores), which no other GPU test reaches at this size."""
     T, K, cuda = 16384, 8, torch.device("cuda")
-    x, delta = torch.randn(T, n_in, device=cuda).bfloat16(), torch.randn(T, n_out, device=cuda).bfloat16()
-    G = torch.randn(n_out, n_in, device=cuda).bfloat16()
-    offsets = torch.linspace(0, T, K + 1, device=cuda).long()
-    out = per_task_ghost_dot(x, delta, G, task_offsets=offsets, backend="triton")
-    ref = per_task_ghost_dot_reference(x, delta, G, task_offsets=offsets)
-    assert rel_err(out, ref) < 1e-3
+    x, delta = torch.randn(T, n_in, device=cuda).to(dtype), torch.randn(T, n_out, device=cuda).to(dtype)
+    G = torch.randn(n_out, n_in, device=cuda).to(dtype)
+    dot_tol = GRAD_TOL[torch.float32] if dtype == torch.float32 else 1e-3
+    ids = torch.randint(0, K - 1, (T,), device=cuda)
+    ids[T - 100 :] = -1
     offsets = torch.linspace(0, T - 100, K + 1, device=cuda).long()
+    offsets[3] = offsets[2]
+    with tf32_matmuls(False):
+        ref_by_ids = per_task_ghost_dot_reference(x, delta, G, ids, K)
+        ref_by_offsets = per_task_ghost_dot_reference(x, delta, G, task_offsets=offsets)
+        ref_dW, ref_dots = per_task_weight_grad_reference(x, delta, G, offsets)
+    by_ids = per_task_ghost_dot(x, delta, G, ids, K, backend="triton")
+    by_offsets = per_task_ghost_dot(x, delta, G, task_offsets=offsets, backend="triton")
     dW, dots = per_task_weight_grad(x, delta, G, offsets, backend="triton")
-    ref_dW, ref_dots = per_task_weight_grad_reference(x, delta, G, offsets)
-    assert rel_err(dW, ref_dW) < 1e-2 and rel_err(dots, ref_dots) < 1e-3
+    assert by_ids[K - 1] == 0 and by_offsets[2] == 0 and dots[2] == 0
+    assert rel_err(by_ids, ref_by_ids) < dot_tol and rel_err(by_offsets, ref_by_offsets) < dot_tol
+    assert rel_err(dW, ref_dW) < GRAD_TOL[dtype] and rel_err(dots, ref_dots) < dot_tol
 
 
 @pytest.mark.gpu
