@@ -1033,6 +1033,37 @@ def test_gpu_lce_full_size(softcap, dtype, seed):
 
 
 @pytest.mark.gpu
+def test_gpu_lce_deterministic_full_size(seed):
+    """Under torch.use_deterministic_algorithms(True), at full size in bf16: d hidden without the split-K atomics
+    (a path the test above does not reach on a GPU, where 512-row chunks split), two runs equal bit for bit, and
+    the reference's values to the bf16 tolerances."""
+    import adapt_fast.kernels.linear_cross_entropy as lce
+
+    T, H, V, K, cuda = 16384, 2048, 128256, 8, torch.device("cuda")
+    cfg = lce._CUDA_CONFIG["dhidden"]
+    tiles = math.ceil(lce._triton_chunk_rows(V, 2) / cfg["BLOCK_T"]) * math.ceil(H / cfg["BLOCK_H"])  # per chunk
+    vblocks = math.ceil(V / cfg["BLOCK_V"])
+    assert lce._dhidden_splits(tiles, vblocks, cuda) > 1
+    batch = make_batch(T, H, V, K, torch.bfloat16, cuda)
+    batch["weight"] = batch["weight"] * 0.3
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert lce._dhidden_splits(tiles, vblocks, cuda) == 1
+        r, d_h, d_w = run_lce(per_task_linear_cross_entropy, batch, None, backend="triton")
+        r2, d_h2, d_w2 = run_lce(per_task_linear_cross_entropy, batch, None, backend="triton")
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for a, b in ((r.loss_sum, r2.loss_sum), (r.ghost_dot, r2.ghost_dot), (d_h, d_h2), (d_w, d_w2)):
+        assert torch.equal(a, b)
+    with tf32_matmuls(True):
+        e, e_dh, e_dw = run_lce(per_task_linear_cross_entropy_reference, upcast(batch), None)
+    assert torch.equal(r.count, e.count) and rel_err(r.loss_sum, e.loss_sum) < 1e-4
+    assert rel_err(r.ghost_dot, e.ghost_dot) < 5e-3
+    assert rel_err(d_h, e_dh) < GRAD_TOL[torch.bfloat16] and rel_err(d_w, e_dw) < GRAD_TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n_out,n_in", [(2048, 2048), (8192, 2048), (2048, 8192)])
 def test_gpu_ghost_dot_full_size(n_out, n_in, dtype, seed):
