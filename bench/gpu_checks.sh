@@ -16,8 +16,9 @@ set -uo pipefail
 out=${1:?usage: bench/gpu_checks.sh OUT_FOLDER}
 source "$(dirname "$0")/stages.sh"
 stages_begin "$out" gpu_checks "${GPU_CHECKS_BUDGET_S:-565}" || exit 2
-stage 180 gpu_tests.txt python3 -m pytest -v -m gpu -p no:cacheprovider -rA -s --durations=0 \
-    tests/test_kernels.py tests/test_attention.py tests/test_ghost.py
+# Small tests first, the full-size kernel tests next, the trainer on CUDA (the slowest, last in test_kernels.py) last.
+stage 210 gpu_tests.txt python3 -m pytest -v -m gpu -p no:cacheprovider -rA -s --durations=0 \
+    tests/test_attention.py tests/test_ghost.py tests/test_kernels.py
 stage 100 logs/loss_kernel.log python3 bench/loss_kernel.py --out "$work"
 stage 75 logs/ghost_dot.log python3 bench/ghost_dot.py --out "$work"
 stage 130 logs/meta_gradient.log python3 bench/meta_gradient.py --out "$work"
