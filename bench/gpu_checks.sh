@@ -3,7 +3,7 @@
 #   source .device/setup.sh && bash bench/gpu_checks.sh "$OUT"
 # Everything lands in one file, OUT/gpu_checks.tar.gz (bench/stages.sh says why); commit it with
 #   tar -xzf gpu_checks.tar.gz -C bench/results
-# which gives bench/results/<gpu>/: gpu_tests.txt, sm90_compile.{json,md}, {loss_kernel,ghost_dot,meta_gradient,
+# which gives bench/results/<gpu>/: gpu_tests.txt, triton_tests_on_gpu.txt, sm90_compile.{json,md}, {loss_kernel,ghost_dot,meta_gradient,
 # loss_kernel_sweep}.{json,md}, kernel_targets.{json,md} (the summary) and logs/; and bench/results/logit_std4/<gpu>/
 # (the peaked-logits loss run). kernel_targets.md is also left beside the archive, and printed last.
 # Setup once per checkout: the shared folder holds its wheels in wheels/ but setup.sh installs device-wheels/*.whl:
@@ -22,6 +22,12 @@ stage 210 gpu_tests.txt python3 -m pytest -v -m gpu -p no:cacheprovider -rA -s -
 stage 100 logs/loss_kernel.log python3 bench/loss_kernel.py --out "$work"
 stage 75 logs/ghost_dot.log python3 bench/ghost_dot.py --out "$work"
 stage 130 logs/meta_gradient.log python3 bench/meta_gradient.py --out "$work"
+# The CPU suite's Triton kernel tests (odd sizes from T=1, empty tasks, split d hidden, tied and strided heads, the
+# kernels inside the tiny models) on CUDA, at the CUDA tiles: `make test` runs them interpreted. Not without a GPU.
+if [ "$gpu" != cpu ]; then
+    stage 90 triton_tests_on_gpu.txt python3 -m pytest -v -m "triton and not gpu" -p no:cacheprovider -rA \
+        --durations=10 tests/test_kernels.py
+fi
 # The device's triton compiling every kernel for sm_90 (the same compiler as sm90_compile_triton3.6.md: a check).
 stage 60 logs/sm90_compile.log python3 bench/sm90_compile.py --out "$work/$gpu/sm90_compile"
 # Peaked logits (std 4, closer to a trained model's softmax): Cut Cross-Entropy skips more blocks there.

@@ -3,10 +3,11 @@
     python bench/kernel_targets.py --out OUT        # OUT: the folder bench/gpu_checks.sh's stages wrote into
 
 Reads, for each GPU folder OUT/<gpu>/ holding them: loss_kernel.json (and OUT/logit_std4/<gpu>/loss_kernel.json,
-the peaked-logits run), ghost_dot.json and meta_gradient.json, and the `gpu` tests' summary line in
-OUT/<gpu>/gpu_tests.txt. Writes OUT/<gpu>/kernel_targets.json and .md: each target (benchmarks, not tests) with what
-was measured and whether it was met, missing results marked missing, and which of the two ways of taking the linear
-layers' ghost dots (separate, or folded into the weight gradient) a mixture-update step ran faster with.
+the peaked-logits run), ghost_dot.json and meta_gradient.json, and pytest's summary line of the `gpu` tests in
+OUT/<gpu>/gpu_tests.txt and of the `triton` tests on CUDA in OUT/<gpu>/triton_tests_on_gpu.txt. Writes
+OUT/<gpu>/kernel_targets.json and .md: each target (benchmarks, not tests) with what was measured and whether it
+was met, missing results marked missing, and which of the two ways of taking the linear layers' ghost dots
+(separate, or folded into the weight gradient) a mixture-update step ran faster with.
 """
 
 import argparse
@@ -62,7 +63,7 @@ def meta_targets(result: dict | None) -> list[dict]:
 def gpu_test_summary(path: Path) -> dict:
     """Counts from pytest's last summary line ("3 passed, 1 failed, 2 skipped in 9.1s"), or missing."""
     if not path.exists():
-        return {"status": "gpu_tests.txt missing"}
+        return {"status": f"{path.name} missing"}
     summary = r"=+ .*\d+ (passed|failed|skipped|errors?)\b.* in [\d.]+s"  # "==== 2 passed, 1 skipped in 9.1s ===="
     lines = [line for line in path.read_text().splitlines() if re.match(summary, line)]
     if not lines:
@@ -95,18 +96,23 @@ def summarize(out: Path, gpu_folder: Path) -> dict:
     return {
         "gpu": gpu_folder.name,
         "gpu_tests": gpu_test_summary(gpu_folder / "gpu_tests.txt"),
+        "triton_tests": gpu_test_summary(gpu_folder / "triton_tests_on_gpu.txt"),
         "targets": rows,
         "ghost_dots_faster": folded_or_separate(read_json(gpu_folder / "meta_gradient.json")),
     }
 
 
-def markdown(summary: dict) -> str:
-    tests = summary["gpu_tests"]
+def test_line(label: str, tests: dict) -> str:
     counts = ", ".join(f"{v} {k}" for k, v in tests.items() if k != "status")
+    return f"{label}: {tests['status']}{f' ({counts})' if counts else ''}."
+
+
+def markdown(summary: dict) -> str:
     lines = [
         f"# Kernel targets, {summary['gpu']}",
         "",
-        f"`gpu` tests: {tests['status']}{f' ({counts})' if counts else ''}.",
+        test_line("`gpu` tests", summary["gpu_tests"]),
+        test_line("The CPU suite's Triton kernel tests on this GPU (`-m triton`)", summary["triton_tests"]),
         "",
         "| target | measured | bound | met | note |",
         "|---|---:|---|---|---|",

@@ -135,6 +135,15 @@ def test_kernel_targets_table(kernel_bench, tmp_path):
     summary = json.loads((out / "cpu" / "kernel_targets.json").read_text())
     assert (out / "cpu" / "kernel_targets.md").exists()
     assert summary["gpu_tests"] == {"status": "failures", "failed": 2, "passed": 11, "skipped": 1}
+    assert summary["triton_tests"] == {"status": "triton_tests_on_gpu.txt missing"}
+    (out / "cpu" / "triton_tests_on_gpu.txt").write_text("==== 50 passed, 1 deselected in 40.00s ====\n")
+    assert subprocess.run([*script, str(out)], capture_output=True, timeout=120).returncode == 0
+    summary = json.loads((out / "cpu" / "kernel_targets.json").read_text())
+    assert summary["triton_tests"] == {"status": "all passed", "passed": 50, "deselected": 1}
+    assert (
+        "Triton kernel tests on this GPU (`-m triton`): all passed (50 passed"
+        in (out / "cpu" / "kernel_targets.md").read_text()
+    )
     for last_line, status in [
         ("==== 21 skipped in 2.72s ====", {"status": "none ran", "skipped": 21}),
         ("== 20 passed, 1 skipped in 97.10s (0:01:37) ==", {"status": "all passed", "passed": 20, "skipped": 1}),
