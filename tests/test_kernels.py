@@ -1109,9 +1109,8 @@ def test_gpu_ghost_dot_full_size(n_out, n_in, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_layer_kernels_full_size(dtype, seed):
     """RMSNorm at Llama-3.2-1B's width (T=16384, H=2048; Gemma's form at 8192), SwiGLU and GEGLU at its MLP width
-    (8192) and
-    RoPE at its attention (32 query and 8 key heads of 64, HF's transposed layout), against the references in fp32
-    on the same values."""
+    (8192) and RoPE at its attention (32 query and 8 key heads of 64, HF's transposed layout), against the
+    references in fp32 on the same values."""
     T, cuda = 16384, torch.device("cuda")
     for H, form in ((2048, "llama"), (8192, "gemma")):
         offset, cast = RMS_NORM_FORMS[form]
