@@ -3,9 +3,10 @@
 #   source .device/setup.sh && bash bench/gpu_checks.sh "$OUT"
 # Everything lands in one file, OUT/gpu_checks.tar.gz (bench/stages.sh says why); commit it with
 #   tar -xzf gpu_checks.tar.gz -C bench/results
-# which gives bench/results/<gpu>/: gpu_tests.txt, triton_tests_on_gpu.txt, sm90_compile.{json,md}, {loss_kernel,ghost_dot,meta_gradient,
-# loss_kernel_sweep}.{json,md}, kernel_targets.{json,md} (the summary) and logs/; and bench/results/logit_std4/<gpu>/
-# (the peaked-logits loss run). kernel_targets.md is also left beside the archive, and printed last.
+# which gives bench/results/<gpu>/: gpu_tests.txt, triton_tests_on_gpu.txt, sm90_compile.{json,md},
+# {loss_kernel,ghost_dot,meta_gradient,loss_kernel_sweep}.{json,md}, kernel_targets.{json,md} (the summary) and logs/;
+# and bench/results/logit_std4/<gpu>/ (the peaked-logits loss run). kernel_targets.md is also left beside the archive,
+# and printed last.
 # Setup once per checkout: the shared folder holds its wheels in wheels/ but setup.sh installs device-wheels/*.whl:
 #   mkdir -p .device && cp -r ../shared/device/. .device/ && mv .device/wheels .device/device-wheels
 # and `echo /.device/ >> .git/info/exclude`; pass .device in the run's carry.

@@ -102,7 +102,7 @@ def summarize(out: Path, gpu_folder: Path) -> dict:
     }
 
 
-def test_line(label: str, tests: dict) -> str:
+def summary_line(label: str, tests: dict) -> str:
     counts = ", ".join(f"{v} {k}" for k, v in tests.items() if k != "status")
     return f"{label}: {tests['status']}{f' ({counts})' if counts else ''}."
 
@@ -111,8 +111,8 @@ def markdown(summary: dict) -> str:
     lines = [
         f"# Kernel targets, {summary['gpu']}",
         "",
-        test_line("`gpu` tests", summary["gpu_tests"]),
-        test_line("The CPU suite's Triton kernel tests on this GPU (`-m triton`)", summary["triton_tests"]),
+        summary_line("`gpu` tests", summary["gpu_tests"]),
+        summary_line("The CPU suite's Triton kernel tests on this GPU (`-m triton`)", summary["triton_tests"]),
         "",
         "| target | measured | bound | met | note |",
         "|---|---:|---|---|---|",

@@ -1187,10 +1187,11 @@ runs = (("torch", ["--kernels.backend", "torch", *fp32]),
 @pytest.mark.gpu
 def test_gpu_trainer_one_pass_with_triton_matches_exact(tmp_path):
     """The trainer on CUDA (DeepSpeed over NCCL, a world of one), tiny Llama in fp32: ADAPT with the Triton backend
-    (loss, ghost-dot and fused layer kernels, varlen attention) against the torch backend, the same losses, one-pass
-    dots, validation losses and mixtures to fp32 tolerance; its one-pass dots against the trainer's exact K-backward
-    ones (meta.dots exact) to the tolerance the CPU trainer test uses. Then the GPU default, bf16, at ZeRO-3 with
-    the dots folded into the weight gradients: the budget to the token, every fused layer, losses near fp32's."""
+    (loss, ghost-dot and fused layer kernels) against the torch backend, the same losses, one-pass dots, validation
+    losses and mixtures to fp32 tolerance; its one-pass dots against the trainer's exact K-backward ones
+    (meta.dots exact) to the tolerance the CPU trainer test uses. Then the GPU default, bf16 (varlen flash
+    attention), at ZeRO-3 with the dots folded into the weight gradients: the budget to the token, every fused
+    layer, losses near fp32's."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-c", TRAINER_ON_GPU, str(tmp_path)], env=env, capture_output=True,
