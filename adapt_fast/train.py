@@ -341,6 +341,12 @@ class Trainer:
         if self.data.validation.num_examples == 0 and cfg.mixture.method == "adapt":
             raise ConfigError("mixture.method adapt needs validation examples (data.val_fraction or data.val_examples)")
         self.objective = check_task_names(cfg.meta.val_tasks, self.data, "meta.val_tasks") or list(range(self.K))
+        unmeasured = [self.task_names[k] for k in self.objective if self.data.validation.examples_per_task()[k] == 0]
+        if unmeasured and cfg.mixture.method == "adapt":
+            raise ConfigError(
+                f"mixture.method adapt: no validation examples for {', '.join(unmeasured)} (a task needs two or "
+                "more examples to be split; leave it out with data.tasks, or out of the objective with meta.val_tasks)"
+            )
         self.budget = resolve_budget(cfg, self.data.train)
 
         # Mixture.

@@ -102,6 +102,74 @@ def test_split_uses_data_split_else_seeded_fraction():
     assert [r["split"] for r in fixed].count("validation") == 3
 
 
+def test_split_of_a_task_does_not_depend_on_the_other_tasks():
+    """The evaluator loads one task (data.tasks); it must see the validation examples the full run held out."""
+
+    def records(tasks):
+        return [formats._record(task=t, input=f"{t}{i}", output="o") for t in tasks for i in range(40)]
+
+    full, alone = records(["a", "b", "c"]), records(["c"])
+    for rs in (full, alone):
+        formats.assign_splits(rs, val_fraction=0.2, val_examples=0, seed=4)
+    held_out = {r["input"] for r in full if r["split"] == "validation" and r["task"] == "c"}
+    assert held_out == {r["input"] for r in alone if r["split"] == "validation"} and len(held_out) == 8
+
+
+def test_data_splits_map_like_hf_and_a_task_without_validation_gets_one(tmp_path):
+    """train*/validation/dev as HF names them; test is left out (never trained on, never steers the mixture);
+    a task whose data has train rows only still gets val_fraction of them for validation."""
+    import datasets
+
+    def rows(task, n):
+        return datasets.Dataset.from_list([{"task": task, "prompt": f"{task}{i}", "response": "r"} for i in range(n)])
+
+    both = datasets.concatenate_datasets([rows("a", 20), rows("b", 20)])
+    datasets.DatasetDict({"train_sft": both, "dev": rows("a", 5), "test": rows("b", 7)}).save_to_disk(tmp_path / "hf")
+    records = formats.load_split_records(tmp_path / "hf", val_fraction=0.1)
+    splits = ("train", "validation")
+    count = {(t, s): sum(r["task"] == t and r["split"] == s for r in records) for t in "ab" for s in splits}
+    assert count == {("a", "train"): 20, ("a", "validation"): 5, ("b", "train"): 18, ("b", "validation"): 2}
+
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"prompt": "p", "response": "r", "split": s}) + "\n"
+                                              for s in ("train", "val", "test", "weird")))  # fmt: skip
+    with pytest.raises(DataError, match=r"s.jsonl:4: unknown split 'weird'"):
+        formats.load_records(tmp_path / "s.jsonl")
+
+
+def test_values_that_are_not_text_are_refused_and_trl_conversations_load(tmp_path):
+    """null, objects and lone surrogates never become training text ("None", a Python printout); TRL's
+    conversational prompt/completion (message lists) becomes chat messages."""
+    conversation = {
+        "prompt": [{"role": "user", "content": "sky?"}],
+        "completion": [{"role": "assistant", "content": "Blue."}],
+    }
+    (tmp_path / "conv.jsonl").write_text(json.dumps(conversation) + "\n")
+    (record,) = formats.load_records(tmp_path / "conv.jsonl")
+    assert (record["input"], record["output"]) == ("sky?", "Blue.")
+    assert json.loads(record["messages"])[-1] == {"role": "assistant", "content": "Blue."}
+
+    bad_rows = {
+        "null_response": ({"prompt": "p", "response": None}, "missing"),
+        "object_response": ({"prompt": "p", "response": {"x": 1}}, "'response' is dict"),
+        "null_content": ({"messages": [{"role": "assistant", "content": None}]}, "'content' is null"),
+        "string_messages": ({"messages": ["hi", "there"]}, "role/content"),
+        "list_task": ({"task": ["x"], "prompt": "p", "response": "r"}, "'task' is list"),
+        "surrogate": ('{"prompt": "a\\ud800b", "response": "c"}', "lone surrogate"),
+    }  # fmt: skip
+    for name, (row, message) in bad_rows.items():
+        (tmp_path / f"{name}.jsonl").write_text((row if isinstance(row, str) else json.dumps(row)) + "\n")
+        with pytest.raises(DataError, match=re.escape(f"{name}.jsonl:1: ") + ".*" + re.escape(message)):
+            formats.load_records(tmp_path / f"{name}.jsonl")
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps({"prompt": "p", "response": "r"}).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(DataError, match="latin1.jsonl:2: not UTF-8"):
+        formats.load_records(tmp_path / "latin1.jsonl")
+    ni = tmp_path / "ni"
+    ni.mkdir()
+    (ni / "t.json").write_text(json.dumps({"Definition": ["d"], "Instances": [{"input": "q", "output": [None]}]}))
+    with pytest.raises(DataError, match="instance 0: 'output' is null"):
+        formats.load_records(ni)
+
+
 # ----------------------------------------------------------------------------- masking and cache
 
 
@@ -116,6 +184,24 @@ def test_loss_only_on_response_and_eos(suite, tokenizer):
         assert text.endswith("Output: ") and "Definition:" in text
         assert not mask[: int(np.argmax(mask))].any() and mask[int(np.argmax(mask)) :].all()
         assert len(response) > 0
+
+
+def test_chat_template_that_rewrites_the_prompt_still_ends_the_answer_with_eos():
+    """When the generation prompt is not a prefix of the full rendering, the loss falls on the answer's
+    tokens, and EOS ends them, as on every other path, so that the model learns to stop."""
+    from adapt_fast.data.render import tokenize_record
+
+    tok = build_byte_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{% if m.role == 'user' %}U:{{ m.content }}\n{% else %}A:{{ m.content }}{{ eos_token }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}"
+    )
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    record = formats._record(task="t", input="hi", output="yo", messages=json.dumps(messages))
+    ids, mask = tokenize_record(record, tok, "chat")
+    assert tok.decode(ids) == "U:hi\nA: yo" + tok.eos_token
+    answer = tok.encode("yo", add_special_tokens=False) + [tok.eos_token_id]
+    assert [i for i, m in zip(ids, mask, strict=True) if m] == answer
 
 
 def test_microbatch_labels_isolate_examples(suite):
@@ -151,6 +237,37 @@ def test_second_load_hits_the_cache(tmp_path, tokenizer, monkeypatch):
     monkeypatch.undo()  # a change of settings is a different entry
     other = build_or_load(tmp_path / "data", tokenizer, cache_dir=tmp_path / "c", max_len=64, progress=False)
     assert other.folder != first.folder
+
+
+def test_cache_key_covers_a_datasets_folder_data_and_name(tmp_path, tokenizer):
+    """A re-saved DatasetDict is tokenised again (its dataset_dict.json alone does not change), and a copy
+    under another name (the task of rows without a task column) is a different entry."""
+    import shutil
+
+    import datasets
+
+    def save(n):
+        ds = datasets.Dataset.from_list([{"prompt": f"q{i}", "response": "r" * n} for i in range(10)])
+        datasets.DatasetDict({"train": ds}).save_to_disk(tmp_path / "sentiment")
+
+    save(1)
+    first = build_or_load(tmp_path / "sentiment", tokenizer, cache_dir=tmp_path / "c", progress=False)
+    shutil.rmtree(tmp_path / "sentiment")
+    save(30)
+    second = build_or_load(tmp_path / "sentiment", tokenizer, cache_dir=tmp_path / "c", progress=False)
+    assert not second.from_cache and second.train.ids.size > first.train.ids.size
+    shutil.copytree(tmp_path / "sentiment", tmp_path / "summarize")
+    copy = build_or_load(tmp_path / "summarize", tokenizer, cache_dir=tmp_path / "c", progress=False)
+    assert not copy.from_cache and copy.task_names == ["summarize"]
+
+
+def test_a_tokenising_batch_that_drops_every_row(tmp_path, tokenizer):
+    """300 over-long rows (more than one 256-row map batch, all dropped), then short ones: no untyped column."""
+    rows = [{"prompt": "p" * 200, "response": "r"}] * 300 + [{"prompt": "p", "response": "r"}] * 300
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = build_or_load(tmp_path / "d.jsonl", tokenizer, cache_dir=tmp_path / "c", max_len=64, truncate=False,
+                         val_fraction=0, progress=False)  # fmt: skip
+    assert data.meta["train"] == {"examples": 300, "truncated": 0, "dropped": 300}
 
 
 # ----------------------------------------------------------------------------- budget and shares
@@ -328,6 +445,14 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     bad_line = tmp_path / "broken.jsonl"
     bad_line.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n{not json\n")
     assert_one_line_error(run_inspect("--data.path", str(bad_line), *cache), "broken.jsonl:2", "malformed JSON")
+
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    assert_one_line_error(run_inspect("--data.path", str(ok), "--data.template", "chat", *cache), "no chat template")
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "p" * 100, "response": "r"}) + "\n")
+    args = ("--data.path", str(long), "--data.max_len", "64", "--data.truncate", "false", "--data.val_fraction", "0")
+    assert_one_line_error(run_inspect(*args, *cache), "no training examples left: all 1", "data.max_len (64)")
 
 
 def test_too_long_examples_are_dropped_and_counted(tmp_path):

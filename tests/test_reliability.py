@@ -305,6 +305,7 @@ def test_non_finite_meta_gradient_skips_only_the_mixture_update(workdir, monkeyp
         (["--model.dtype", "float16"], "model.dtype float16 is not supported for training"),
         (["--resume", "/no/such/checkpoint"], "--resume: no such checkpoint"),
         (["UNWRITABLE"], "output_dir is not writable"),
+        (["ONE_EXAMPLE_TASK"], "mixture.method adapt: no validation examples for b (a task needs two"),
     ],
 )
 def test_bad_configuration_is_one_line_exit_2(workdir, capsys, extra, needle):
@@ -313,6 +314,10 @@ def test_bad_configuration_is_one_line_exit_2(workdir, capsys, extra, needle):
         blocker = workdir / "a_file"
         blocker.write_text("")
         out, extra = blocker / "run", []  # a folder inside a file: not even root can create it
+    if extra == ["ONE_EXAMPLE_TASK"]:  # task b cannot be split: ADAPT would never measure its validation loss
+        rows = [{"task": "a" if i else "b", "prompt": f"q{i}", "response": "r"} for i in range(11)]
+        (workdir / "one.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        extra = ["--data.path", str(workdir / "one.jsonl")]
     with pytest.raises(SystemExit) as exc:
         main(args(workdir, out, *extra))
     assert exc.value.code == 2

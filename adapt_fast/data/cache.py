@@ -29,7 +29,7 @@ from adapt_fast.data import formats
 from adapt_fast.data.render import fit_to_max_len, resolve_template, tokenize_record
 from adapt_fast.errors import DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: splits seeded by task name; test splits left out
 SPLITS = ("train", "validation")
 
 
@@ -110,10 +110,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def cache_key(files: list[Path], settings: dict, tokenizer) -> str:
+def cache_key(files: list[Path], settings: dict, tokenizer, root: Path) -> str:
+    """Hash of every data file (its path under `root`, the data path, and its bytes), the settings and the tokenizer."""
     h = hashlib.sha256(f"adapt_fast-cache-v{CACHE_VERSION}".encode())
     for f in files:
-        h.update(str(f.name).encode())
+        h.update(str(f.relative_to(root) if root.is_dir() else f.name).encode())
         with open(f, "rb") as fh:
             h.update(hashlib.file_digest(fh, "sha256").digest())
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -122,6 +123,20 @@ def cache_key(files: list[Path], settings: dict, tokenizer) -> str:
 
 
 # ----------------------------------------------------------------------------- build
+
+
+def _tokenized_features():
+    from datasets import Features, Sequence, Value
+
+    return Features(
+        {
+            "task": Value("string"),
+            "ids": Sequence(Value("int32")),
+            "loss_mask": Sequence(Value("uint8")),
+            "status": Value("string"),
+            "length": Value("int32"),
+        }
+    )
 
 
 def _tokenize_batch(batch: dict, tokenizer, template: str, num_positive_examples: int, max_len: int, truncate: bool):
@@ -222,8 +237,10 @@ def build_or_load(
     }
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
+    if formats.is_hf_folder(path):
+        settings["default_task"] = path.name  # the task of rows without a task column
     files = formats.data_files(path)
-    key = cache_key(files, settings, tokenizer)
+    key = cache_key(files, settings, tokenizer, path)
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     entry = root / key
     if (entry / "meta.json").exists():
@@ -264,6 +281,7 @@ def build_or_load(
                     "max_len": max_len,
                     "truncate": truncate,
                 },
+                features=_tokenized_features(),  # typed: a batch whose rows are all dropped is no list<null>
                 desc=f"tokenising {split}",
                 keep_in_memory=True,
             )

@@ -11,11 +11,14 @@ A record is a plain dict (so it goes straight into `datasets.Dataset.from_list`)
     task, split ("train" | "validation" | ""), source (file name), definition, positive_examples
     (JSON string of [{input, output}]), input, output (the first reference), references (JSON list
     of every reference output), messages (JSON string of chat messages or "").
-Splits left empty here are assigned by `assign_splits` (seeded, per task).
+Splits left empty here are assigned by `assign_splits` (seeded, per task). Split names in the data
+map as HF users name them: train* -> train; validation, valid, val, dev -> validation; test* is left
+out (never trained on, never steers the mixture).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -47,6 +50,37 @@ def _first(value) -> str:
     if isinstance(value, list):
         return str(value[0]) if value else ""
     return "" if value is None else str(value)
+
+
+def _text(value, where: str, field: str, *, optional: bool = False) -> str:
+    """A text field of an example as a string: numbers are written out; null (unless `optional`),
+    lists, objects and strings that are not valid Unicode (lone surrogates) are refused, so that no
+    example trains on the text "None" or on a Python printout."""
+    if value is None and optional:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        kind = "null" if value is None else type(value).__name__
+        raise DataError(f"{where}: {field!r} is {kind}, expected text")
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: {field!r} is not valid Unicode (a lone surrogate)") from None
+    return text
+
+
+def split_name(name: str, where: str) -> str | None:
+    """A split name in the data -> "train", "validation", "" (none given) or None (test: left out)."""
+    name = name.strip().lower()
+    if not name:
+        return ""
+    if name.startswith("train"):
+        return "train"
+    if name in ("validation", "valid", "val", "dev") or name.startswith("validation"):
+        return "validation"
+    if name.startswith("test"):
+        return None
+    raise DataError(f"{where}: unknown split {name!r} (expected train, validation/valid/val/dev or test)")
 
 
 # ----------------------------------------------------------------------------- NI task files
@@ -83,21 +117,27 @@ def load_ni_task_file(path: Path, group_by: str = "task") -> list[dict]:
     for i, inst in enumerate(instances):
         if not isinstance(inst, dict) or "input" not in inst or "output" not in inst:
             raise DataError(f"{path}: instance {i} lacks 'input' or 'output'")
+        where = f"{path}: instance {i}"
         outputs = inst["output"] if isinstance(inst["output"], list) else [inst["output"]]
-        outputs = [str(o) for o in outputs]
+        outputs = [_text(o, where, "output") for o in outputs]
         if not outputs:
             raise DataError(f"{path}: instance {i} has no output")
+        split = split_name(_text(inst.get("split"), where, "split", optional=True), where)
+        if split is None:
+            continue
         records.append(
             _record(
                 task=name,
-                split=str(inst.get("split", "")),
+                split=split,
                 source=path.name,
-                input=str(inst["input"]),
+                input=_text(inst["input"], where, "input"),
                 output=outputs[0],
                 references=json.dumps(outputs, ensure_ascii=False),
                 **shared,
             )
         )
+    if not records:
+        raise DataError(f"{path}: every instance is in the test split")
     return records
 
 
@@ -113,32 +153,48 @@ def ni_task_files(path: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- tabular formats
 
 
-def _tabular_record(row: dict, where: str, task_column: str, default_task: str) -> dict:
-    """prompt/response | instruction/input/output | messages -> a record. `where` names file and line."""
+def _is_message_list(value) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(isinstance(m, dict) for m in value)
+
+
+def _messages(value, where: str, column: str) -> list[dict]:
+    """Chat messages (a list of role/content objects, or its JSON string) ending with an assistant turn."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: {column!r} is not a JSON list") from None
+    if not _is_message_list(value) or any("role" not in m or "content" not in m for m in value):
+        raise DataError(f"{where}: {column!r} must be a list of role/content objects ending with an assistant turn")
+    messages = [{**m, "role": _text(m["role"], where, "role"), "content": _text(m["content"], where, "content")}
+                for m in value]  # fmt: skip
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: {column!r} must end with an assistant turn")
+    return messages
+
+
+def _tabular_record(row: dict, where: str, task_column: str, default_task: str) -> dict | None:
+    """prompt/response (or completion) | instruction/input/output | chat messages (also TRL's
+    conversational prompt/completion) -> a record, or None for a test-split row. `where` names file and line."""
     task = row.get(task_column)
-    task = default_task if task is None or task == "" else str(task)
-    split = str(row.get("split") or "")
-    if "messages" in row and row["messages"] is not None:
-        messages = row["messages"]
-        if isinstance(messages, str):
-            try:
-                messages = json.loads(messages)
-            except json.JSONDecodeError:
-                raise DataError(f"{where}: 'messages' is not a JSON list") from None
-        messages = [dict(m) for m in messages] if isinstance(messages, (list, tuple, np.ndarray)) else None
-        if (
-            not messages
-            or any("role" not in m or "content" not in m for m in messages)
-            or messages[-1]["role"] != "assistant"
-        ):
-            raise DataError(f"{where}: 'messages' must be a list of role/content ending with an assistant turn")
-        out = str(messages[-1]["content"])
-        prompt = "\n".join(str(m["content"]) for m in messages[:-1])
+    task = default_task if task is None or task == "" else _text(task, where, task_column)
+    split = split_name(_text(row.get("split"), where, "split", optional=True), where)
+    if split is None:
+        return None
+    messages = None
+    if row.get("messages") is not None:
+        messages = _messages(row["messages"], where, "messages")
+    elif _is_message_list(row.get("prompt")):  # TRL conversational: prompt and completion are message lists
+        completion = row.get("completion", row.get("response"))
+        messages = _messages(list(row["prompt"]) + list(completion if _is_message_list(completion) else []),
+                             where, "prompt + completion")  # fmt: skip
+    if messages is not None:
+        out = messages[-1]["content"]
         return _record(
             task=task,
             split=split,
             source=where,
-            input=prompt,
+            input="\n".join(m["content"] for m in messages[:-1]),
             output=out,
             references=json.dumps([out], ensure_ascii=False),
             messages=json.dumps(messages, ensure_ascii=False),
@@ -148,7 +204,7 @@ def _tabular_record(row: dict, where: str, task_column: str, default_task: str) 
         if response_key not in row:
             response_key = "completion" if "completion" in row else response_key
     elif "instruction" in row:
-        response_key, definition, text = "output", str(row["instruction"]), row.get("input", "")
+        response_key, definition, text = "output", _text(row["instruction"], where, "instruction"), row.get("input")
     elif "input" in row:
         response_key, definition, text = "output", "", row["input"]
     else:
@@ -156,7 +212,8 @@ def _tabular_record(row: dict, where: str, task_column: str, default_task: str) 
     if response_key not in row or row[response_key] is None:
         raise DataError(f"{where}: response column {response_key!r} missing")
     outputs = row[response_key]
-    outputs = [str(o) for o in outputs] if isinstance(outputs, (list, tuple, np.ndarray)) else [str(outputs)]
+    outputs = list(outputs) if isinstance(outputs, (list, tuple, np.ndarray)) else [outputs]
+    outputs = [_text(o, where, response_key) for o in outputs]
     if not outputs:
         raise DataError(f"{where}: response column {response_key!r} is empty")
     return _record(
@@ -164,7 +221,7 @@ def _tabular_record(row: dict, where: str, task_column: str, default_task: str) 
         split=split,
         source=where,
         definition=definition,
-        input="" if text is None else str(text),
+        input=_text(text, where, "input", optional=True),
         output=outputs[0],
         references=json.dumps(outputs, ensure_ascii=False),
     )
@@ -172,11 +229,15 @@ def _tabular_record(row: dict, where: str, task_column: str, default_task: str) 
 
 def load_jsonl(path: Path, task_column: str) -> list[dict]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig")  # -sig: a byte-order mark is dropped, not an error
+            except UnicodeDecodeError:
+                raise DataError(f"{where}: not UTF-8 text") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
@@ -184,6 +245,7 @@ def load_jsonl(path: Path, task_column: str) -> list[dict]:
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object")
             records.append(_tabular_record(row, where, task_column, path.stem))
+    records = [r for r in records if r is not None]
     if not records:
         raise DataError(f"{path}: no examples")
     return records
@@ -199,7 +261,8 @@ def load_parquet(path: Path, task_column: str) -> list[dict]:
     rows = table.to_pylist()
     if not rows:
         raise DataError(f"{path}: no examples")
-    return [_tabular_record(row, f"{path} row {i}", task_column, path.stem) for i, row in enumerate(rows)]
+    records = [_tabular_record(row, f"{path} row {i}", task_column, path.stem) for i, row in enumerate(rows)]
+    return [r for r in records if r is not None]
 
 
 def load_hf_folder(path: Path, task_column: str) -> list[dict]:
@@ -211,14 +274,15 @@ def load_hf_folder(path: Path, task_column: str) -> list[dict]:
         raise DataError(f"{path}: cannot load the datasets folder ({type(err).__name__})") from None
     splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
     records = []
-    for split_name, ds in splits:
-        split = {"validation": "validation", "valid": "validation", "val": "validation", "test": "validation"}.get(
-            split_name, "train" if split_name else ""
-        )
+    for name, ds in splits:
+        split = split_name(name, f"{path} [{name}]")
+        if split is None:  # the data's test split: never trained on, never steers the mixture
+            continue
         for i, row in enumerate(ds):
-            record = _tabular_record(row, f"{path} [{split_name or 'data'}] row {i}", task_column, path.name)
-            record["split"] = record["split"] or split
-            records.append(record)
+            record = _tabular_record(row, f"{path} [{name or 'data'}] row {i}", task_column, path.name)
+            if record is not None:
+                record["split"] = record["split"] or split
+                records.append(record)
     if not records:
         raise DataError(f"{path}: no examples")
     return records
@@ -227,14 +291,19 @@ def load_hf_folder(path: Path, task_column: str) -> list[dict]:
 # ----------------------------------------------------------------------------- entry point
 
 
+def is_hf_folder(path: Path) -> bool:
+    """A folder written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
+    return path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists())
+
+
 def data_files(path: Path) -> list[Path]:
     """The files that make up a data path (used for loading and for the cache key)."""
     if path.is_file():
         return [path]
+    if is_hf_folder(path):  # before the NI check: its top-level *.json are metadata, not tasks
+        return sorted(p for p in path.rglob("*") if p.is_file())
     if is_ni_folder(path):
         return ni_task_files(path)
-    if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
-        return sorted(p for p in path.rglob("*") if p.is_file())
     files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".parquet"))
     if not files:
         raise DataError(f"{path}: no NI task files (*.json), JSONL or Parquet files, nor a datasets folder")
@@ -248,7 +317,7 @@ def load_records(path: str | Path, group_by: str = "task", task_column: str = "t
         raise DataError(f"{path}: no such file or folder")
     if group_by not in ("task", "category"):
         raise DataError(f"unknown group_by {group_by!r} (choose from task, category)")
-    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+    if is_hf_folder(path):
         return load_hf_folder(path, task_column)
     records: list[dict] = []
     for file in data_files(path):
@@ -264,25 +333,26 @@ def load_records(path: str | Path, group_by: str = "task", task_column: str = "t
 
 
 def assign_splits(records: list[dict], val_fraction: float, val_examples: int, seed: int) -> None:
-    """Give every record without a split one, per task: the data's own split wins, else a seeded
-    `val_examples` (if > 0) or `val_fraction` of the task's examples go to validation (at least one
-    when the task has two or more examples and val_fraction > 0)."""
+    """Give every record a split, per task: a task with validation examples in the data keeps them
+    (the rest train); otherwise a seeded `val_examples` (if > 0) or `val_fraction` of the task's
+    examples go to validation (at least one when the task has two or more examples and
+    val_fraction > 0). The draw depends on the seed and the task's name only, not on which other
+    tasks are loaded, so a run on a subset of tasks (or the evaluator) sees the same split."""
     by_task: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         by_task.setdefault(r["task"], []).append(i)
-    for task_index, (task, indices) in enumerate(sorted(by_task.items())):
-        if any(records[i]["split"] for i in indices):
+    for task, indices in sorted(by_task.items()):
+        if any(records[i]["split"] == "validation" for i in indices):
             for i in indices:
                 records[i]["split"] = records[i]["split"] or "train"
-                if records[i]["split"] not in ("train", "validation"):
-                    raise DataError(f"{records[i]['source']}: unknown split {records[i]['split']!r} in task {task}")
             continue
         n = len(indices)
         n_val = val_examples if val_examples > 0 else int(round(val_fraction * n))
         if val_fraction > 0 or val_examples > 0:
             n_val = max(n_val, 1) if n >= 2 else 0
         n_val = min(n_val, n - 1)
-        rng = np.random.default_rng([seed, task_index, 7919])
+        task_hash = int.from_bytes(hashlib.sha256(task.encode()).digest()[:8], "little")
+        rng = np.random.default_rng([seed, task_hash, 7919])
         val = set(rng.permutation(n)[:n_val].tolist())
         for j, i in enumerate(indices):
             records[i]["split"] = "validation" if j in val else "train"

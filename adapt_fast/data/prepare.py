@@ -10,7 +10,7 @@ from adapt_fast.config import Config
 from adapt_fast.data.cache import TokenizedData, TokenizedSplit, build_or_load, default_cache_dir
 from adapt_fast.data.loader import PackedLoader
 from adapt_fast.data.synthetic import write_synthetic_suite
-from adapt_fast.errors import ConfigError
+from adapt_fast.errors import ConfigError, DataError
 
 
 def cache_root(cfg: Config) -> Path:
@@ -37,7 +37,7 @@ def data_path(cfg: Config) -> Path:
 def load_data(cfg: Config, tokenizer, progress: bool = True) -> TokenizedData:
     """Tokenise (through the cache) the data named by the config."""
     d = cfg.data
-    return build_or_load(
+    data = build_or_load(
         data_path(cfg),
         tokenizer,
         group_by=d.group_by,
@@ -54,6 +54,15 @@ def load_data(cfg: Config, tokenizer, progress: bool = True) -> TokenizedData:
         num_proc=d.num_proc,
         progress=progress,
     )
+    if data.train.num_examples == 0:
+        dropped = data.meta["train"]["dropped"]
+        if not dropped:
+            raise DataError(f"{data.meta['source']}: no training examples (all are in the validation split)")
+        raise DataError(
+            f"no training examples left: all {dropped} were longer than data.max_len ({d.max_len})"
+            + (" with data.truncate false" if not d.truncate else " or kept no response token once truncated")
+        )
+    return data
 
 
 def available_units(split: TokenizedSplit, unit: str) -> int:

@@ -11,13 +11,18 @@ import json
 
 import numpy as np
 
+from adapt_fast.errors import ConfigError
+
 NI_TEMPLATES = ("ni", "chat")
 
 
 def resolve_template(template: str, tokenizer) -> str:
-    """'auto' -> 'chat' if the tokenizer has a chat template, else 'ni'."""
+    """'auto' -> 'chat' if the tokenizer has a chat template, else 'ni'; 'chat' needs one."""
+    has_chat_template = bool(getattr(tokenizer, "chat_template", None))
     if template == "auto":
-        return "chat" if getattr(tokenizer, "chat_template", None) else "ni"
+        return "chat" if has_chat_template else "ni"
+    if template == "chat" and not has_chat_template:
+        raise ConfigError("data.template chat: the tokenizer has no chat template (use ni or auto)")
     return template
 
 
@@ -59,8 +64,11 @@ def tokenize_record(
         full = _ids(tokenizer.apply_chat_template(messages, tokenize=True))
         if full[: len(prompt)] == prompt:
             return full, [0] * len(prompt) + [1] * (len(full) - len(prompt))
-        # The template rewrites earlier turns once an answer follows: mask by the answer's tokens.
+        # The template rewrites earlier turns once an answer follows: mask by the answer's tokens,
+        # ended by EOS so that the model still learns to stop.
         answer = tokenizer.encode(record["output"], add_special_tokens=False)
+        if tokenizer.eos_token_id is not None and answer[-1:] != [tokenizer.eos_token_id]:
+            answer.append(tokenizer.eos_token_id)
         return prompt + answer, [0] * len(prompt) + [1] * len(answer)
     prompt = tokenizer.encode(ni_prompt(record, num_positive_examples), add_special_tokens=False)
     response = tokenizer.encode(record["output"], add_special_tokens=False)
