@@ -68,7 +68,7 @@ class MixtureConfig:
     floor: float = 0.05  # ADAPT: ε, p = (1-ε) softmax(α) + ε/K
     lr: float = 0.05  # ADAPT: β, learning rate of the mixture optimizer
     optimizer: str = "adam"  # adam | sgd
-    prior: str = "uniform"  # uniform | proportional
+    prior: str = "uniform"  # uniform | proportional | fixed (mixture.weights): ADAPT's starting mixture
     relative_loss: bool = False  # use ℓ_k / ℓ_k(θ_0)
     normalize: str = "none"  # ADAPT: none (λ absolute) | rms (η·d_k over its running RMS: λ dimensionless)
 
@@ -348,9 +348,10 @@ def validate(cfg: Config) -> None:
     _check(m.temperature > 0, f"mixture.temperature must be > 0, got {m.temperature}")
     _check(m.cap >= 0, f"mixture.cap must be >= 0, got {m.cap}")
     _one_of(m.optimizer, "mixture.optimizer", ("adam", "sgd"))
-    _one_of(m.prior, "mixture.prior", ("uniform", "proportional"))
-    if m.method == "fixed":
-        _check(bool(m.weights), "mixture.method fixed needs mixture.weights (task=weight,...)")
+    _one_of(m.prior, "mixture.prior", ("uniform", "proportional", "fixed"))
+    if m.method == "fixed" or (m.method == "adapt" and m.prior == "fixed"):
+        option = "mixture.method fixed" if m.method == "fixed" else "mixture.prior fixed"
+        _check(bool(m.weights), f"{option} needs mixture.weights (task=weight,...)")
         _check(all(w >= 0 for w in m.weights.values()), "mixture.weights must be >= 0")
         _check(sum(m.weights.values()) > 0, "mixture.weights must not all be zero")
 

@@ -366,7 +366,12 @@ class Trainer:
                 relative_loss=m.relative_loss,
                 normalize=m.normalize,
             )
-            self.adapt: AdaptMixture | None = AdaptMixture(self.task_names, settings, proportional, self.objective)
+            prior = proportional
+            if m.prior == "fixed":
+                prior = static_mixture(
+                    "fixed", train.tokens_per_task(), train.examples_per_task(), self.task_names, weights=m.weights
+                )
+            self.adapt: AdaptMixture | None = AdaptMixture(self.task_names, settings, prior, self.objective)
             p0 = self.adapt.probs
         else:
             self.adapt = None
@@ -921,6 +926,8 @@ class Trainer:
             val_batches = self._validation_batches(meta.val_examples_per_task)
             losses, counts = self.validation_losses(val_batches)
             row["val_loss"] = {n: float(losses[k]) for k, n in enumerate(self.task_names) if counts[k] > 0}
+            if self.adapt is not None:
+                self.adapt.set_reference(losses[self.objective])  # relative_loss: l_k(theta_0), from step 0
             if self.adapt is not None and self.step + meta.val_every > meta.warmup:
                 self.compute_G(val_batches, losses, counts)
                 self.G_step = self.step

@@ -299,6 +299,7 @@ def test_non_finite_meta_gradient_skips_only_the_mixture_update(workdir, monkeyp
         (["--mixture.floor", "1.0"], "mixture.floor (epsilon) must be in [0, 1)"),
         (["--mixture.floor", "-0.1"], "mixture.floor (epsilon) must be in [0, 1)"),
         (["--mixture.method", "magic"], "mixture.method: unknown value 'magic'"),
+        (["--mixture.prior", "fixed"], "mixture.prior fixed needs mixture.weights"),
         (["--meta.val_tasks", "copy,not_a_task"], "meta.val_tasks: unknown task(s) not_a_task"),
         (["--training.zero_stage", "3", "--meta.dots", "exact"], "meta.dots exact is not supported with"),
         (["--training.deepspeed_config", "/no/such.json"], "training.deepspeed_config: no such file"),

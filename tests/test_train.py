@@ -114,6 +114,40 @@ def test_adapt_moves_tokens_away_from_the_random_task(tmp_path):
     )
 
 
+def test_relative_loss_divides_by_the_losses_at_theta_0(tmp_path, monkeypatch):
+    """l_k(theta_0) is step 0's validation loss even when the first G comes after meta.warmup steps."""
+    from adapt_fast.mixture.adapt import AdaptMixture
+
+    references = []
+    real = AdaptMixture.objective_weights
+
+    def recording(self, val_losses):
+        out = real(self, val_losses)
+        references.append(self.l0.copy())
+        return out
+
+    monkeypatch.setattr(AdaptMixture, "objective_weights", recording)
+    report, rows = train(
+        tmp_path, "relative", "--mixture.relative_loss", "true", "--meta.val_every", "2", "--meta.warmup", "3",
+        "--training.max_steps", "4", "--budget.tokens", "30000",
+    )  # fmt: skip
+    assert len(references) == 1 and "val_loss" in rows[2] and "meta_dots" in rows[3]  # G at step 2, update at 3
+    at_theta_0 = [rows[0]["val_loss"][name] for name in sorted(rows[0]["val_loss"])]
+    assert references[0].tolist() == at_theta_0
+    assert references[0].tolist() != [rows[2]["val_loss"][name] for name in sorted(rows[2]["val_loss"])]
+
+
+def test_adapt_starts_from_the_users_weights(tmp_path):
+    """mixture.prior fixed: p_0 = (1 - eps) * weights / sum(weights) + eps / K, a task left out at eps / K."""
+    weights = {"copy": 3.0, "addition": 1.0, "keyword": 0.0, "random_output": 1.0, "reverse": 2.0}
+    spec = ",".join(f"{k}={v}" for k, v in weights.items())
+    _, rows = train(tmp_path, "prior", "--mixture.prior", "fixed", "--mixture.weights", spec,
+                    "--training.max_steps", "1", "--budget.tokens", "30000")  # fmt: skip
+    total, eps, K = sum(weights.values()), 0.05, 6
+    expected = {name: (1 - eps) * weights.get(name, 0.0) / total + eps / K for name in rows[0]["mixture"]}
+    assert rows[0]["mixture"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
 def test_lr_schedules():
     from adapt_fast.train import lr_lambda
 

@@ -51,8 +51,8 @@ class AdaptSettings:
       during training (gradient norms shrink, AdamW preconditioning); Adam's step is ~lr in each
       logit whatever that scale, so lr = 0.05 moves a task's share by at most ~5% per update and by
       a factor e in ~20 updates. SGD's step is proportional to d_k, and lr then needs tuning per model.
-    - prior = uniform: alpha_0 = 0. "proportional": alpha_0 = log(prior_weights), so
-      p_0 = (1 - eps) * prior + eps / K.
+    - prior = uniform: alpha_0 = 0. "proportional" (the data's token shares) or "fixed" (the user's
+      mixture.weights): alpha_0 = log(prior_weights), so p_0 = (1 - eps) * prior + eps / K.
     - normalize = none: u_k as in DESIGN.md (lambda absolute). "rms": the lookahead term in units of
       its running RMS over tasks, so lambda is dimensionless (use lambda ~ 1; bench/reproduce.py
       compares both).
@@ -65,7 +65,7 @@ class AdaptSettings:
     floor: float = 0.05  # epsilon: p = (1 - eps) * softmax(alpha) + eps / K
     lr: float = 0.05  # beta, the mixture optimizer's learning rate
     optimizer: str = "adam"  # adam | sgd
-    prior: str = "uniform"  # uniform | proportional (alpha_0 = 0 or log of the prior)
+    prior: str = "uniform"  # uniform | proportional | fixed (alpha_0 = 0, or log of prior_weights)
     relative_loss: bool = False  # use l_k / l_k(theta_0)
     normalize: str = "none"  # none | rms: eta * d_k divided by its running RMS over tasks
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -79,8 +79,8 @@ class AdaptSettings:
             (self.lr > 0, f"mixture.lr must be > 0, got {self.lr}"),
             (self.optimizer in ("adam", "sgd"), f"mixture.optimizer must be adam or sgd, got {self.optimizer!r}"),
             (
-                self.prior in ("uniform", "proportional"),
-                f"mixture.prior must be uniform or proportional, got {self.prior!r}",
+                self.prior in ("uniform", "proportional", "fixed"),
+                f"mixture.prior must be uniform, proportional or fixed, got {self.prior!r}",
             ),
             (self.normalize in ("none", "rms"), f"mixture.normalize must be none or rms, got {self.normalize!r}"),
             (all(0.0 <= b < 1.0 for b in self.adam_betas), f"adam_betas must be in [0, 1), got {self.adam_betas}"),
@@ -109,8 +109,8 @@ class AdaptMixture:
 
     task_names      the K training tasks (the mixture is over all of them)
     settings        AdaptSettings
-    prior_weights   (K,) >= 0, required when settings.prior == "proportional" (e.g. the
-                    "proportional" static mixture); alpha_0 = log(prior / sum(prior)).
+    prior_weights   (K,) >= 0, required when settings.prior is "proportional" or "fixed" (the
+                    static mixture of that name); alpha_0 = log(prior / sum(prior)).
                     Ignored when settings.prior == "uniform" (alpha_0 = 0).
     objective_tasks indices (into task_names) of the tasks whose validation losses form Phi
                     (meta.val_tasks); default: all K
@@ -137,9 +137,9 @@ class AdaptMixture:
             raise ValueError(f"objective_tasks must be distinct indices in [0, {K}), got {objective_tasks}")
 
         self.alpha = np.zeros(K)
-        if settings.prior == "proportional":
+        if settings.prior != "uniform":
             if prior_weights is None:
-                raise ValueError("mixture.prior proportional needs prior_weights")
+                raise ValueError(f"mixture.prior {settings.prior} needs prior_weights")
             prior = np.asarray(prior_weights, dtype=np.float64)
             if prior.shape != (K,) or not np.all(np.isfinite(prior)) or np.any(prior < 0) or not prior.sum() > 0:
                 raise ValueError(f"prior_weights must be (K,)=({K},) finite, >= 0 and not all 0, got {prior}")
@@ -158,14 +158,21 @@ class AdaptMixture:
         eps = self.settings.floor
         return (1.0 - eps) * softmax(self.alpha) + eps / self.num_tasks
 
+    def set_reference(self, val_losses: np.ndarray) -> None:
+        """relative_loss: l0 := these objective losses (K_obj,) if none is set yet and all are finite.
+        The trainer calls it with the first validation losses (step 0, theta_0), whatever meta.warmup is."""
+        l = np.asarray(val_losses, dtype=np.float64)
+        if self.settings.relative_loss and self.l0 is None and np.all(np.isfinite(l)):
+            self.l0 = np.maximum(l, 1e-8)  # a zero loss at theta_0 would make every ratio infinite
+
     def objective_weights(self, val_losses: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Weights of the validation losses whose weighted sum has gradient grad Phi, and Phi.
 
         val_losses (K_obj,) mean token loss of each objective task on the validation batch.
         Returns w (K_obj,) detached, on val_losses' device and dtype, and Phi (float):
             w = softmax(l / tau),                    Phi = tau * logsumexp(l / tau)
-        With relative_loss, r = l / l0 (l0: the losses of the first call whose losses are all
-        finite, i.e. at theta_0), Phi = tau * logsumexp(r / tau) and w = softmax(r / tau) / l0:
+        With relative_loss, r = l / l0 (l0: from `set_reference`, else the losses of the first call
+        whose losses are all finite), Phi = tau * logsumexp(r / tau) and w = softmax(r / tau) / l0:
         the weights to put on the *raw* losses, since grad(r_k) = grad(l_k) / l0_k.
         The trainer backpropagates sum_k w_k * l_k (w detached) to get G = grad Phi.
         """
@@ -174,8 +181,7 @@ class AdaptMixture:
             raise ValueError(f"val_losses must have shape ({len(self.objective_tasks)},), got {tuple(l.shape)}")
         scale = np.ones_like(l)
         if self.settings.relative_loss:
-            if self.l0 is None and np.all(np.isfinite(l)):
-                self.l0 = np.maximum(l, 1e-8)  # a zero loss at theta_0 would make every ratio infinite
+            self.set_reference(l)
             if self.l0 is not None:
                 scale = 1.0 / self.l0
         x = l * scale / self.settings.tau
@@ -188,8 +194,10 @@ class AdaptMixture:
         """One mixture step from d (K,) = <grad Phi, g_k> for every training task; eta = lr_model.
 
         present (K,) bool: the tasks measured on this step (None: all). An absent task's d_k (nan or
-        anything) is replaced by the q-weighted mean of the present ones, so the lookahead term neither
-        favours nor penalises it and only the entropy term acts on it.
+        anything) is replaced by the q-weighted mean of the present ones, so that it neither favours nor
+        penalises the present tasks' gradients, and the absent task is not moved: its logit and its Adam
+        moments stay as they were (a lazy step, as torch's SparseAdam takes), so no momentum from earlier
+        measurements carries it. Its share still changes through the normalisation as the others move.
         Returns diagnostics: skipped, step, u (K,), grad_alpha (K,) = dJ/dalpha, alpha_step (K,)
         (the change in alpha), probs (K,) after the step, entropy H(p) after the step (nats), and
         lookahead = -eta * <p, d>, the first-order change of Phi this step's mixture predicts.
@@ -221,13 +229,13 @@ class AdaptMixture:
         self.step += 1
         if s.optimizer == "adam":
             b1, b2 = s.adam_betas
-            self.m = b1 * self.m + (1.0 - b1) * grad
-            self.v = b2 * self.v + (1.0 - b2) * grad * grad
+            self.m = np.where(mask, b1 * self.m + (1.0 - b1) * grad, self.m)
+            self.v = np.where(mask, b2 * self.v + (1.0 - b2) * grad * grad, self.v)
             m_hat = self.m / (1.0 - b1**self.step)
             v_hat = self.v / (1.0 - b2**self.step)
-            delta = -s.lr * m_hat / (np.sqrt(v_hat) + s.adam_eps)
+            delta = np.where(mask, -s.lr * m_hat / (np.sqrt(v_hat) + s.adam_eps), 0.0)
         else:
-            delta = -s.lr * grad
+            delta = np.where(mask, -s.lr * grad, 0.0)
         self.alpha = self.alpha + delta
 
         p_new = self.probs
