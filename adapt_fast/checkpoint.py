@@ -8,11 +8,13 @@ Layout, under `<output_dir>/checkpoints/`:
         trainer_state.pt                    the trainer's own state (see Trainer.state_dict)
         rng-rank0.pt, rng-rank1.pt, ...     each rank's RNG states
         g-rank0.pt, g-rank1.pt, ...         ZeRO-3 with ADAPT: each rank's partitions of G
-        COMPLETE.json                       written last: step, budget units consumed, every file's size
+        COMPLETE.json                       written last: step, budget units consumed, every file's
+                                            size and CRC-32
 
 A checkpoint is written into `.tmp-step-00000012/` and renamed to `step-00000012/` only once it is
 whole (COMPLETE.json inside), so a crash or a SIGKILL mid-write leaves a `.tmp-*` folder that nothing
 reads (the next run removes it). On resume the newest checkpoint whose files match its COMPLETE.json
+(sizes and CRC-32s: torch.load checks neither, so a truncated or bit-flipped file would otherwise load)
 and load is used; a broken one is reported in one line, set aside as `broken-step-*`, and the one
 before it is tried. `keep_last` bounds how many complete checkpoints stay.
 
@@ -27,6 +29,7 @@ import json
 import os
 import random
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,7 @@ MARKER = "COMPLETE.json"
 TRAINER_STATE = "trainer_state.pt"
 PREFIX, TMP_PREFIX, BROKEN_PREFIX = "step-", ".tmp-", "broken-"
 FORMAT = 1
+CHUNK = 8 << 20  # bytes read at a time to checksum a file
 
 
 def step_name(step: int) -> str:
@@ -75,12 +79,15 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def verify(folder: Path) -> str | None:
-    """None if every file COMPLETE.json lists is there with its size, else what is wrong (one line)."""
+    """None if every file COMPLETE.json lists is there with its size and its CRC-32, else what is wrong
+    (one line). Markers written before CRC-32s were recorded (no "crc32" entry) are checked by size only."""
     try:
         manifest = json.loads((folder / MARKER).read_text())
-        files = manifest["files"]
+        files, crcs = manifest["files"], manifest.get("crc32", {})
         if not isinstance(files, dict) or not files:
             return f"{MARKER} lists no files"
+        if not isinstance(crcs, dict):
+            return f"{MARKER} unreadable (crc32 is not a mapping)"
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"{MARKER} unreadable ({type(err).__name__})"
     for name, size in files.items():
@@ -90,7 +97,30 @@ def verify(folder: Path) -> str | None:
         actual = path.stat().st_size
         if actual != size:
             return f"{name} has {actual} bytes, {size} were written"
+    for name in files:  # sizes first: a truncated file is reported without reading all the others
+        if name not in crcs:
+            continue
+        try:
+            if checksum(folder / name) != crcs[name]:
+                return f"{name} is corrupted (its CRC-32 is not the one written)"
+        except OSError as err:
+            return f"{name} unreadable ({type(err).__name__})"
     return None
+
+
+def checksum(path: Path, fsync: bool = False) -> int:
+    """zlib.crc32 of a file's bytes, read CHUNK bytes at a time; fsync=True also flushes the file to
+    disk (best effort, as `_fsync`)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            crc = zlib.crc32(chunk, crc)
+        if fsync:
+            try:
+                os.fsync(f.fileno())
+            except OSError:
+                pass
+    return crc
 
 
 def resume_candidates(value: str, output_dir: Path) -> tuple[list[Path], bool]:
@@ -119,15 +149,18 @@ def resume_candidates(value: str, output_dir: Path) -> tuple[list[Path], bool]:
 
 
 def write_marker(folder: Path, step: int, consumed: int) -> None:
-    """COMPLETE.json: the last file of a checkpoint (sizes of all the others, for `verify`). Every file
-    is flushed to disk first, so the marker never gets there before the data it vouches for."""
+    """COMPLETE.json: the last file of a checkpoint (size and CRC-32 of all the others, for `verify`).
+    Every file is read once, to checksum it and flush it to disk, so the marker never gets there before
+    the data it vouches for."""
     tmp = folder / (MARKER + ".tmp")
-    files = {}
+    files, crcs = {}, {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name not in (MARKER, tmp.name):
-            _fsync(p)
-            files[str(p.relative_to(folder))] = p.stat().st_size
-    tmp.write_text(json.dumps({"format": FORMAT, "step": step, "consumed": consumed, "files": files}, indent=1))
+            name = str(p.relative_to(folder))
+            files[name] = p.stat().st_size
+            crcs[name] = checksum(p, fsync=True)
+    marker = {"format": FORMAT, "step": step, "consumed": consumed, "files": files, "crc32": crcs}
+    tmp.write_text(json.dumps(marker, indent=1))
     _fsync(tmp)
     tmp.rename(folder / MARKER)
 

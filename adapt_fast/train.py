@@ -43,6 +43,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import shlex
 import signal
 import socket
@@ -152,6 +153,8 @@ def merge_deepspeed_config(ours: dict, path: str) -> dict:
                 continue
             if isinstance(value, dict) and isinstance(into.get(key, {}), dict) and name not in DEEPSPEED_OWNED:
                 merge(into.setdefault(key, {}), value, name + ".")
+            elif isinstance(into.get(key), dict) and not isinstance(value, dict):
+                raise ConfigError(f"training.deepspeed_config: {name} must be a JSON object in {path}, not {value!r}")
             elif name in DEEPSPEED_OWNED and into.get(key) != value:
                 raise ConfigError(
                     f"training.deepspeed_config: {name} is {json.dumps(value)} in {path}, but the trainer sets it "
@@ -300,6 +303,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 # ----------------------------------------------------------------------------- the trainer
 
 
+class CheckpointMismatch(Exception):
+    """A checkpoint whose files are whole but that DeepSpeed cannot load into this run (another model, dtype or
+    ZeRO stage): the run stops in one line and the checkpoint is left as it is (it is not broken)."""
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -316,7 +324,12 @@ class Trainer:
         import deepspeed
 
         from adapt_fast.model.fused_layers import use_fused_layers
-        from adapt_fast.model.loading import default_dtype, enable_gradient_checkpointing, load_model_and_tokenizer
+        from adapt_fast.model.loading import (
+            check_model_folder,
+            default_dtype,
+            enable_gradient_checkpointing,
+            load_model_and_tokenizer,
+        )
         from adapt_fast.model.loss import attach_zero3_head_loss
 
         self.cfg = cfg
@@ -330,6 +343,8 @@ class Trainer:
         self.start_time = time.time()
 
         # Data: rank 0 tokenises first (fills the cache), the others then read it.
+        if os.path.isdir(cfg.model.name):  # a folder that is no model: one line now, not after tokenising
+            check_model_folder(cfg.model.name, cfg.model.trust_remote_code)
         self.tokenizer = load_tokenizer(cfg)
         if not self.is_main:
             dist.barrier()
@@ -463,7 +478,7 @@ class Trainer:
         every = cfg.checkpoint.every_tokens
         self.next_checkpoint = (self.loader.consumed // every + 1) * every if every > 0 else None
         if self.is_main:
-            self._tidy_checkpoints()
+            self._tidy_output()
             save_config(cfg, self.out / "config.yaml")
             self._open_writers()
         self._barrier()
@@ -511,10 +526,10 @@ class Trainer:
             kind = "a static-mixture" if state["adapt"] is None else "an ADAPT"
             raise ConfigError(f"--resume: {path} is from {kind} run; resume with the same mixture.method")
         old_stage = state["config"]["training"]["zero_stage"]
-        if state["adapt"] is not None and (old_stage == 3) != self._G_partitioned:
+        if old_stage != self.cfg.training.zero_stage:
             raise ConfigError(
-                f"--resume: {path} holds G {'in ZeRO-3 partitions' if old_stage == 3 else 'whole'}; "
-                f"resume with training.zero_stage {old_stage}"
+                f"--resume: {path} was written at training.zero_stage {old_stage} (DeepSpeed's optimizer state is "
+                f"laid out per stage); resume with training.zero_stage {old_stage}"
             )
         ignored = ("output_dir", "checkpoint.", "data.cache_dir", "data.num_proc", "training.max_bad_steps")
         changed = [
@@ -577,9 +592,14 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         state = ckpt.load_state(path / ckpt.TRAINER_STATE)
         self._check_compatible(state, path)
-        load_path, _ = self.engine.load_checkpoint(
-            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        try:
+            load_path, _ = self.engine.load_checkpoint(
+                str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        except pickle.UnpicklingError:  # refused by weights_only: tampered with, or not ours
+            raise
+        except Exception as err:  # noqa: BLE001 - whole files (verified) that DeepSpeed cannot load into this model
+            raise CheckpointMismatch(str(err)) from err
         if load_path is None:
             raise RuntimeError("DeepSpeed found no checkpoint there")
         rng = ckpt.load_state(path / ckpt.rng_file(self.rank))
@@ -592,22 +612,47 @@ class Trainer:
         None when bare --resume finds no checkpoint in output_dir (the run starts from the beginning)."""
         candidates, explicit = ckpt.resume_candidates(value, self.out)
         if not candidates:
+            set_aside = sorted(self.ckpt_root.glob(ckpt.BROKEN_PREFIX + ckpt.PREFIX + "*"))
+            if set_aside:  # never start over silently when the run had checkpoints
+                raise ConfigError(
+                    f"--resume: the only checkpoints in {self.ckpt_root} were set aside as broken "
+                    f"({', '.join(c.name for c in set_aside)}): pass one (--resume PATH) or --overwrite_output_dir"
+                )
             if self.is_main:
                 print(f"no checkpoint in {self.ckpt_root}: starting from the beginning", file=sys.stderr, flush=True)
             return None
         for path in candidates:
+            # A checkpoint whose files fail `verify` (missing, cut short, checksum) is broken: set aside, and the
+            # one before it tried. One that verifies but does not load was written by another kind of run (model,
+            # ZeRO stage): nothing is renamed, and the run stops in one line.
             problem = ckpt.verify(path)
+            mismatch = 0.0
             if problem is None:
                 try:
                     self._load_checkpoint(path)
                 except UserError:
                     raise
-                except Exception as err:  # noqa: BLE001 (any failure to read it makes it broken)
-                    problem = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
-            failed = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+                except Exception as err:  # noqa: BLE001 (any failure to read our own files makes it broken)
+                    cause = err.__cause__ if isinstance(err, CheckpointMismatch) else err
+                    problem = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"[:300]
+                    mismatch = float(isinstance(err, CheckpointMismatch))
+            failed = torch.zeros(2 * self.world_size, dtype=torch.float64, device=self.device)
             failed[self.rank] = float(problem is not None)
+            failed[self.world_size + self.rank] = mismatch
             failed = all_reduce(failed)
+            if failed[self.world_size :].any():
+                raise ConfigError(
+                    f"--resume: {path} does not load into this run ({problem or 'on another rank'}); resume with "
+                    "the settings it was written with (model.name, model.dtype, training.zero_stage)"
+                )
+            failed = failed[: self.world_size]
             if not failed.any():
+                if self.loader.consumed > self.budget:
+                    unit = self.cfg.budget.unit
+                    raise ConfigError(
+                        f"--resume: {path} has already spent {self.loader.consumed} {unit}, more than this run's "
+                        f"budget of {self.budget}; resume with a budget of at least {self.loader.consumed}"
+                    )
                 if self.is_main:
                     print(
                         f"resuming from {path} (step {self.step}, {self.loader.consumed} / {self.budget} "
@@ -626,10 +671,18 @@ class Trainer:
             self._barrier()
         raise ConfigError(f"--resume: every checkpoint in {candidates[0].parent} is broken")
 
-    def _tidy_checkpoints(self) -> None:
+    def _tidy_output(self) -> None:
         """Rank 0, at the start: remove unfinished writes, and checkpoints this run supersedes (all of
-        them on a fresh start, those after the resumed step on a resume)."""
+        them on a fresh start, those after the resumed step on a resume). A fresh start (main() has made
+        sure one was asked for) also removes an earlier run's TensorBoard events, final/ and report.json,
+        so that none of them is taken for this run's."""
+        import shutil
+
         ckpt.remove_unfinished(self.ckpt_root)
+        if self.resumed_from is None:
+            for folder in ("tensorboard", "final"):
+                shutil.rmtree(self.out / folder, ignore_errors=True)
+            (self.out / "report.json").unlink(missing_ok=True)
         same_root = self.resumed_from is not None and self.resumed_from.parent.resolve() == self.ckpt_root.resolve()
         superseded = [
             c for c in ckpt.complete_checkpoints(self.ckpt_root) if not same_root or ckpt.step_of(c) > self.step
@@ -641,8 +694,6 @@ class Trainer:
                 file=sys.stderr,
                 flush=True,
             )
-            import shutil
-
             for c in superseded:
                 shutil.rmtree(c, ignore_errors=True)
 
@@ -734,7 +785,8 @@ class Trainer:
 
         batches = [b.to(self.device) for b in batches]
         means, counts = validation_losses(self.model, batches, self.K, backend=self.backend)
-        sums = torch.nan_to_num(means.double() * counts.double(), nan=0.0)
+        # 0 for a task with no tokens here (its mean is 0/0); a non-finite loss of a broken model stays so
+        sums = torch.where(counts > 0, means.double() * counts.double(), 0.0)
         sums = all_reduce(sums.to(self.device)).cpu().numpy()
         counts = all_reduce(counts.double().to(self.device)).cpu().numpy()
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -855,9 +907,8 @@ class Trainer:
             D = all_reduce(dots).cpu().numpy() / W  # <G, ∇ task k's share of the global token-mean loss>
             with np.errstate(invalid="ignore", divide="ignore"):
                 d = np.where(count > 0, D * count.sum() / np.maximum(count, 1), np.nan)
-        return StepResult(
-            loss=float(loss_sum.sum() / max(count.sum(), 1)), loss_sum=loss_sum, count=count, dots=d, bad=bad
-        )
+        loss = float(loss_sum.sum() / count.sum()) if count.sum() > 0 else math.nan  # no loss token: no loss
+        return StepResult(loss=loss, loss_sum=loss_sum, count=count, dots=d, bad=bad)
 
     def _forward_prologue(self) -> None:
         """ZeRO's per-micro-batch bookkeeping that engine.forward (and the backward hook it registers) would do, for
@@ -921,14 +972,16 @@ class Trainer:
         update = (
             self.adapt is not None and self.step >= meta.warmup and (self.step - meta.warmup) % meta.update_every == 0
         )
+        eval_every = cfg.training.eval_every
         row: dict = {}
-        if is_val or (update and self.G is None):
+        due_G = is_val or (update and self.G is None)
+        if due_G or (eval_every and self.step % eval_every == 0):
             val_batches = self._validation_batches(meta.val_examples_per_task)
             losses, counts = self.validation_losses(val_batches)
             row["val_loss"] = {n: float(losses[k]) for k, n in enumerate(self.task_names) if counts[k] > 0}
             if self.adapt is not None:
                 self.adapt.set_reference(losses[self.objective])  # relative_loss: l_k(theta_0), from step 0
-            if self.adapt is not None and self.step + meta.val_every > meta.warmup:
+            if self.adapt is not None and due_G and self.step + meta.val_every > meta.warmup:
                 self.compute_G(val_batches, losses, counts)
                 self.G_step = self.step
         self.loader.set_mixture(self.mixture)
@@ -1061,7 +1114,7 @@ class Trainer:
     def _log(self, row: dict) -> None:
         if not self.is_main:
             return
-        self.metrics_file.write(json.dumps(row) + "\n")
+        self.metrics_file.write(json.dumps(json_safe(row)) + "\n")
         self.metrics_file.flush()
         step = row["step"]
         self.tb.add_scalar("train/loss", row["loss"] if row["loss"] is not None else float("nan"), step)
@@ -1123,7 +1176,7 @@ class Trainer:
         state_dict = self.engine._zero3_consolidated_16bit_state_dict() if self.cfg.training.zero_stage == 3 else None
         if self.is_main:
             self.close_writers()
-            (self.out / "report.json").write_text(json.dumps(report, indent=1))
+            (self.out / "report.json").write_text(json.dumps(json_safe(report), indent=1))
             from adapt_fast.report import write_outputs
 
             write_outputs(self.out)
@@ -1140,18 +1193,46 @@ class Trainer:
         return report
 
 
+def json_safe(value):
+    """`value` with every non-finite float (a task not measured, a broken model's loss) as None: strict JSON
+    (null), which every parser reads, not Python's NaN / Infinity."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _flag(value: str | None) -> str | None:
+    """A flag's value; None when absent or false."""
+    return None if value is None or value.strip().lower() in ("false", "0", "no", "off") else value
+
+
+def check_earlier_run(out: Path, resume: str | None, overwrite: bool) -> None:
+    """A fresh run never replaces an earlier run's checkpoints and metrics unasked (as HF's example scripts
+    refuse a used output_dir without --overwrite_output_dir): with neither flag, one line and exit 2."""
+    earlier = [name for name in ("metrics.jsonl", ckpt.CHECKPOINTS, "final") if (out / name).exists()]
+    if resume is None and not overwrite and earlier:
+        raise ConfigError(
+            f"output_dir {out} holds an earlier run ({', '.join(earlier)}): pass --resume to continue it, "
+            "or --overwrite_output_dir to start over (its checkpoints are then deleted)"
+        )
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     """Train. `--resume` continues from the latest checkpoint in output_dir (from the beginning if
-    there is none), `--resume PATH` from a checkpoint folder or a run's output_dir."""
+    there is none), `--resume PATH` from a checkpoint folder or a run's output_dir. A fresh run in an
+    output_dir that holds an earlier run needs `--overwrite_output_dir`."""
     args = sys.argv[1:] if argv is None else list(argv)
-    cfg, extras = parse_cli(args, extra_flags=("resume",))
-    resume = extras.get("resume")
-    if resume is not None and resume.strip().lower() in ("false", "0", "no", "off"):
-        resume = None
-    check_output_dir(cfg.output_dir)  # before any work: one line, exit 2
+    cfg, extras = parse_cli(args, extra_flags=("resume", "overwrite_output_dir"))
+    resume = _flag(extras.get("resume"))
+    out = check_output_dir(cfg.output_dir)  # before any work: one line, exit 2
+    check_earlier_run(out, resume, overwrite=_flag(extras.get("overwrite_output_dir")) is not None)
     if resume is not None:
-        ckpt.resume_candidates(resume, Path(cfg.output_dir))  # a bad --resume PATH: one line, exit 2
+        ckpt.resume_candidates(resume, out)  # a bad --resume PATH: one line, exit 2
     try:
         trainer = Trainer(cfg, resume=resume, argv=args)
         return trainer.run()

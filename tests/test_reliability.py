@@ -226,6 +226,77 @@ def test_a_checkpoint_holding_code_is_refused_not_run(workdir, reference, capsys
     assert_same_run(out, report, reference)
 
 
+def test_a_fresh_run_never_replaces_an_earlier_one_unasked(workdir, reference, capsys):
+    """Without --resume or --overwrite_output_dir a used output_dir is refused (nothing deleted); with
+    --overwrite_output_dir the earlier checkpoints and TensorBoard events go, so no step is shown twice."""
+    out = workdir / "used"
+    shutil.copytree(reference[0], out)
+    before = steps_of(out)
+    with pytest.raises(SystemExit) as exc:
+        main(args(workdir, out))
+    assert exc.value.code == 2 and steps_of(out) == before
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds an earlier run" in error and "--overwrite_output_dir" in error, error
+    old_events = {p.name for p in (out / "tensorboard").iterdir()}
+    report = main(args(workdir, out, "--training.max_steps", "1", "--overwrite_output_dir"))
+    assert report["steps"] == 1 and steps_of(out) == [1] and len(rows_of(out)) == 1
+    assert not old_events & {p.name for p in (out / "tensorboard").iterdir()}
+
+
+def test_a_checkpoint_of_another_kind_of_run_is_refused_not_set_aside(workdir, reference, capsys):
+    """Whole checkpoints that do not fit this run (another ZeRO stage, another model), or a budget below what one
+    already spent: one line, exit 2, every checkpoint left as it was for the right --resume."""
+    out = workdir / "other_kind"
+    shutil.copytree(reference[0], out)
+    before = sorted(p.name for p in (out / ckpt.CHECKPOINTS).iterdir())
+    for extra, needle in [
+        (["--training.zero_stage", "2"], "written at training.zero_stage 0"),
+        (["--model.name", "tiny-qwen3"], "does not load into this run"),
+        (["--budget.tokens", "3000"], "has already spent 4000 tokens"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(args(workdir, out, *extra, "--resume"))
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert exc.value.code == 2 and len(errors) == 1 and needle in errors[0], err[-2000:]
+        assert sorted(p.name for p in (out / ckpt.CHECKPOINTS).iterdir()) == before
+    for c in ckpt.complete_checkpoints(out / ckpt.CHECKPOINTS):
+        ckpt.set_aside(c)
+    with pytest.raises(SystemExit) as exc:  # a bare --resume never starts over past set-aside checkpoints
+        main(args(workdir, out, "--resume"))
+    assert exc.value.code == 2 and "were set aside as broken" in capsys.readouterr().err
+
+
+def test_a_broken_model_reports_null_losses_in_strict_json(workdir, reference, capsys):
+    """NaN weights: validation losses are null (not 0.0, the best value), metrics.jsonl and report.json are strict
+    JSON; a step's loss is null too."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(reference[0] / "final")
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    model.save_pretrained(workdir / "nan_model")
+    shutil.copy(reference[0] / "final" / "tokenizer.json", workdir / "nan_model")
+    out = workdir / "nan_model_run"
+    report = main(args(workdir, out, "--model.name", str(workdir / "nan_model"), "--training.max_steps", "2",
+                       "--training.max_bad_steps", "10", "--meta.val_every", "1"))  # fmt: skip
+
+    def strict(constant):
+        raise AssertionError(f"non-strict JSON constant {constant}")
+
+    rows = [json.loads(line, parse_constant=strict) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    json.loads((out / "report.json").read_text(), parse_constant=strict)
+    assert rows[0]["loss"] is None and set(rows[0]["val_loss"].values()) == {None}
+    assert report["val_loss_mean"] is None and report["bad_steps"] == 2
+
+
+def test_eval_every_adds_validation_rows(workdir):
+    out = workdir / "eval_every"
+    main(args(workdir, out, "--mixture.method", "uniform", "--training.eval_every", "3", "--meta.val_every", "100"))
+    rows = rows_of(out)
+    assert [r["step"] for r in rows if "val_loss" in r] == [s for s in range(1, len(rows) + 1) if (s - 1) % 3 == 0]
+
+
 def test_safe_defaults():
     from adapt_fast.config import Config
 
@@ -307,6 +378,8 @@ def test_non_finite_meta_gradient_skips_only_the_mixture_update(workdir, monkeyp
         (["--resume", "/no/such/checkpoint"], "--resume: no such checkpoint"),
         (["UNWRITABLE"], "output_dir is not writable"),
         (["ONE_EXAMPLE_TASK"], "mixture.method adapt: no validation examples for b (a task needs two"),
+        (["NOT_A_MODEL"], "not a model folder"),
+        (["DEEPSPEED_SECTION"], "zero_optimization must be a JSON object"),
     ],
 )
 def test_bad_configuration_is_one_line_exit_2(workdir, capsys, extra, needle):
@@ -315,6 +388,13 @@ def test_bad_configuration_is_one_line_exit_2(workdir, capsys, extra, needle):
         blocker = workdir / "a_file"
         blocker.write_text("")
         out, extra = blocker / "run", []  # a folder inside a file: not even root can create it
+    if extra == ["NOT_A_MODEL"]:
+        (workdir / "not_a_model").mkdir(exist_ok=True)
+        (workdir / "not_a_model" / "config.json").write_text("{}")
+        extra = ["--model.name", str(workdir / "not_a_model")]
+    if extra == ["DEEPSPEED_SECTION"]:
+        (workdir / "section.json").write_text(json.dumps({"zero_optimization": 5}))
+        extra = ["--training.deepspeed_config", str(workdir / "section.json")]
     if extra == ["ONE_EXAMPLE_TASK"]:  # task b cannot be split: ADAPT would never measure its validation loss
         rows = [{"task": "a" if i else "b", "prompt": f"q{i}", "response": "r"} for i in range(11)]
         (workdir / "one.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -22,6 +22,7 @@ import importlib.util
 import os
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -184,6 +185,24 @@ def partitioned_loading(zero3_config: dict | None):
         del hf_config
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_model_folder(name: str, trust_remote_code: bool = False) -> None:
+    """ConfigError (one line) unless the folder holds a causal-LM config transformers can read and weights;
+    cheap (no weights read), so a trainer can call it before tokenising the data."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"{name}: not a model folder ({_first_line(err)})") from None
+    if not any(any(Path(name).glob(pattern)) for pattern in ("*.safetensors", "*.bin")):
+        raise ConfigError(f"{name}: no weights (*.safetensors or *.bin) in the model folder")
+
+
 def load_model_and_tokenizer(
     name: str,
     dtype: torch.dtype | None = None,
@@ -205,10 +224,14 @@ def load_model_and_tokenizer(
     dtype = dtype or default_dtype(device)
 
     if os.path.isdir(name):
-        with partitioned_loading(zero3_config):
-            model = AutoModelForCausalLM.from_pretrained(
-                name, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
-            )
+        check_model_folder(name, trust_remote_code)
+        try:
+            with partitioned_loading(zero3_config):
+                model = AutoModelForCausalLM.from_pretrained(
+                    name, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+                )
+        except (OSError, ValueError, KeyError) as err:  # no weights, a config transformers does not know, ...
+            raise ConfigError(f"{name}: cannot load the model ({_first_line(err)})") from None
         if not is_partitioned(next(model.parameters())):  # zero.Init put the partitions on the device already
             model = model.to(device)
     else:
