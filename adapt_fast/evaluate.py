@@ -29,6 +29,7 @@ import contextlib
 import json
 import math
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -369,6 +370,18 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+# Numeric options and their smallest valid value (the trainer's, where it has the setting; max_len None = none).
+_MIN_VALUES = {
+    "num_positive_examples": 0,
+    "val_examples": 0,
+    "seed": 0,
+    "max_len": 2,
+    "max_new_tokens": 1,
+    "batch_size": 1,
+    "max_examples_per_task": 0,
+    "tokens_per_micro_batch": 1,
+}
+
 # Options whose default may come from a run's config (--config): option -> (config path, built-in default).
 _FROM_CONFIG = {
     "data": ("data.path", None),
@@ -416,6 +429,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         from adapt_fast.config import load_config
 
         cfg = load_config(args.config)
+    from_config: set[str] = set()
     for option, (dotted, default) in _FROM_CONFIG.items():
         if getattr(args, option) is None:
             value = default
@@ -423,6 +437,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                 value = cfg
                 for part in dotted.split("."):
                     value = getattr(value, part)
+                from_config.add(option)
             setattr(args, option, value)
     if not args.data:
         if cfg is None:
@@ -430,14 +445,70 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         from adapt_fast.data.prepare import data_path
 
         args.data = str(data_path(cfg))  # "" in a config: the synthetic suite
-    for option in ("max_new_tokens", "batch_size", "tokens_per_micro_batch"):
-        if getattr(args, option) < 1:
-            raise ConfigError(f"--{option} must be >= 1")
+    for option, low in _MIN_VALUES.items():
+        value = getattr(args, option)
+        if value is not None and value < low:
+            raise ConfigError(f"{_option_name(option, from_config)} must be >= {low}, got {value}")
     if not 0.0 <= args.val_fraction < 1.0:
-        raise ConfigError("--val_fraction must be in [0, 1)")
-    if args.max_len is not None and args.max_len < 2:
-        raise ConfigError("--max_len must be >= 2")
+        raise ConfigError(f"{_option_name('val_fraction', from_config)} must be in [0, 1), got {args.val_fraction}")
+    args.device = check_device(args.device)
+    check_out(args.out, args.data, args.config)
     return args
+
+
+def _option_name(option: str, from_config: set[str]) -> str:
+    """How an error names an option: the flag, or the config field when the value came from --config."""
+    return f"{_FROM_CONFIG[option][0]} (from --config)" if option in from_config else f"--{option}"
+
+
+def check_device(device: str | None) -> str | None:
+    """The --device string if it names a device this machine has (None: the default), else a one-line UserError."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"--device {device!r}: not a device (e.g. cpu, cuda, cuda:1)") from None
+    if parsed.type == "cpu":
+        return device
+    backend = getattr(torch, parsed.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if not callable(is_available):  # meta, lazy, opengl, ...: no data or nothing to run on here
+        raise UserError(f"--device {device!r}: not supported for evaluation (use cpu or an accelerator: cuda, ...)")
+    if not is_available():
+        raise UserError(f"--device {device!r}: no {parsed.type} device on this machine (use --device cpu)")
+    count = getattr(backend, "device_count", None)
+    if parsed.index is not None and callable(count) and parsed.index >= count():
+        raise UserError(f"--device {device!r}: no such device ({count()} {parsed.type} device(s) on this machine)")
+    return device
+
+
+def check_out(out: str | None, data: str | None = None, config: str | None = None) -> None:
+    """A one-line UserError unless --out can be written: its folder exists and is writable, it is not a folder
+    (nor a read-only file), and it is not the data or the config it would overwrite. Called before anything is
+    loaded, so that a long evaluation is not thrown away at the end."""
+    if not out:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise UserError(f"--out {out}: is a folder (give a file name, e.g. {path / 'result.json'})")
+    for option, other in (("--data", data), ("--config", config)):
+        if other and Path(other).exists() and path.exists() and path.resolve() == Path(other).resolve():
+            raise UserError(f"--out {out}: is the {option} file (it would be overwritten)")
+    parent = path.parent
+    if not parent.exists():
+        raise UserError(f"--out {out}: no such folder {parent}")
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is not a folder")
+    try:  # really try (os.access is not enough for root or read-only mounts); nothing is changed
+        if path.exists():
+            with open(path, "a", encoding="utf-8"):  # an existing file: opened for appending, written nothing
+                pass
+        else:
+            with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".check"):
+                pass  # a new file: one created and removed in its folder
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot write ({err.strerror or type(err).__name__})") from None
 
 
 def _load_model(name: str, dtype: str, device: str | None):
@@ -484,8 +555,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         try:
             Path(args.out).write_text(text + "\n", encoding="utf-8")
-        except OSError as err:
-            raise UserError(f"{args.out}: cannot write ({err.strerror})") from None
+        except OSError as err:  # checked up front, so changed since: keep the result, on stdout
+            print(text, flush=True)
+            reason = err.strerror or type(err).__name__
+            raise UserError(f"{args.out}: cannot write ({reason}); the JSON result is on stdout") from None
     else:
         print(text)
     return result

@@ -4,6 +4,7 @@ greedy generation, the Python API and the CLI (JSON, table, one-line errors)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -268,3 +269,145 @@ def test_cli_errors_are_one_line(args, message, suite, model_dir, tmp_path, caps
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+# ----------------------------------------------------------------------------- CLI: checked before anything is loaded
+
+
+@pytest.fixture
+def nothing_loaded(monkeypatch):
+    """Fails the test if the CLI loads the data or the model: these errors must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded data or a model before checking the arguments")
+
+    monkeypatch.setattr("adapt_fast.evaluate.load_split", refuse)
+    monkeypatch.setattr("adapt_fast.evaluate._load_model", refuse)
+
+
+def _one_line_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        pytest.param("cuda", "no cuda device", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
+        ("cuda:99", "cuda:99"),
+        ("gpu", "not a device"),
+        ("cuda:x", "not a device"),
+        ("", "not a device"),
+        ("meta", "not supported"),
+    ],
+)
+def test_cli_refuses_an_unusable_device_up_front(device, message, suite, capsys, nothing_loaded):
+    err = _one_line_error(["--model", "tiny-llama", "--data", str(suite), "--device", device], capsys)
+    assert "--device" in err and message in err
+
+
+def test_cli_subprocess_cuda_without_cuda_is_one_line(suite):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = ["--model", "tiny-llama", "--data", str(suite), "--device", "cuda"]
+    proc = subprocess.run([sys.executable, "-m", "adapt_fast.evaluate", *argv], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: --device 'cuda'") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("{tmp}/missing/result.json", "no such folder"),
+        ("{tmp}", "is a folder"),
+        ("{tmp}/a_file/result.json", "is not a folder"),
+        ("{suite}/tasks.jsonl", "is the --data file"),
+    ],
+)
+def test_cli_checks_out_before_evaluating(out, message, tmp_path, capsys, nothing_loaded):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "suite").mkdir()
+    data = tmp_path / "suite" / "tasks.jsonl"
+    data.write_text('{"task": "t", "input": "a", "output": "b"}\n')
+    out = out.format(tmp=tmp_path, suite=tmp_path / "suite")
+    data_arg = str(data) if "tasks.jsonl" in out else str(tmp_path / "suite")
+    err = _one_line_error(["--model", "tiny-llama", "--data", data_arg, "--generate", "--out", out], capsys)
+    assert "--out" in err and message in err
+    assert data.read_text() == '{"task": "t", "input": "a", "output": "b"}\n'  # not overwritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "suite"]  # no probe file left behind
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes anywhere")
+def test_cli_refuses_an_unwritable_out_folder(suite, tmp_path, capsys, nothing_loaded):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        err = _one_line_error(["--model", "tiny-llama", "--data", str(suite), "--out", str(locked / "r.json")], capsys)
+    finally:
+        locked.chmod(0o700)
+    assert "cannot write" in err
+
+
+def test_cli_out_check_leaves_an_existing_file_alone(suite, tmp_path, monkeypatch):
+    """The up-front check of an existing --out neither truncates nor replaces it (only the final write does)."""
+    from adapt_fast.evaluate import check_out
+
+    out = tmp_path / "result.json"
+    out.write_text("previous\n")
+    check_out(str(out), str(suite))
+    assert out.read_text() == "previous\n" and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+def test_cli_keeps_the_result_when_out_breaks_during_the_run(suite, tmp_path, capsys, monkeypatch):
+    """--out passes the check, then its folder goes away while evaluating: the JSON still reaches stdout."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    tokenizer = build_byte_tokenizer()
+    monkeypatch.setattr("adapt_fast.evaluate._load_model", lambda *a: (None, tokenizer))
+
+    def fake_evaluate(model, tokenizer, records, **kwargs):
+        folder.rmdir()
+        return {"tasks": {}, "mean": {}, "worst": {}, "overall": {"examples": len(records)}}
+
+    monkeypatch.setattr("adapt_fast.evaluate.evaluate", fake_evaluate)
+    monkeypatch.setattr("adapt_fast.evaluate.format_table", lambda result: "table")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "tiny-llama", "--data", str(suite), "--out", str(folder / "r.json")])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["overall"]["examples"] > 0
+    assert captured.err.endswith("error: " + str(folder / "r.json") + ": cannot write (No such file or directory); "
+                                 "the JSON result is on stdout\n")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--val_examples", "-3", "--val_examples must be >= 0, got -3"),
+        ("--num_positive_examples", "-1", "--num_positive_examples must be >= 0"),
+        ("--seed", "-1", "--seed must be >= 0"),
+        ("--max_examples_per_task", "-1", "--max_examples_per_task must be >= 0"),
+        ("--max_len", "1", "--max_len must be >= 2"),
+        ("--max_new_tokens", "0", "--max_new_tokens must be >= 1"),
+        ("--batch_size", "0", "--batch_size must be >= 1"),
+        ("--tokens_per_micro_batch", "-5", "--tokens_per_micro_batch must be >= 1"),
+        ("--val_fraction", "nan", "--val_fraction must be in [0, 1)"),
+        ("--val_examples", "2.5", "invalid int value"),
+    ],
+)
+def test_cli_refuses_bad_numbers_up_front(flag, value, message, suite, capsys, nothing_loaded):
+    err = _one_line_error(["--model", "tiny-llama", "--data", str(suite), flag, value], capsys)
+    assert message in err
+
+
+def test_cli_names_the_config_field_of_a_bad_config_value(suite, tmp_path, capsys, nothing_loaded):
+    cfg = Config()
+    cfg.data.path, cfg.seed = str(suite), -2  # the config does not check the seed
+    save_config(cfg, tmp_path / "config.yaml")
+    err = _one_line_error(["--model", "tiny-llama", "--config", str(tmp_path / "config.yaml")], capsys)
+    assert "seed (from --config) must be >= 0, got -2" in err
