@@ -8,8 +8,15 @@ Every field is validated before any work starts; a bad one is a one-line ConfigE
 from __future__ import annotations
 
 import dataclasses
+import decimal
+import inspect
+import json
+import math
 import os
+import re
+import sys
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +26,8 @@ import yaml
 from adapt_fast.errors import ConfigError
 
 MIXTURE_METHODS = ("adapt", "uniform", "proportional", "temperature", "fixed")
+INT_LIMIT = 2**63  # int fields end up in int64 (numpy, torch): larger ones are refused
+REMOVED_KEYS = {"training.log_every": "every step is logged"}  # still in old runs' config.yaml: ignored
 
 
 @dataclass
@@ -98,8 +107,7 @@ class TrainingConfig:
     zero_stage: int = 0
     deepspeed_config: str = ""  # a DeepSpeed JSON (HF Trainer's --deepspeed) merged in: ZeRO options, offload, ...
     gradient_checkpointing: bool = False  # recompute decoder-layer activations in the backward (less memory)
-    eval_every: int = 0  # validation losses logged every this many steps (0 = with G / at the end)
-    log_every: int = 1
+    eval_every: int = 0  # validation losses also every this many steps (0: only with G, and at the end)
     max_bad_steps: int = 5  # this many non-finite (skipped) steps in a row stop the run (checkpoint, exit 3)
 
 
@@ -151,38 +159,57 @@ def _parse_value(text: Any, annotation: Any, name: str) -> Any:
                 return False
             raise ValueError
         if annotation is int:
-            if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
-                raise ValueError
-            return int(float(text)) if isinstance(text, str) and "e" in text.lower() else int(text)
+            return _parse_int(text)
         if annotation is float:
             if isinstance(text, bool):
                 raise ValueError
             return float(text)
         if annotation is str:
-            if isinstance(text, (dict, list)):
+            if text is None or isinstance(text, (dict, list)):  # YAML null is not the text "None"
                 raise ValueError
             return str(text)
         if origin is list:
+            if text is None:
+                raise ValueError
             (item_type,) = typing.get_args(annotation)
             items = text if isinstance(text, list) else [s for s in str(text).split(",") if s.strip()]
             return [_parse_value(item.strip() if isinstance(item, str) else item, item_type, name) for item in items]
         if origin is dict:
-            _, value_type = typing.get_args(annotation)
+            key_type, value_type = typing.get_args(annotation)
             if isinstance(text, dict):
                 pairs = text.items()
             else:  # "a=0.5,b=0.5" or "a:0.5,b:0.5"
                 pairs = [item.replace(":", "=", 1).split("=", 1) for item in str(text).split(",") if item.strip()]
                 if any(len(p) != 2 for p in pairs):
                     raise ValueError
-            return {str(k).strip(): _parse_value(v, value_type, name) for k, v in pairs}
-    except (TypeError, ValueError):
+            return {_parse_value(k, key_type, name).strip(): _parse_value(v, value_type, name) for k, v in pairs}
+    except (TypeError, ValueError, ArithmeticError):  # ArithmeticError: OverflowError, decimal's errors
         pass
     else:
         raise ConfigError(f"{name}: unsupported field type {annotation}")
     raise ConfigError(f"{name}: bad value {text!r} (expected {_type_name(annotation)})")
 
 
+def _parse_int(text: Any) -> int:
+    """An int from an int, a whole float or text ("12", "1e5"); ValueError for "2.5e0", "inf", "1e999", ..."""
+    if isinstance(text, bool):
+        raise ValueError
+    if isinstance(text, str) and "e" in text.lower():
+        text = decimal.Decimal(text)  # exact, unlike float: 9007199254740993e0 stays odd
+    if isinstance(text, (float, decimal.Decimal)) and not (abs(text) < INT_LIMIT and text == int(text)):
+        raise ValueError  # a fraction, out of range, inf or nan
+    value = int(text)
+    if not -INT_LIMIT <= value < INT_LIMIT:
+        raise ValueError
+    return value
+
+
+_TYPE_NAMES = {int: "an integer below 2^63", float: "a number", str: "text", bool: "true or false"}
+
+
 def _type_name(annotation: Any) -> str:
+    if annotation in _TYPE_NAMES:
+        return _TYPE_NAMES[annotation]
     if typing.get_origin(annotation) is list:
         return "a comma-separated list"
     if typing.get_origin(annotation) is dict:
@@ -197,6 +224,9 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _set(cfg: Config, dotted: str, value: Any) -> None:
     """Set `section.field` (or a top-level field) on cfg from a raw value."""
+    if dotted in REMOVED_KEYS:
+        print(f"warning: {dotted} is no longer used ({REMOVED_KEYS[dotted]}); ignored", file=sys.stderr, flush=True)
+        return
     parts = dotted.split(".")
     target: Any = cfg
     for depth, part in enumerate(parts):
@@ -274,7 +304,11 @@ def _pairs(argv: list[str]) -> list[tuple[str, str]]:
 
 def parse_cli(argv: list[str], extra_flags: tuple[str, ...] = ()) -> tuple[Config, dict[str, str]]:
     """Parse `--config FILE` plus overrides. Flags named in `extra_flags` (e.g. 'resume') and the
-    launcher's `--local_rank` are returned separately instead of being config keys."""
+    launcher's `--local_rank` are returned separately instead of being config keys.
+    `-h`/`--help` prints `config_help` and exits 0."""
+    if "-h" in argv or "--help" in argv:
+        print(config_help(extra_flags))
+        raise SystemExit(0)
     config_path = None
     extras: dict[str, str] = {}
     overrides: list[str] = []
@@ -288,6 +322,40 @@ def parse_cli(argv: list[str], extra_flags: tuple[str, ...] = ()) -> tuple[Confi
         else:
             overrides += [f"--{key}", value]
     return load_config(config_path, overrides), extras
+
+
+def config_help(extra_flags: tuple[str, ...] = ()) -> str:
+    """The --help text: a usage line, then every `section.field` with its type, default and comment."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # python -m NAME
+    prog = f"python -m {spec.name.removesuffix('.__main__')}" if spec else Path(sys.argv[0]).name
+    flags = "".join(f" [--{flag} [VALUE]]" for flag in extra_flags)
+    lines = [
+        f"usage: {prog} [--config FILE.yaml] [--section.field VALUE ...]{flags}",
+        "",
+        "Fields (in the YAML file as `section: {field: value}`; lists comma-separated, dicts as name=value,...):",
+    ]
+    rows = []
+    for name, annotation, default, note in _describe(Config()):
+        kind = str(annotation) if typing.get_origin(annotation) else annotation.__name__  # list[str], int
+        rows.append((name, kind, json.dumps(default, ensure_ascii=False), note))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines += [f"  {n:<{widths[0]}}  {k:<{widths[1]}}  {d:<{widths[2]}}  {note}".rstrip() for n, k, d, note in rows]
+    return "\n".join(lines)
+
+
+def _describe(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any, str]]:
+    """(dotted name, type, default, source comment) of every field of a config dataclass instance."""
+    try:  # the comments after the fields are their documentation
+        source = inspect.getsource(type(obj))
+    except (OSError, TypeError):
+        source = ""
+    notes = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", source, flags=re.MULTILINE))
+    for name, annotation in _field_types(type(obj)).items():
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(annotation):
+            yield from _describe(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", annotation, value, notes.get(name, "")
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
@@ -306,9 +374,26 @@ def _one_of(value: str, name: str, allowed: tuple[str, ...]) -> None:
     _check(value in allowed, f"{name}: unknown value {value!r} (choose from {', '.join(allowed)})")
 
 
+def _floats(obj: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted name, value) of every float in a config: float fields and the floats in list and dict fields."""
+    for f in dataclasses.fields(obj):
+        name, value = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _floats(value, f"{name}.")
+        elif isinstance(value, float):
+            yield name, value
+        elif isinstance(value, list):
+            yield from ((name, x) for x in value if isinstance(x, float))
+        elif isinstance(value, dict):
+            yield from ((f"{name}.{k}", x) for k, x in value.items() if isinstance(x, float))
+
+
 def validate(cfg: Config) -> None:
     """Check every field that can be checked without reading data; raise ConfigError on the first bad one."""
     d, b, m, meta, t = cfg.data, cfg.budget, cfg.mixture, cfg.meta, cfg.training
+    for name, value in _floats(cfg):
+        _check(math.isfinite(value), f"{name} must be a finite number, got {value}")
+    _check(bool(cfg.output_dir.strip()), "output_dir must not be empty (it would write into the current folder)")
     _one_of(d.group_by, "data.group_by", ("task", "category"))
     _one_of(d.template, "data.template", ("auto", "ni", "chat"))
     _check(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
@@ -334,6 +419,10 @@ def validate(cfg: Config) -> None:
         "model.dtype float16 is not supported for training (fp16 needs loss scaling): use bfloat16 or float32",
     )
     _check(bool(cfg.model.name), "model.name must name a preset or a local folder")
+    _check(
+        not (cfg.model.dtype == "float64" and cfg.training.zero_stage == 0),
+        "model.dtype float64 needs training.zero_stage 1 or more (DeepSpeed's ZeRO-0 cannot all-reduce fp64 gradients)",
+    )
 
     _one_of(b.unit, "budget.unit", ("tokens", "loss"))
     _check(b.tokens >= 0, f"budget.tokens must be > 0, got {b.tokens}")
@@ -366,6 +455,7 @@ def validate(cfg: Config) -> None:
     _one_of(t.lr_schedule, "training.lr_schedule", ("cosine", "linear", "constant"))
     _check(0.0 <= t.min_lr_ratio <= 1.0, f"training.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     _check(t.warmup_steps >= 0, f"training.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _check(t.weight_decay >= 0, f"training.weight_decay must be >= 0, got {t.weight_decay}")
     _check(t.grad_clip >= 0, f"training.grad_clip must be >= 0, got {t.grad_clip}")
     _check(t.grad_accum >= 1, f"training.grad_accum must be >= 1, got {t.grad_accum}")
     _check(t.max_steps >= 0, f"training.max_steps must be >= 0, got {t.max_steps}")

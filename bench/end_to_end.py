@@ -87,7 +87,7 @@ def adapt_fast_overrides(args, stack: str, data: Path, work: Path, dtype: str) -
         "training.zero_stage": args.zero_stage, "training.lr": args.lr, "training.warmup_steps": 0,
         "training.lr_schedule": "constant", "training.weight_decay": 0.0,
         "training.gradient_checkpointing": args.gradient_checkpointing, "kernels.backend": "auto",
-        "output_dir": work / f"run-{stack}", "overwrite_output_dir": "true", "seed": 0, "kernels.fused_layers": stack != "uniform_unfused",
+        "output_dir": work / f"run-{stack}", "seed": 0, "kernels.fused_layers": stack != "uniform_unfused",
         "kernels.fold_ghost_dots": stack == "adapt_folded",
     }  # fmt: skip
     return [item for key, value in pairs.items() for item in (f"--{key}", str(value))]

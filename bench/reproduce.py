@@ -315,7 +315,7 @@ def trainer_args(spec: RunSpec, scale: Scale, paths: Paths, work: Path) -> list[
         "--tokens_per_micro_batch", str(micro_batch(scale, spec.suite)),
         "--model.name", str(paths.model(scale, spec.seed)),
         "--training.lr", str(scale.lr), "--seed", str(spec.seed),
-        "--budget.fraction", str(spec.budget), "--output_dir", str(work), "--overwrite_output_dir",
+        "--budget.fraction", str(spec.budget), "--output_dir", str(work),
     ]  # fmt: skip
     args += list(spec.variant.args)
     if spec.variant.name.startswith("adapt"):

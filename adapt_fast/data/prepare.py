@@ -81,7 +81,10 @@ def resolve_budget(cfg: Config, split: TokenizedSplit) -> int:
 
 
 def check_task_names(names: list[str], data: TokenizedData, key: str) -> list[int]:
-    """Indices of `names` among the data's tasks; ConfigError naming the unknown ones."""
+    """Indices of `names` among the data's tasks; ConfigError naming the unknown or repeated ones."""
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"{key}: task(s) listed more than once: {', '.join(repeated)}")
     unknown = [n for n in names if n not in data.task_names]
     if unknown:
         raise ConfigError(f"{key}: unknown task(s) {', '.join(unknown)} (tasks: {', '.join(data.task_names)})")

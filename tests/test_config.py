@@ -1,0 +1,196 @@
+"""Configuration parsing and validation: every bad value is one ConfigError line, before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from types import SimpleNamespace
+
+import pytest
+
+from adapt_fast.config import Config, TrainingConfig, load_config, parse_cli
+from adapt_fast.data.prepare import check_task_names
+from adapt_fast.errors import ConfigError
+
+
+def bad(overrides: list[str], needle: str, yaml_text: str | None = None, tmp_path=None) -> None:
+    """load_config refuses these overrides (or this YAML) with a ConfigError containing `needle`."""
+    path = None
+    if yaml_text is not None:
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- int fields
+
+
+@pytest.mark.parametrize("value", ["1e999", "-1e999", "1e30", "99999999999999999999999", "1e99999999999"])
+def test_int_field_out_of_range_is_refused(value):
+    bad(["--budget.tokens", value], f"budget.tokens: bad value {value!r}")
+    bad(["--seed", value], "seed: bad value")
+
+
+@pytest.mark.parametrize("value", ["1.5e0", "2.5e0", "1e-1", "inf", "nan", "-inf"])
+def test_int_field_in_exponent_form_must_be_a_whole_number(value):
+    bad(["--training.max_steps", value], f"training.max_steps: bad value {value!r} (expected an integer")
+    bad(["--budget.tokens", value], "budget.tokens: bad value")
+
+
+def test_int_field_in_exponent_form_is_exact():
+    cfg = load_config(None, ["--budget.tokens", "1e5", "--training.max_steps", "2.5E1", "--seed", "9007199254740993e0"])
+    assert (cfg.budget.tokens, cfg.training.max_steps, cfg.seed) == (100_000, 25, 9007199254740993)
+    assert isinstance(cfg.budget.tokens, int)
+
+
+def test_int_field_from_yaml(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("budget:\n  tokens: 1e5\ntraining:\n  max_steps: 1.0e+2\n")  # YAML 1.1: a string, a float
+    cfg = load_config(path)
+    assert (cfg.budget.tokens, cfg.training.max_steps) == (100_000, 100)
+    bad([], "training.max_steps: bad value 2.5", "training:\n  max_steps: 2.5\n", tmp_path)
+    bad([], "training.max_steps: bad value inf", "training:\n  max_steps: .inf\n", tmp_path)
+
+
+# ----------------------------------------------------------------------------- float fields
+
+
+def all_fields() -> dict[str, object]:
+    """Every `section.field` (or top-level field) of Config, with its type."""
+    names = {}
+    for name, annotation in typing.get_type_hints(Config).items():
+        if dataclasses.is_dataclass(annotation):
+            names |= {f"{name}.{key}": sub for key, sub in typing.get_type_hints(annotation).items()}
+        else:
+            names[name] = annotation
+    return names
+
+
+def float_fields() -> list[str]:
+    return [name for name, annotation in all_fields().items() if annotation is float]
+
+
+def test_every_float_field_is_covered():
+    assert {"mixture.lr", "mixture.entropy_weight", "training.lr", "data.lookahead"} <= set(float_fields())
+
+
+@pytest.mark.parametrize("name", float_fields())
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999"])
+def test_float_fields_must_be_finite(name, value):
+    bad([f"--{name}", value], f"{name} must be a finite number")
+
+
+def test_floats_in_lists_and_dicts_must_be_finite():
+    bad(["--mixture.method", "fixed", "--mixture.weights", "a=1,b=inf"], "mixture.weights.b must be a finite number")
+    bad(["--training.betas", "0.9,nan"], "training.betas must be a finite number")
+
+
+def test_weight_decay_must_not_be_negative():
+    bad(["--training.weight_decay", "-0.1"], "training.weight_decay must be >= 0, got -0.1")
+    assert load_config(None, ["--training.weight_decay", "0"]).training.weight_decay == 0.0
+
+
+# ----------------------------------------------------------------------------- model.dtype float64
+
+
+def test_float64_needs_zero_stage_1_or_more():
+    bad(["--model.dtype", "float64"], "model.dtype float64 needs training.zero_stage 1 or more")
+    for stage in ("1", "2", "3"):
+        assert load_config(None, ["--model.dtype", "float64", "--training.zero_stage", stage]).model.dtype == "float64"
+
+
+# ----------------------------------------------------------------------------- text fields
+
+
+@pytest.mark.parametrize(
+    "yaml_text,needle",
+    [
+        ("output_dir: null\n", "output_dir: bad value None (expected text)"),
+        ("output_dir:\n", "output_dir: bad value None (expected text)"),
+        ("model:\n  name: null\n", "model.name: bad value None (expected text)"),
+        ("data:\n  tasks: null\n", "data.tasks: bad value None"),
+        ("meta:\n  val_tasks: [copy, null]\n", "meta.val_tasks: bad value None (expected text)"),
+    ],
+)
+def test_null_is_not_text(tmp_path, yaml_text, needle):
+    bad([], needle, yaml_text, tmp_path)
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_output_dir_must_not_be_empty(value):
+    bad(["--output_dir", value], "output_dir must not be empty")
+
+
+# ----------------------------------------------------------------------------- task names
+
+
+def test_duplicate_task_names_are_refused():
+    data = SimpleNamespace(task_names=["copy", "addition", "reverse"])
+    assert check_task_names(["reverse", "copy"], data, "meta.val_tasks") == [2, 0]
+    with pytest.raises(ConfigError, match=r"^meta.val_tasks: task\(s\) listed more than once: copy$"):
+        check_task_names(["copy", "addition", "copy"], data, "meta.val_tasks")
+
+
+# ----------------------------------------------------------------------------- removed fields
+
+
+def test_log_every_is_gone_but_old_run_configs_still_load(tmp_path, capsys):
+    assert "log_every" not in {f.name for f in dataclasses.fields(TrainingConfig)}
+    path = tmp_path / "config.yaml"
+    path.write_text("training:\n  lr: 0.002\n  log_every: 1\n")  # a run's config.yaml from before
+    assert load_config(path).training.lr == 0.002
+    assert "training.log_every is no longer used" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- --help
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_field(capsys, flag):
+    with pytest.raises(SystemExit) as exc:
+        parse_cli(["--budget.tokens", "5", flag], extra_flags=("resume",))
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ") and "--resume" in out.splitlines()[0]
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    expected = set(all_fields())
+    assert set(lines) == expected
+    assert lines["budget.tokens"].split()[1:3] == ["int", "150000"]
+    assert lines["training.betas"].split()[1:4] == ["list[float]", "[0.9,", "0.95]"]
+    assert lines["output_dir"].split()[1:3] == ["str", '"runs/default"']
+
+
+# ----------------------------------------------------------------------------- the trainer's command line
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--budget.tokens", "1e999"], "budget.tokens: bad value '1e999'"),
+        (["--training.max_steps", "1.5e0"], "training.max_steps: bad value '1.5e0'"),
+        (["--mixture.lr", "inf"], "mixture.lr must be a finite number"),
+        (["--model.dtype", "float64"], "model.dtype float64 needs training.zero_stage 1 or more"),
+    ],
+)
+def test_trainer_command_line_is_one_line_exit_2(tmp_path, capsys, extra, needle):
+    from adapt_fast.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--output_dir", str(tmp_path / "run"), *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], err[-1000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_trainer_help_exits_0(capsys):
+    from adapt_fast.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "mixture.method" in capsys.readouterr().out
