@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu and not slow" tests
 
 demo: $(STAMP)
-	$(PY) -m adapt_fast.train --output_dir runs/demo
+	$(PY) -m adapt_fast.train --output_dir runs/demo --overwrite_output_dir
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check adapt_fast kernels bench tests

@@ -195,7 +195,7 @@ def rows_agree(a: list[dict], b: list[dict]) -> None:
         assert np.isclose(x["loss"], y["loss"], rtol=1e-5)
         assert x.keys() == y.keys()
         if "meta_dots" in x:
-            u, v = (np.array(list(r["meta_dots"].values())) for r in (x, y))
+            u, v = (np.array(list(r["meta_dots"].values()), dtype=float) for r in (x, y))
             ok = np.isfinite(v)
             assert np.abs(u[ok] - v[ok]).max() <= 1e-3 * np.abs(v[ok]).max(), (u, v)
         assert np.allclose(list(x["mixture"].values()), list(y["mixture"].values()), atol=1e-5)
@@ -240,8 +240,8 @@ def test_one_pass_dots_match_exact_in_the_trainer(tmp_path):
     for a, b in zip(one_pass, exact, strict=True):
         if "meta_dots" not in a:
             continue
-        x = np.array(list(a["meta_dots"].values()))
-        y = np.array(list(b["meta_dots"].values()))
+        x = np.array(list(a["meta_dots"].values()), dtype=float)
+        y = np.array(list(b["meta_dots"].values()), dtype=float)
         ok = np.isfinite(y)
         assert np.abs(x[ok] - y[ok]).max() <= 1e-3 * np.abs(y[ok]).max(), (x, y)
         compared += 1
@@ -256,14 +256,14 @@ def test_preconditioned_dots_agree_across_zero_stages(tmp_path):
     common += ["--training.deepspeed_config", zero3_all_partitioned(tmp_path)]
     report, rows0 = train(tmp_path, "pre0", *common)
     assert report["tokens_consumed"] == 6000
-    dots = [np.array(list(r["meta_dots"].values())) for r in rows0 if "meta_dots" in r]
+    dots = [np.array(list(r["meta_dots"].values()), dtype=float) for r in rows0 if "meta_dots" in r]
     assert len(dots) >= 4
     assert np.nanmax(np.abs(dots[-1])) > 10 * np.nanmax(np.abs(dots[0]))  # P = 1/(sqrt(v) + eps) is large here
     for stage in (2, 3):
         _, rows = train(tmp_path, f"pre{stage}", *common, "--training.zero_stage", str(stage))
         rows_agree(rows, rows0)
     _, bf16 = train(tmp_path, "bf16", *common, "--model.dtype", "bfloat16")
-    first = [np.array(list(r["meta_dots"].values())) for r in bf16 if "meta_dots" in r][0]  # G of step 0: no P yet
+    first = [np.array(list(r["meta_dots"].values()), dtype=float) for r in bf16 if "meta_dots" in r][0]  # no P yet
     assert np.allclose(first, dots[0], rtol=0.1), (first, dots[0])
 
 
@@ -312,7 +312,7 @@ def test_train_mode_eval_mode_and_gradient_checkpointing(tmp_path, monkeypatch):
     for a, b in zip(rows, rows_gc, strict=True):
         assert np.isclose(a["loss"], b["loss"], rtol=1e-6)
         if "meta_dots" in a:
-            x, y = np.array(list(a["meta_dots"].values())), np.array(list(b["meta_dots"].values()))
+            x, y = (np.array(list(r["meta_dots"].values()), dtype=float) for r in (a, b))
             assert np.allclose(x, y, rtol=1e-5, atol=1e-9 * np.nanmax(np.abs(x)), equal_nan=True)
     assert np.allclose(list(report["mixture_final"].values()), list(report_gc["mixture_final"].values()), rtol=1e-6)
 

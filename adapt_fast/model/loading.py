@@ -231,6 +231,8 @@ def load_model_and_tokenizer(
                     name, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
                 )
         except (OSError, ValueError, KeyError) as err:  # no weights, a config transformers does not know, ...
+            if type(err).__module__.startswith("pydantic"):  # DeepSpeed refusing its config (zero.Init): the caller's
+                raise
             raise ConfigError(f"{name}: cannot load the model ({_first_line(err)})") from None
         if not is_partitioned(next(model.parameters())):  # zero.Init put the partitions on the device already
             model = model.to(device)
