@@ -1012,7 +1012,7 @@ def diagnostics_markdown(diags: list[dict]) -> str:
         "eta·d_k (centred), over lambda; `noise`: mean over updates of the RMS over tasks of one update's eta·d_k "
         "(centred), over the signal (≫ 1: single updates are mostly noise, Adam moves alpha by ~lr per update "
         "anyway). `std log p`: spread of the mixture actually reached. `absent`: share of tasks missing from the "
-        "meta batch (d_k is nan in metrics.jsonl; the update leaves such a task to the entropy term). TV: total "
+        "meta batch (d_k is null in metrics.jsonl; the update does not move such a task). TV: total "
         "variation distance of p from uniform (max, where in training as a fraction, final). Objective weights: "
         "softmax(l/tau) on the final "
         "validation losses (top 3, and on random_output).",
