@@ -111,17 +111,10 @@ def tensor_data_offset(path: Path) -> int:
 # ----------------------------------------------------------------------------- end to end
 
 
-BASE = [
-    "--tokens_per_micro_batch", "512",
-    "--data.max_len", "256",
+BASE = [  # a static mixture: the corruption, not ADAPT, is under test
+    "--mixture.method", "uniform", "--budget.tokens", "2000", "--checkpoint.every_tokens", "1000",
+    "--checkpoint.keep_last", "3", "--tokens_per_micro_batch", "512", "--data.max_len", "256",
     "--data.synthetic_examples", "40",
-    "--training.warmup_steps", "2",
-    "--meta.val_examples_per_task", "2",
-    "--meta.warmup", "1",
-    "--meta.val_every", "100",
-    "--budget.tokens", "2000",
-    "--checkpoint.every_tokens", "1000",
-    "--checkpoint.keep_last", "3",
 ]  # fmt: skip
 
 
