@@ -7,6 +7,7 @@ Every field is validated before any work starts; a bad one is a one-line ConfigE
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import decimal
 import inspect
@@ -307,7 +308,8 @@ def parse_cli(argv: list[str], extra_flags: tuple[str, ...] = ()) -> tuple[Confi
     launcher's `--local_rank` are returned separately instead of being config keys.
     `-h`/`--help` prints `config_help` and exits 0."""
     if "-h" in argv or "--help" in argv:
-        print(config_help(extra_flags))
+        with contextlib.suppress(BrokenPipeError):  # `--help | head` closes the pipe early
+            print(config_help(extra_flags), flush=True)
         raise SystemExit(0)
     config_path = None
     extras: dict[str, str] = {}
@@ -398,6 +400,9 @@ def validate(cfg: Config) -> None:
     _one_of(d.template, "data.template", ("auto", "ni", "chat"))
     _check(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     _check(d.val_examples >= 0, f"data.val_examples must be >= 0, got {d.val_examples}")
+    for name, names in (("data.tasks", d.tasks), ("meta.val_tasks", meta.val_tasks)):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        _check(not repeated, f"{name}: task(s) listed more than once: {', '.join(repeated)}")
     _check(d.max_len >= 2, f"data.max_len must be >= 2, got {d.max_len}")
     _check(d.num_proc >= 1, f"data.num_proc must be >= 1, got {d.num_proc}")
     _check(d.synthetic_examples >= 4, f"data.synthetic_examples must be >= 4, got {d.synthetic_examples}")

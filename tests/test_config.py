@@ -131,6 +131,9 @@ def test_duplicate_task_names_are_refused():
     assert check_task_names(["reverse", "copy"], data, "meta.val_tasks") == [2, 0]
     with pytest.raises(ConfigError, match=r"^meta.val_tasks: task\(s\) listed more than once: copy$"):
         check_task_names(["copy", "addition", "copy"], data, "meta.val_tasks")
+    for key in ("data.tasks", "meta.val_tasks"):  # refused before any data is read, too
+        with pytest.raises(ConfigError, match=rf"^{key}: task\(s\) listed more than once: copy$"):
+            load_config(None, [f"--{key}", "copy,sort,copy"])
 
 
 # ----------------------------------------------------------------------------- removed fields
