@@ -390,6 +390,12 @@ def _floats(obj: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
             yield from ((f"{name}.{k}", x) for k, x in value.items() if isinstance(x, float))
 
 
+def check_no_repeats(names: list[str], key: str) -> None:
+    """ConfigError naming the names `key` lists more than once."""
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    _check(not repeated, f"{key}: task(s) listed more than once: {', '.join(repeated)}")
+
+
 def validate(cfg: Config) -> None:
     """Check every field that can be checked without reading data; raise ConfigError on the first bad one."""
     d, b, m, meta, t = cfg.data, cfg.budget, cfg.mixture, cfg.meta, cfg.training
@@ -401,8 +407,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     _check(d.val_examples >= 0, f"data.val_examples must be >= 0, got {d.val_examples}")
     for name, names in (("data.tasks", d.tasks), ("meta.val_tasks", meta.val_tasks)):
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        _check(not repeated, f"{name}: task(s) listed more than once: {', '.join(repeated)}")
+        check_no_repeats(names, name)
     _check(d.max_len >= 2, f"data.max_len must be >= 2, got {d.max_len}")
     _check(d.num_proc >= 1, f"data.num_proc must be >= 1, got {d.num_proc}")
     _check(d.synthetic_examples >= 4, f"data.synthetic_examples must be >= 4, got {d.synthetic_examples}")

@@ -27,6 +27,12 @@ class DataError(UserError):
     """A data file cannot be used; the message names the file (and line for JSONL)."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when empty), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class RunStopped(Exception):
     """The run stopped before its end, on purpose and cleanly: a signal (SIGTERM/SIGINT) or too many
     non-finite steps. A checkpoint has been written; `exit_code` is the process's exit status and the

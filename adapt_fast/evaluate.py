@@ -40,7 +40,7 @@ from adapt_fast.data import formats
 from adapt_fast.data.cache import TokenizedSplit
 from adapt_fast.data.loader import pack_examples
 from adapt_fast.data.render import fit_to_max_len, resolve_template, tokenize_record
-from adapt_fast.errors import ConfigError, DataError, UserError, exit_on_user_error
+from adapt_fast.errors import ConfigError, DataError, UserError, exit_on_user_error, first_line
 from adapt_fast.model.attention import ATTN_NAME, use_packed_attention
 from adapt_fast.model.loading import unwrap
 from adapt_fast.model.loss import per_task_loss
@@ -520,8 +520,7 @@ def _load_model(name: str, dtype: str, device: str | None):
     except UserError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{name}: cannot load the model ({first})") from None
+        raise UserError(f"{name}: cannot load the model ({first_line(err)})") from None
 
 
 @exit_on_user_error

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adapt_fast.config import Config
+from adapt_fast.config import Config, check_no_repeats
 from adapt_fast.data.cache import TokenizedData, TokenizedSplit, build_or_load, default_cache_dir
 from adapt_fast.data.loader import PackedLoader
 from adapt_fast.data.synthetic import write_synthetic_suite
@@ -82,9 +82,7 @@ def resolve_budget(cfg: Config, split: TokenizedSplit) -> int:
 
 def check_task_names(names: list[str], data: TokenizedData, key: str) -> list[int]:
     """Indices of `names` among the data's tasks; ConfigError naming the unknown or repeated ones."""
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ConfigError(f"{key}: task(s) listed more than once: {', '.join(repeated)}")
+    check_no_repeats(names, key)
     unknown = [n for n in names if n not in data.task_names]
     if unknown:
         raise ConfigError(f"{key}: unknown task(s) {', '.join(unknown)} (tasks: {', '.join(data.task_names)})")

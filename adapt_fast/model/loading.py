@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from adapt_fast.data.tokenizer import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, build_byte_tokenizer
-from adapt_fast.errors import ConfigError
+from adapt_fast.errors import ConfigError, first_line
 from adapt_fast.model.attention import use_packed_attention
 from adapt_fast.model.zero3 import full_shape, is_partitioned
 
@@ -185,11 +185,6 @@ def partitioned_loading(zero3_config: dict | None):
         del hf_config
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def check_model_folder(name: str, trust_remote_code: bool = False) -> None:
     """ConfigError (one line) unless the folder holds a causal-LM config transformers can read and weights;
     cheap (no weights read), so a trainer can call it before tokenising the data."""
@@ -198,7 +193,7 @@ def check_model_folder(name: str, trust_remote_code: bool = False) -> None:
     try:
         AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"{name}: not a model folder ({_first_line(err)})") from None
+        raise ConfigError(f"{name}: not a model folder ({first_line(err)})") from None
     if not any(any(Path(name).glob(pattern)) for pattern in ("*.safetensors", "*.bin")):
         raise ConfigError(f"{name}: no weights (*.safetensors or *.bin) in the model folder")
 
@@ -233,7 +228,7 @@ def load_model_and_tokenizer(
         except (OSError, ValueError, KeyError) as err:  # no weights, a config transformers does not know, ...
             if type(err).__module__.startswith("pydantic"):  # DeepSpeed refusing its config (zero.Init): the caller's
                 raise
-            raise ConfigError(f"{name}: cannot load the model ({_first_line(err)})") from None
+            raise ConfigError(f"{name}: cannot load the model ({first_line(err)})") from None
         if not is_partitioned(next(model.parameters())):  # zero.Init put the partitions on the device already
             model = model.to(device)
     else:
