@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from adapt_fast.data import pack
-from adapt_fast.data.pack import NATIVE_AVAILABLE, best_fit_pack, cut_to_budget
+from adapt_fast.data.pack import NATIVE_AVAILABLE, best_fit_pack, cut_to_budget, fullest_subset, place_pool
 
 needs_native = pytest.mark.skipif(
     not NATIVE_AVAILABLE, reason="adapt_fast._native_packer not built (no cmake/C++ compiler at install time)"
@@ -206,3 +206,57 @@ def test_native_module_validates_directly():
     with pytest.raises(ValueError):
         _native_packer.cut_to_budget(np.array([1]), -1)
     assert _native_packer.best_fit_pack(np.array([2, 1]), np.array([1, 2]), None).tolist() == [1, 0]
+
+
+def brute_force_fullest(sizes: list[int], room: int) -> tuple[int, int]:
+    """(the largest subset sum <= room, the smallest last index among subsets reaching it; -1 for none)."""
+    best, best_last = 0, -1
+    for mask in range(1, 1 << len(sizes)):
+        chosen = [i for i in range(len(sizes)) if mask >> i & 1]
+        total = sum(sizes[i] for i in chosen)
+        if total > room:
+            continue
+        if total > best or (total == best and chosen[-1] < best_last):
+            best, best_last = total, chosen[-1]
+    return best, best_last
+
+
+def test_fullest_subset_is_the_fullest_and_prefers_earlier_items():
+    rng = np.random.default_rng()  # fresh cases every run
+    for _ in range(300):
+        n = int(rng.integers(0, 12))
+        sizes = rng.integers(1, int(rng.choice([5, 40, 300])) + 1, size=n).tolist()
+        room = int(rng.integers(0, max(2, sum(sizes) + 2)))
+        take = fullest_subset(sizes, room)
+        assert take.dtype == np.bool_ and take.shape == (n,)
+        best, best_last = brute_force_fullest(sizes, room)
+        chosen = np.flatnonzero(take)
+        assert sum(sizes[i] for i in chosen) == best, (sizes, room)
+        assert (chosen[-1] if chosen.size else -1) == best_last, (sizes, room)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_place_pool_places_forced_items_first_then_fills_each_bin_fullest(backend):
+    rng = np.random.default_rng()
+    for _ in range(100):
+        n, W = int(rng.integers(0, 11)), int(rng.integers(1, 4))
+        lengths = rng.integers(1, 60, size=n).astype(np.int64)
+        forced = rng.random(n) < 0.3
+        caps = rng.integers(0, 120, size=W).astype(np.int64)
+        placement = place_pool(lengths, forced, caps, backend)
+        assert placement.shape == (n,) and placement.min(initial=0) >= -1 and placement.max(initial=-1) < W
+        used = np.bincount(placement[placement >= 0], weights=lengths[placement >= 0], minlength=W)
+        assert (used <= caps).all()
+        # forced items go exactly where best fit puts them on their own
+        idx = np.flatnonzero(forced)
+        assert np.array_equal(placement[idx], best_fit_pack(lengths[idx], caps, backend=backend))
+        # each bin holds the fullest subset of what the forced items and the earlier bins left over
+        room = caps - np.bincount(placement[idx][placement[idx] >= 0], weights=lengths[idx][placement[idx] >= 0],
+                                  minlength=W).astype(np.int64)  # fmt: skip
+        left = [i for i in range(n) if not forced[i]]
+        for b in range(W):
+            mine = [i for i in left if placement[i] == b]
+            best, _ = brute_force_fullest([int(lengths[i]) for i in left], int(room[b]))
+            assert sum(int(lengths[i]) for i in mine) == best
+            left = [i for i in left if placement[i] != b]
+        assert all(placement[i] == -1 for i in left)

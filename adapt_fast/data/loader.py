@@ -5,15 +5,19 @@ this rank's. All ranks run the same deterministic plan, so they draw disjoint ex
 global counts without communicating. A global micro-step:
 
 1. Capacity W·L token slots (L = tokens_per_micro_batch). A pool of (1 + lookahead)·W·L tokens is
-   split among tasks by p with largest-remainder rounding; examples left over from the previous step
-   count toward their task's share and are placed first.
+   split among tasks by p with largest-remainder rounding; examples left over from earlier steps
+   count toward their task's share.
 2. Each task draws from its own stream: its examples shuffled without replacement, reshuffled every
    epoch (reuse beyond one epoch is counted). On meta steps (mixture updates) every task contributes
    at least `meta_floor_examples` examples, placed first, so every d_k can be measured - as long as
    the floors take at most `meta_floor_fraction` of the step's capacity (long examples, many tasks):
    then the tasks whose floor went unplaced longest go first, the others wait for a later meta step
-   (ADAPT leaves a task it did not measure alone), and the rest of the step still follows p.
-3. Best-fit decreasing places the pool into W bins of L slots; what does not fit rolls over.
+   (ADAPT leaves a task it did not measure alone; nothing is drawn for a floor that does not fit, so
+   the floors do not swell the pool), and the rest of the step still follows p.
+3. Placement (pack.place_pool): the floors first, then leftovers that waited MAX_WAIT steps, both by
+   best fit; then each of the W bins of L slots takes the subset of the remaining pool that fills it
+   fullest, longest-waiting examples preferred (exact subset sum: no padding whenever the pool can
+   fill the bin exactly). What is not placed rolls over.
 4. The budget: when the step would spend more than what remains, the plan is cut in plan order and
    the last example truncated so that exactly the budget is spent (`unit: tokens` counts non-padding
    tokens, `unit: loss` counts tokens that carry the loss). The last step is not padded.
@@ -25,7 +29,6 @@ kernels expect. See MicroBatch for the fields.
 from __future__ import annotations
 
 import warnings
-from bisect import bisect_right, insort
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,7 +36,7 @@ import torch
 
 from adapt_fast.data.batch import IGNORE_INDEX, PAD_TASK, MicroBatch
 from adapt_fast.data.cache import TokenizedSplit
-from adapt_fast.data.pack import best_fit_pack, cut_to_budget
+from adapt_fast.data.pack import best_fit_pack, cut_to_budget, place_pool
 from adapt_fast.errors import DataError
 
 
@@ -48,52 +51,6 @@ def largest_remainder(total: int, p: np.ndarray) -> np.ndarray:
     order = np.lexsort((np.arange(len(p)), -(exact - counts)))
     counts[order[:short]] += 1
     return counts
-
-
-def fill_gaps(lengths: np.ndarray, placement: np.ndarray, capacity: int, priority: np.ndarray) -> np.ndarray:
-    """Shrink the gaps best fit left. Best fit decreasing leaves the shortest items unplaced, so a gap
-    is filled by swapping a placed (non-priority) item for one or two unplaced items that are longer
-    together but still fit. Deterministic; returns the new placement (n,) with -1 for unplaced."""
-    placement = placement.copy()
-    unplaced = sorted((int(lengths[i]), int(i)) for i in np.flatnonzero(placement < 0))
-    for b in range(int(placement.max()) + 1 if placement.size else 0):
-        gap = capacity - int(lengths[placement == b].sum())
-        members = np.flatnonzero((placement == b) & ~priority)
-        for a in members[np.argsort(-lengths[members], kind="stable")]:
-            if gap == 0 or not unplaced:
-                break
-            size = int(lengths[a])
-            best = _best_replacement([u for u, _ in unplaced], size, size + gap)
-            if best is None:
-                continue
-            chosen = [unplaced[j] for j in best]
-            for j in sorted(best, reverse=True):
-                unplaced.pop(j)
-            for _, u in chosen:
-                placement[u] = b
-            placement[a] = -1
-            gap -= sum(u for u, _ in chosen) - size
-            insort(unplaced, (size, int(a)))
-    return placement
-
-
-def _best_replacement(sizes: list[int], above: int, at_most: int) -> tuple[int, ...] | None:
-    """Positions of one or two entries of the sorted `sizes` whose sum is in (above, at_most],
-    the largest such sum (first found on ties); None if there is none."""
-    best, best_sum = None, above
-    j = bisect_right(sizes, at_most) - 1
-    if j >= 0 and sizes[j] > best_sum:
-        best, best_sum = (j,), sizes[j]
-    lo, hi = 0, len(sizes) - 1
-    while lo < hi:
-        total = sizes[lo] + sizes[hi]
-        if total > at_most:
-            hi -= 1
-            continue
-        if total > best_sum:
-            best, best_sum = (lo, hi), total
-        lo += 1
-    return best
 
 
 class TaskStream:
@@ -113,14 +70,22 @@ class TaskStream:
     def __len__(self) -> int:
         return len(self.examples)
 
-    def next(self) -> tuple[int, bool]:
-        """-> (example index, reused beyond the first epoch)."""
+    def _roll_epoch(self) -> None:
         if self.position == len(self._order):
             self.epoch += 1
             self.position = 0
             self._order = self._shuffle(self.epoch)
+
+    def next(self) -> tuple[int, bool]:
+        """-> (example index, reused beyond the first epoch)."""
+        self._roll_epoch()
         self.position += 1
         return int(self._order[self.position - 1]), self.epoch > 0
+
+    def peek(self) -> int:
+        """The example next() returns, without taking it."""
+        self._roll_epoch()  # exhausted_once holds either way
+        return int(self._order[self.position])
 
     @property
     def exhausted_once(self) -> bool:
@@ -155,7 +120,8 @@ class LoaderStats:
         return self.padding / slots if slots else 0.0
 
 
-FLOOR, LEFTOVER, NEW = 2, 1, 0  # placement levels of a pool item
+FLOOR, LEFTOVER, NEW = 2, 1, 0  # kinds of pool item
+MAX_WAIT = 16
 
 
 @dataclass
@@ -216,6 +182,7 @@ class PackedLoader:
             )
         self.streams = [TaskStream(split.examples_of_task(k), seed, k) for k in range(self.num_tasks)]
         self.leftovers: list[int] = []
+        self.leftover_waits: list[int] = []  # steps each leftover has waited (parallel to leftovers)
         self.stats = LoaderStats(
             tokens_per_task=[0] * self.num_tasks,
             loss_tokens_per_task=[0] * self.num_tasks,
@@ -272,6 +239,7 @@ class PackedLoader:
         return {
             "streams": [s.state_dict() for s in self.streams],
             "leftovers": list(self.leftovers),
+            "leftover_waits": list(self.leftover_waits),
             "stats": dict(self.stats.__dict__),
             "mixture": self.mixture.tolist(),
             "deficit": self.deficit.tolist(),
@@ -282,8 +250,11 @@ class PackedLoader:
         for stream, s in zip(self.streams, state["streams"], strict=True):
             stream.load_state_dict(s)
         self.leftovers = [int(i) for i in state["leftovers"]]
+        # absent in checkpoints from before subset-sum placement: count those leftovers as waiting one step
+        self.leftover_waits = [int(w) for w in state.get("leftover_waits", [1] * len(self.leftovers))]
         self.stats = LoaderStats(**state["stats"])
         self.set_mixture(np.asarray(state["mixture"]))
+        self.mixture = np.asarray(state["mixture"], dtype=np.float64)  # as saved: renormalising moves it by an ulp
         self.deficit = np.asarray(state["deficit"], dtype=np.float64)
         self.floor_age = np.asarray(state.get("floor_age", np.zeros(self.num_tasks)), dtype=np.int64)
 
@@ -300,10 +271,18 @@ class PackedLoader:
         self.stats.reused += int(reused)
         return example
 
+    def _peek(self, task: int) -> int | None:
+        """The example _draw(task) would return next, not drawn."""
+        stream = self.streams[task]
+        if len(stream) == 0 or (not self.allow_repeat and stream.exhausted_once):
+            return None
+        return stream.peek()
+
     def _plan(self, meta_step: bool) -> list[list[_Item]]:
         """One global micro-step: W lists of items (examples in task order)."""
         pool = list(self.leftovers)
-        level = [LEFTOVER] * len(pool)  # placement order: FLOOR, then LEFTOVER, then NEW
+        waits = list(self.leftover_waits)
+        level = [LEFTOVER] * len(pool)
         pool_tasks = np.asarray(self.split.task_ids[pool] if pool else [], dtype=np.int64)
         per_task_pool = np.bincount(pool_tasks, weights=self._lengths[pool] if pool else None, minlength=self.num_tasks)
         live = np.array([len(s) > 0 and (self.allow_repeat or not s.exhausted_once) for s in self.streams])
@@ -320,16 +299,22 @@ class PackedLoader:
             room, used = self.meta_floor_fraction * self.world_size * self.capacity, 0
             for k in np.argsort(-self.floor_age, kind="stable"):
                 mine = np.flatnonzero(pool_tasks == k)[: self.meta_floor_examples].tolist()
+                size = int(self._lengths[[pool[i] for i in mine]].sum()) if mine else 0
+                fits = True
                 for _ in range(self.meta_floor_examples - len(mine)):
-                    example = self._draw(k)
+                    example = self._peek(k)
                     if example is None:
                         break
+                    if used > 0 and used + size + self._lengths[example] > room:
+                        fits = False  # not drawn: an example drawn for a floor that cannot fit would over-serve k
+                        break
+                    self._draw(k)
                     pool.append(example)
-                    level.append(NEW)  # drawn for the floor; a plain example if the floor does not fit
+                    level.append(NEW)
                     quota[k] -= self._lengths[example]
                     mine.append(len(pool) - 1)
-                size = int(self._lengths[[pool[i] for i in mine]].sum()) if mine else 0
-                if mine and (used == 0 or used + size <= room):
+                    size += int(self._lengths[example])
+                if mine and fits and (used == 0 or used + size <= room):
                     for i in mine:
                         level[i] = FLOOR
                     used += size
@@ -349,7 +334,10 @@ class PackedLoader:
 
         pool_arr = np.asarray(pool, dtype=np.int64)
         lengths, level_arr = self._lengths[pool_arr].astype(np.int64), np.asarray(level)
-        # The floor examples go in first, on their own; then the rest into what capacity remains.
+        waited = np.zeros(len(pool), dtype=np.int64)
+        waited[: len(waits)] = waits
+        # The floor examples go in first, on their own (best fit); then leftovers that waited
+        # MAX_WAIT steps; then every bin takes its fullest subset of the rest, longest-waiting first.
         placement = np.full(len(pool), -1, dtype=np.int64)
         capacities = np.full(self.world_size, self.capacity, dtype=np.int64)
         floor = np.flatnonzero(level_arr == FLOOR)
@@ -361,11 +349,10 @@ class PackedLoader:
                 minlength=self.world_size,
             ).astype(np.int64)
         rest = np.flatnonzero(level_arr != FLOOR)
-        placement[rest] = best_fit_pack(
-            lengths[rest], capacities, level_arr[rest] == LEFTOVER, backend=self.pack_backend
-        )
-        placement = fill_gaps(lengths, placement, self.capacity, level_arr != NEW)
+        rest = rest[np.argsort(-waited[rest], kind="stable")]
+        placement[rest] = place_pool(lengths[rest], waited[rest] >= MAX_WAIT, capacities, self.pack_backend)
         self.leftovers = pool_arr[placement < 0].tolist()
+        self.leftover_waits = (waited[placement < 0] + 1).tolist()
         bins: list[list[_Item]] = []
         for b in range(self.world_size):
             members = pool_arr[placement == b]  # stable: keeps pool order within a task

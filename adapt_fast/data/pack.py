@@ -1,4 +1,5 @@
-"""Packing placement primitives: best-fit placement of examples into micro-batches, and the budget cut.
+"""Packing placement primitives: best-fit placement of examples into micro-batches, fullest-subset
+filling of the bins, and the budget cut.
 
 Two backends give identical output: pure Python/NumPy, and the optional C++17 extension
 `adapt_fast._native_packer` (csrc/packer.cpp, built by setup.py through CMake when a compiler is
@@ -105,6 +106,54 @@ def _best_fit_pack_py(lengths: np.ndarray, caps: np.ndarray, prio: np.ndarray) -
         insort(keys, key - LW)
     out[order] = placed
     return out
+
+
+def fullest_subset(sizes: list[int], room: int) -> np.ndarray:
+    """The subset of `sizes` with the largest sum <= room (exact subset sum, a bitset per prefix).
+    Among the fullest subsets it takes the one whose last item comes earliest, so earlier items are
+    preferred; it stops reading items once `room` is reached exactly. Returns a (n,) bool mask."""
+    full = 1 << room
+    mask = (full << 1) - 1
+    reachable = [1]  # reachable[i]: bit s set iff some subset of sizes[:i] sums to s
+    bits = 1
+    for size in sizes:
+        if 0 < size <= room:
+            bits = (bits | (bits << size)) & mask
+        reachable.append(bits)
+        if bits & full:
+            break
+    total = bits.bit_length() - 1
+    take = np.zeros(len(sizes), dtype=bool)
+    for i in range(len(reachable) - 2, -1, -1):
+        if not (reachable[i] >> total) & 1:  # not reachable without item i: take it
+            take[i] = True
+            total -= sizes[i]
+    return take
+
+
+def place_pool(lengths: np.ndarray, forced: np.ndarray, capacities: np.ndarray, backend: str = "auto") -> np.ndarray:
+    """Place a pool of items into bins. Returns (n,) int64: each item's bin, or -1 (rolls over).
+
+    lengths (n,) > 0 in preference order (earlier = waited longer); forced (n,) bool: items placed
+    first, by best fit decreasing (an item that fits nowhere stays out); capacities (W,) slots per bin.
+    Then each bin in turn takes, from the items not yet placed, the subset that fills it fullest
+    (fullest_subset, earlier items preferred): no padding whenever the pool can fill a bin exactly.
+    """
+    placement = np.full(lengths.shape[0], -1, dtype=np.int64)
+    room = capacities.astype(np.int64)
+    if forced.any():
+        idx = np.flatnonzero(forced)
+        placement[idx] = best_fit_pack(lengths[idx], room, backend=backend)
+        ok = idx[placement[idx] >= 0]
+        room = room - np.bincount(placement[ok], weights=lengths[ok], minlength=room.size).astype(np.int64)
+    free = np.flatnonzero(~forced)
+    for b in range(room.size):
+        if room[b] <= 0 or free.size == 0:
+            continue
+        take = fullest_subset(lengths[free].tolist(), int(room[b]))
+        placement[free[take]] = b
+        free = free[~take]
+    return placement
 
 
 def cut_to_budget(counts: np.ndarray, remaining: int, backend: str = "auto") -> tuple[int, int]:
