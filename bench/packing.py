@@ -149,11 +149,13 @@ def loader_on_demo_suite(tokens_per_micro_batch: int, naive_batch_size: int) -> 
     return out
 
 
-def loader_on_lognormal(args: argparse.Namespace, medians: tuple[int, ...], ranks: tuple[int, ...]) -> dict:
+def loader_on_lognormal(args: argparse.Namespace) -> dict:
     """The real PackedLoader (floors, leftovers, subset-sum placement, MicroBatch tensors) on lognormal lengths:
-    20 tasks with shares 1:2:...:10 (linearly spaced), a mixture update every 4 steps (the floors), a budget of
-    1200 micro-batches per rank. Reports padding, the largest relative error of a task's realised share, the
-    longest any drawn example waited, and the loader's time per global micro-step."""
+    20 tasks with shares 1:2:...:10 (linearly spaced), a budget of 1200 micro-batches per rank. Cases: medians 256
+    and 1024 with a mixture update every 4 steps, at 1 and 8 ranks; and the hard one, a mixture update every step
+    (the floors) with a fifth of the examples cut at 3/4 of a micro-batch or at a whole one, on one rank. Reports
+    padding, the largest relative error of a task's realised share, the longest any drawn example waited, and the
+    loader's time per global micro-step."""
     import warnings
 
     from adapt_fast.data.cache import TokenizedSplit
@@ -162,29 +164,34 @@ def loader_on_lognormal(args: argparse.Namespace, medians: tuple[int, ...], rank
     T, num_tasks, out = args.tokens_per_micro_batch, 20, {}
     p = np.linspace(1, 10, num_tasks)
     p /= p.sum()
-    for median in medians:
+    cases = [(256, None, 4, 1), (256, None, 4, 8), (1024, None, 4, 1), (1024, None, 4, 8)]
+    cases += [(600, 3 * T // 4, 1, 1), (600, T, 1, 1)]
+    for median, cut_at, meta_every, W in cases:
         rng = np.random.default_rng(args.seed)
         lengths = sample_lengths(rng, 50_000, median, args.sigma, args.min_len, args.max_len)
+        if cut_at is not None:
+            lengths = np.minimum(sample_lengths(rng, 50_000, median, args.sigma, args.min_len, cut_at), cut_at)
+            lengths[rng.random(lengths.size) < 0.2] = cut_at
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         ids = np.ones(int(offsets[-1]), dtype=np.int32)
         tasks = rng.integers(0, num_tasks, lengths.size)
         split = TokenizedSplit(ids, np.ones_like(ids, np.uint8), offsets, tasks, lengths, lengths - 1, num_tasks)
-        for W in ranks:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                loader = PackedLoader(split, T, 1200 * W * T, p, world_size=W, seed=args.seed)
-            steps, longest_wait, start = 0, 0, time.perf_counter()
-            while loader.next_micro_batch(meta_step=steps % 4 == 0) is not None:
-                longest_wait = max(longest_wait, *loader.leftover_waits, 0)
-                steps += 1
-            seconds = time.perf_counter() - start
-            shares = np.array(loader.stats.tokens_per_task) / loader.stats.tokens
-            out[f"median={median},W={W}"] = {
-                "padding_fraction": loader.stats.padding_fraction,
-                "max_relative_share_error": float(np.abs(shares / p - 1).max()),
-                "longest_wait_steps": longest_wait,
-                "ms_per_global_micro_step": 1e3 * seconds / steps,
-            }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loader = PackedLoader(split, T, 1200 * W * T, p, world_size=W, seed=args.seed)
+        steps, longest_wait, start = 0, 0, time.perf_counter()
+        while loader.next_micro_batch(meta_step=steps % meta_every == 0) is not None:
+            longest_wait = max(longest_wait, *loader.leftover_waits, 0)
+            steps += 1
+        seconds = time.perf_counter() - start
+        shares = np.array(loader.stats.tokens_per_task) / loader.stats.tokens
+        name = f"median={median},W={W},meta_every={meta_every}" + (f",fifth_at={cut_at}" if cut_at else "")
+        out[name] = {
+            "padding_fraction": loader.stats.padding_fraction,
+            "max_relative_share_error": float(np.abs(shares / p - 1).max()),
+            "longest_wait_steps": longest_wait,
+            "ms_per_global_micro_step": 1e3 * seconds / steps,
+        }
     return out
 
 
@@ -266,7 +273,7 @@ def main() -> None:
     naive = results["loader_demo_suite"]["naive_pad_to_longest"]
     print(f"  naive padding on the same examples: {100 * naive:.1f}%")
 
-    results["loader_lognormal"] = loader_on_lognormal(args, medians=(256, 1024), ranks=(1, 8))
+    results["loader_lognormal"] = loader_on_lognormal(args)
     for case, r in results["loader_lognormal"].items():
         print(
             f"PackedLoader, lognormal {case}: padding {100 * r['padding_fraction']:.3f}%, task shares within "

@@ -221,42 +221,64 @@ def brute_force_fullest(sizes: list[int], room: int) -> tuple[int, int]:
     return best, best_last
 
 
-def test_fullest_subset_is_the_fullest_and_prefers_earlier_items():
+def reference_fullest(sizes: list[int], room: int, max_search: int = 256) -> tuple[list[int], int, int, int]:
+    """fullest_subset's contract, plainly: (the prefix taken, then the brute-force fullest sum and its smallest last
+    index over the candidates after it, those candidates' positions in `sizes`)."""
+    fits = [i for i, size in enumerate(sizes) if 0 < size <= room]
+    if not fits:
+        return [], 0, -1, []
+    window, total, prefix = 2 * max(sizes[i] for i in fits), 0, []
+    for i in fits:
+        if total + sizes[i] > room - window:
+            break
+        total += sizes[i]
+        prefix.append(i)
+    rest = [i for i in fits[len(prefix) :] if sizes[i] <= room - total][:max_search]
+    best, best_last = brute_force_fullest([sizes[i] for i in rest], room - total)
+    return prefix, best, (rest[best_last] if best_last >= 0 else -1), rest
+
+
+def test_fullest_subset_takes_a_prefix_then_the_fullest_rest_preferring_earlier_items():
     rng = np.random.default_rng()  # fresh cases every run
-    for _ in range(300):
-        n = int(rng.integers(0, 12))
-        sizes = rng.integers(1, int(rng.choice([5, 40, 300])) + 1, size=n).tolist()
+    for _ in range(400):
+        n = int(rng.integers(0, 14))
+        sizes = rng.integers(0, int(rng.choice([5, 40, 300])) + 1, size=n).tolist()  # zero sizes are never taken
         room = int(rng.integers(0, max(2, sum(sizes) + 2)))
-        take = fullest_subset(sizes, room)
+        max_search = int(rng.choice([3, 256]))
+        take = fullest_subset(np.array(sizes, dtype=np.int64), room, max_search)
         assert take.dtype == np.bool_ and take.shape == (n,)
-        best, best_last = brute_force_fullest(sizes, room)
-        chosen = np.flatnonzero(take)
-        assert sum(sizes[i] for i in chosen) == best, (sizes, room)
-        assert (chosen[-1] if chosen.size else -1) == best_last, (sizes, room)
+        prefix, best, last, rest = reference_fullest(sizes, room, max_search)
+        chosen = np.flatnonzero(take).tolist()
+        assert chosen[: len(prefix)] == prefix, (sizes, room)
+        tail = chosen[len(prefix) :]
+        assert set(tail) <= set(rest), (sizes, room)
+        assert sum(sizes[i] for i in tail) == best, (sizes, room)
+        assert (tail[-1] if tail else -1) == last, (sizes, room)
+        if sizes and room <= 2 * max([x for x in sizes if x <= room], default=0) and max_search >= n:
+            assert sum(sizes[i] for i in chosen) == brute_force_fullest(sizes, room)[0]  # the fullest of all
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_place_pool_places_forced_items_first_then_fills_each_bin_fullest(backend):
+def test_fullest_subset_fills_a_large_room_exactly():
+    """A 65536-slot micro-batch from lognormal lengths (an exact fill exists; the prefix leaves the search a window),
+    and all-even lengths against an odd room (none exists: the fullest is room - 1, where the gcd ends the search)."""
+    rng = np.random.default_rng()
+    sizes = np.clip(rng.lognormal(np.log(300), 1.0, 2000), 16, 4096).astype(np.int64)
+    assert sizes[fullest_subset(sizes, 65536)].sum() == 65536
+    even = 2 * rng.integers(500, 1500, size=5000)
+    assert even[fullest_subset(even, 65535)].sum() == 65534
+
+
+def test_place_pool_fills_each_bin_in_turn_with_the_fullest_subset_of_what_is_left():
     rng = np.random.default_rng()
     for _ in range(100):
         n, W = int(rng.integers(0, 11)), int(rng.integers(1, 4))
         lengths = rng.integers(1, 60, size=n).astype(np.int64)
-        forced = rng.random(n) < 0.3
-        caps = rng.integers(0, 120, size=W).astype(np.int64)
-        placement = place_pool(lengths, forced, caps, backend)
+        caps = rng.integers(-5, 120, size=W).astype(np.int64)
+        placement = place_pool(lengths, caps)
         assert placement.shape == (n,) and placement.min(initial=0) >= -1 and placement.max(initial=-1) < W
-        used = np.bincount(placement[placement >= 0], weights=lengths[placement >= 0], minlength=W)
-        assert (used <= caps).all()
-        # forced items go exactly where best fit puts them on their own
-        idx = np.flatnonzero(forced)
-        assert np.array_equal(placement[idx], best_fit_pack(lengths[idx], caps, backend=backend))
-        # each bin holds the fullest subset of what the forced items and the earlier bins left over
-        room = caps - np.bincount(placement[idx][placement[idx] >= 0], weights=lengths[idx][placement[idx] >= 0],
-                                  minlength=W).astype(np.int64)  # fmt: skip
-        left = [i for i in range(n) if not forced[i]]
+        left = np.arange(n)
         for b in range(W):
-            mine = [i for i in left if placement[i] == b]
-            best, _ = brute_force_fullest([int(lengths[i]) for i in left], int(room[b]))
-            assert sum(int(lengths[i]) for i in mine) == best
-            left = [i for i in left if placement[i] != b]
-        assert all(placement[i] == -1 for i in left)
+            expected = left[fullest_subset(lengths[left], int(caps[b]))] if caps[b] > 0 else left[:0]
+            assert np.array_equal(np.flatnonzero(placement == b), np.sort(expected))
+            left = left[placement[left] != b]
+        assert (placement[left] == -1).all()

@@ -9,15 +9,16 @@ global counts without communicating. A global micro-step:
    count toward their task's share.
 2. Each task draws from its own stream: its examples shuffled without replacement, reshuffled every
    epoch (reuse beyond one epoch is counted). On meta steps (mixture updates) every task contributes
-   at least `meta_floor_examples` examples, placed first, so every d_k can be measured - as long as
-   the floors take at most `meta_floor_fraction` of the step's capacity (long examples, many tasks):
-   then the tasks whose floor went unplaced longest go first, the others wait for a later meta step
-   (ADAPT leaves a task it did not measure alone; nothing is drawn for a floor that does not fit, so
-   the floors do not swell the pool), and the rest of the step still follows p.
-3. Placement (pack.place_pool): the floors first, then leftovers that waited MAX_WAIT steps, both by
-   best fit; then each of the W bins of L slots takes the subset of the remaining pool that fills it
-   fullest, longest-waiting examples preferred (exact subset sum: no padding whenever the pool can
-   fill the bin exactly). What is not placed rolls over.
+   at least `meta_floor_examples` examples, so every d_k can be measured - as long as the floors take
+   at most `meta_floor_fraction` of the step's capacity (long examples, many tasks): then the tasks
+   whose floor went unplaced longest go first, the others wait for a later meta step (ADAPT leaves a
+   task it did not measure alone; nothing is drawn for a floor that does not fit, so the floors do
+   not swell the pool), and the rest of the step still follows p.
+3. Placement: leftovers that waited MAX_WAIT steps, then the floors, both by best fit. The pool is
+   topped up by p until it offers the subset search some choice (SEARCH_SLACK examples beyond the
+   room left). Then each of the W bins takes the subset of the rest that fills it fullest,
+   longest-waiting examples preferred (pack.place_pool: an exact subset sum, so no padding whenever
+   the pool can fill the bin exactly). What is not placed rolls over.
 4. The budget: when the step would spend more than what remains, the plan is cut in plan order and
    the last example truncated so that exactly the budget is spent (`unit: tokens` counts non-padding
    tokens, `unit: loss` counts tokens that carry the loss). The last step is not padded.
@@ -70,22 +71,26 @@ class TaskStream:
     def __len__(self) -> int:
         return len(self.examples)
 
-    def _roll_epoch(self) -> None:
+    def next(self) -> tuple[int, bool]:
+        """-> (example index, reused beyond the first epoch)."""
         if self.position == len(self._order):
             self.epoch += 1
             self.position = 0
             self._order = self._shuffle(self.epoch)
-
-    def next(self) -> tuple[int, bool]:
-        """-> (example index, reused beyond the first epoch)."""
-        self._roll_epoch()
         self.position += 1
         return int(self._order[self.position - 1]), self.epoch > 0
 
-    def peek(self) -> int:
-        """The example next() returns, without taking it."""
-        self._roll_epoch()  # exhausted_once holds either way
-        return int(self._order[self.position])
+    def peek(self, n: int) -> list[int]:
+        """The next n examples next() would return (into later epochs if need be), none taken."""
+        out, epoch, position, order = [], self.epoch, self.position, self._order
+        while len(out) < n:
+            if position == len(order):
+                epoch, position = epoch + 1, 0
+                order = self._shuffle(epoch)
+            take = order[position : position + n - len(out)]
+            out += [int(e) for e in take]
+            position += len(take)
+        return out
 
     @property
     def exhausted_once(self) -> bool:
@@ -120,8 +125,8 @@ class LoaderStats:
         return self.padding / slots if slots else 0.0
 
 
-FLOOR, LEFTOVER, NEW = 2, 1, 0  # kinds of pool item
-MAX_WAIT = 16
+MAX_WAIT = 16  # a leftover that waited this many steps goes in first (best fit)
+SEARCH_SLACK = 16  # examples' worth of tokens the pool holds beyond the room left, to choose exact fills from
 
 
 @dataclass
@@ -175,11 +180,13 @@ class PackedLoader:
         # Per-example arrays stay memory-mapped (no copy): the loader's own memory grows with the number
         # of examples only by each task's example list and current shuffle (int32: 8 bytes an example).
         self._lengths = np.asarray(split.lengths)
+        self._mean_length = float(self._lengths.mean()) if self._lengths.size else 0.0
         self._loss_tokens = np.asarray(split.loss_tokens)
         if self._lengths.size and self._lengths.max() > self.capacity:
             raise DataError(
                 f"an example of {int(self._lengths.max())} tokens exceeds tokens_per_micro_batch ({self.capacity})"
             )
+        self.seed = seed
         self.streams = [TaskStream(split.examples_of_task(k), seed, k) for k in range(self.num_tasks)]
         self.leftovers: list[int] = []
         self.leftover_waits: list[int] = []  # steps each leftover has waited (parallel to leftovers)
@@ -240,7 +247,7 @@ class PackedLoader:
             "streams": [s.state_dict() for s in self.streams],
             "leftovers": list(self.leftovers),
             "leftover_waits": list(self.leftover_waits),
-            "stats": dict(self.stats.__dict__),
+            "stats": {k: list(v) if isinstance(v, list) else v for k, v in self.stats.__dict__.items()},
             "mixture": self.mixture.tolist(),
             "deficit": self.deficit.tolist(),
             "floor_age": self.floor_age.tolist(),
@@ -271,95 +278,124 @@ class PackedLoader:
         self.stats.reused += int(reused)
         return example
 
-    def _peek(self, task: int) -> int | None:
-        """The example _draw(task) would return next, not drawn."""
+    def _peek(self, task: int, n: int) -> list[int]:
+        """The next (at most) n examples _draw(task) would return, not drawn."""
         stream = self.streams[task]
-        if len(stream) == 0 or (not self.allow_repeat and stream.exhausted_once):
-            return None
-        return stream.peek()
+        if len(stream) == 0 or n <= 0:
+            return []
+        ahead = stream.peek(n)
+        if not self.allow_repeat:
+            ahead = ahead[: max(0, len(stream) - stream.position) if stream.epoch == 0 else 0]
+        return ahead
 
     def _plan(self, meta_step: bool) -> list[list[_Item]]:
         """One global micro-step: W lists of items (examples in task order)."""
         pool = list(self.leftovers)
         waits = list(self.leftover_waits)
-        level = [LEFTOVER] * len(pool)
+        floor: list[int] = []  # pool positions of this step's floor examples
         pool_tasks = np.asarray(self.split.task_ids[pool] if pool else [], dtype=np.int64)
         per_task_pool = np.bincount(pool_tasks, weights=self._lengths[pool] if pool else None, minlength=self.num_tasks)
         live = np.array([len(s) > 0 and (self.allow_repeat or not s.exhausted_once) for s in self.streams])
         p = np.where(live, self.mixture, 0.0)
         if p.sum() <= 0:  # every task with data left has a zero share: spread over the live ones
             p = live.astype(np.float64)
-        # Shares are kept by integral control: each task's pool quota is its share of the step plus
-        # its running deficit (target - consumed), so packing leftovers never bias the shares.
+        # Shares are kept by integral control: each task's pool quota is its share of the step (and of
+        # SEARCH_SLACK average examples, for the subset search to choose from) plus its running deficit
+        # (target - consumed), so packing leftovers never bias the shares.
         p = p / max(p.sum(), 1e-300)
-        desired = np.maximum(self.world_size * self.capacity * (1 + self.lookahead) * p + self.deficit, 0.0)
+        slack = SEARCH_SLACK * self._mean_length
+        desired = np.maximum((self.world_size * self.capacity * (1 + self.lookahead) + slack) * p + self.deficit, 0.0)
         desired = np.where(live, desired, 0.0)
         quota = largest_remainder(int(round(desired.sum())), desired) - per_task_pool.astype(np.int64)
+        floors: dict[int, list[int]] = {}  # task -> pool positions of its floor examples this step
         if meta_step:  # floors, longest-waiting task first, within meta_floor_fraction of the capacity
             room, used = self.meta_floor_fraction * self.world_size * self.capacity, 0
             for k in np.argsort(-self.floor_age, kind="stable"):
                 mine = np.flatnonzero(pool_tasks == k)[: self.meta_floor_examples].tolist()
-                size = int(self._lengths[[pool[i] for i in mine]].sum()) if mine else 0
-                fits = True
-                for _ in range(self.meta_floor_examples - len(mine)):
-                    example = self._peek(k)
-                    if example is None:
-                        break
-                    if used > 0 and used + size + self._lengths[example] > room:
-                        fits = False  # not drawn: an example drawn for a floor that cannot fit would over-serve k
-                        break
-                    self._draw(k)
-                    pool.append(example)
-                    level.append(NEW)
-                    quota[k] -= self._lengths[example]
-                    mine.append(len(pool) - 1)
-                    size += int(self._lengths[example])
-                if mine and fits and (used == 0 or used + size <= room):
-                    for i in mine:
-                        level[i] = FLOOR
+                # what the floor would draw, looked at first: nothing is drawn for a floor that cannot fit
+                more = self._peek(k, self.meta_floor_examples - len(mine))
+                size = int(self._lengths[[pool[i] for i in mine] + more].sum())
+                if (mine or more) and (used == 0 or used + size <= room):
+                    for example in more:
+                        self._draw(k)
+                        pool.append(example)
+                        quota[k] -= self._lengths[example]
+                        mine.append(len(pool) - 1)
+                    floors[int(k)] = mine
                     used += size
-                    self.floor_age[k] = 0
-                else:
-                    self.floor_age[k] += 1
+        self._draw_quotas(quota, pool)
+
+        placement = np.full(len(pool), -1, dtype=np.int64)
+        capacities = np.full(self.world_size, self.capacity, dtype=np.int64)
+        lengths = self._lengths[np.asarray(pool, dtype=np.int64)].astype(np.int64)
+        waited = np.zeros(len(pool), dtype=np.int64)
+        waited[: len(waits)] = waits
+        # 1. Leftovers that waited MAX_WAIT steps, by best fit, so that no example waits for ever; 2. the
+        # floors, by best fit. A task whose floor did not all go in waits for a later meta step.
+        self._best_fit_into(np.flatnonzero(waited >= MAX_WAIT), lengths, placement, capacities)
+        floor = np.asarray([i for mine in floors.values() for i in mine], dtype=np.int64)
+        self._best_fit_into(floor[placement[floor] < 0], lengths, placement, capacities)  # not the forced ones
+        if meta_step:
+            measured = np.zeros(self.num_tasks, dtype=bool)
+            measured[[k for k, mine in floors.items() if (placement[mine] >= 0).all()]] = True
+            self.floor_age = np.where(measured, 0, self.floor_age + 1)
+        # 3. Top up: long leftovers that no longer fit beside the floors leave the subset search no
+        # choice, so keep drawing by p (at most 4 rounds, never past a pool of two steps plus the slack)
+        # until the examples that could still go in hold (1 + lookahead) x the room left.
+        for _ in range(4):
+            free = placement < 0
+            fitting = int(lengths[free & (lengths <= capacities.max())].sum())
+            short = int(np.ceil((1 + self.lookahead) * capacities.sum())) - fitting
+            if short <= 0 or lengths[free].sum() >= (2 + self.lookahead) * self.world_size * self.capacity + slack:
+                break
+            before = len(pool)
+            quota += largest_remainder(short, p)  # on top of what each task overshot: no task gains from rounding
+            self._draw_quotas(quota, pool)
+            if len(pool) == before:
+                break
+            lengths = self._lengths[np.asarray(pool, dtype=np.int64)].astype(np.int64)
+            placement = np.concatenate([placement, np.full(len(pool) - before, -1, dtype=np.int64)])
+            waited = np.concatenate([waited, np.zeros(len(pool) - before, dtype=np.int64)])
+        if not pool:
+            raise DataError("the training data ran out before the budget was spent (budget.allow_repeat is false)")
+        # 4. Every bin takes its fullest subset of the rest, longest-waiting first; examples that waited
+        # equally in a seeded order, the same on every rank, so that no task index waits longer than another.
+        rest = np.flatnonzero(placement < 0)
+        rest = rest[np.random.default_rng([self.seed, self.stats.micro_steps]).permutation(rest.size)]
+        rest = rest[np.argsort(-waited[rest], kind="stable")]
+        placement[rest] = place_pool(lengths[rest], capacities)
+
+        pool_arr = np.asarray(pool, dtype=np.int64)
+        self.leftovers = pool_arr[placement < 0].tolist()
+        self.leftover_waits = (waited[placement < 0] + 1).tolist()
+        tasks_of = np.asarray(self.split.task_ids[pool_arr], dtype=np.int64)
+        bins: list[list[_Item]] = []
+        for b in range(self.world_size):
+            members = np.flatnonzero(placement == b)
+            members = members[np.lexsort((members, tasks_of[members]))]  # by task, then pool order
+            bins.append([_Item(int(pool_arr[i]), int(tasks_of[i]), int(lengths[i])) for i in members])
+        return self._apply_budget(bins)
+
+    def _best_fit_into(self, items: np.ndarray, lengths: np.ndarray, placement: np.ndarray, capacities: np.ndarray):
+        """Best-fit the pool positions `items` into the bins' remaining capacities (both updated in place)."""
+        if items.size == 0:
+            return
+        placement[items] = best_fit_pack(lengths[items], capacities, backend=self.pack_backend)
+        placed = items[placement[items] >= 0]
+        capacities -= np.bincount(placement[placed], weights=lengths[placed], minlength=capacities.size).astype(
+            np.int64
+        )
+
+    def _draw_quotas(self, quota: np.ndarray, pool: list[int]) -> None:
+        """Draw from each task k until its quota[k] tokens are drawn (the last example may overshoot),
+        appending to pool and lowering quota in place."""
         for k in range(self.num_tasks):
             while quota[k] > 0:
                 example = self._draw(k)
                 if example is None:
                     break
                 pool.append(example)
-                level.append(NEW)
                 quota[k] -= self._lengths[example]
-        if not pool:
-            raise DataError("the training data ran out before the budget was spent (budget.allow_repeat is false)")
-
-        pool_arr = np.asarray(pool, dtype=np.int64)
-        lengths, level_arr = self._lengths[pool_arr].astype(np.int64), np.asarray(level)
-        waited = np.zeros(len(pool), dtype=np.int64)
-        waited[: len(waits)] = waits
-        # The floor examples go in first, on their own (best fit); then leftovers that waited
-        # MAX_WAIT steps; then every bin takes its fullest subset of the rest, longest-waiting first.
-        placement = np.full(len(pool), -1, dtype=np.int64)
-        capacities = np.full(self.world_size, self.capacity, dtype=np.int64)
-        floor = np.flatnonzero(level_arr == FLOOR)
-        if floor.size:
-            placement[floor] = best_fit_pack(lengths[floor], capacities, backend=self.pack_backend)
-            capacities -= np.bincount(
-                placement[floor][placement[floor] >= 0],
-                weights=lengths[floor][placement[floor] >= 0],
-                minlength=self.world_size,
-            ).astype(np.int64)
-        rest = np.flatnonzero(level_arr != FLOOR)
-        rest = rest[np.argsort(-waited[rest], kind="stable")]
-        placement[rest] = place_pool(lengths[rest], waited[rest] >= MAX_WAIT, capacities, self.pack_backend)
-        self.leftovers = pool_arr[placement < 0].tolist()
-        self.leftover_waits = (waited[placement < 0] + 1).tolist()
-        bins: list[list[_Item]] = []
-        for b in range(self.world_size):
-            members = pool_arr[placement == b]  # stable: keeps pool order within a task
-            tasks = np.asarray(self.split.task_ids[members], dtype=np.int64)
-            order = np.argsort(tasks, kind="stable")
-            bins.append([_Item(int(members[i]), int(tasks[i]), int(self._lengths[members[i]])) for i in order])
-        return self._apply_budget(bins)
 
     def _apply_budget(self, bins: list[list[_Item]]) -> list[list[_Item]]:
         """Cut the plan (in plan order: rank 0's items, then rank 1's, ...) to the remaining budget."""

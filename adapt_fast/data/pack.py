@@ -1,9 +1,10 @@
 """Packing placement primitives: best-fit placement of examples into micro-batches, fullest-subset
 filling of the bins, and the budget cut.
 
-Two backends give identical output: pure Python/NumPy, and the optional C++17 extension
-`adapt_fast._native_packer` (csrc/packer.cpp, built by setup.py through CMake when a compiler is
-present). backend="auto" takes the native one when it imported.
+best_fit_pack and cut_to_budget have two backends that give identical output: pure Python/NumPy, and
+the optional C++17 extension `adapt_fast._native_packer` (csrc/packer.cpp, built by setup.py through
+CMake when a compiler is present). backend="auto" takes the native one when it imported. The subset
+search (fullest_subset, place_pool) is Python only: its work is bitset shifts on Python ints.
 
 best_fit_pack: items are taken in the order (priority first, then length descending, then index
 ascending); each goes into the bin with the smallest remaining capacity that still holds it,
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import operator
 from bisect import bisect_left, insort
+from functools import reduce
+from math import gcd
 
 import numpy as np
 
@@ -108,49 +111,61 @@ def _best_fit_pack_py(lengths: np.ndarray, caps: np.ndarray, prio: np.ndarray) -
     return out
 
 
-def fullest_subset(sizes: list[int], room: int) -> np.ndarray:
-    """The subset of `sizes` with the largest sum <= room (exact subset sum, a bitset per prefix).
-    Among the fullest subsets it takes the one whose last item comes earliest, so earlier items are
-    preferred; it stops reading items once `room` is reached exactly. Returns a (n,) bool mask."""
-    full = 1 << room
-    mask = (full << 1) - 1
-    reachable = [1]  # reachable[i]: bit s set iff some subset of sizes[:i] sums to s
+def fullest_subset(sizes: np.ndarray, room: int, max_search: int = 256) -> np.ndarray:
+    """A subset of `sizes` (n,) ints that fills `room` slots as full as it can, earlier items preferred.
+    Returns a (n,) bool mask.
+
+    The items that fit are taken in order while they leave at least twice the largest of them free;
+    the rest of the room is then filled by an exact subset sum (one bitset per prefix, Python ints)
+    over the next `max_search` items that fit, stopping as soon as it reaches the fullest sum the
+    items' gcd allows. Among the fullest subsets the search takes the one whose last item comes
+    earliest. So the result is the fullest subset whenever room <= 2 x the largest size that fits,
+    and otherwise misses it only when the window after the prefix cannot be filled exactly.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    take = np.zeros(sizes.shape[0], dtype=bool)
+    fits = np.flatnonzero((sizes > 0) & (sizes <= room))
+    if fits.size == 0:
+        return take
+    window = 2 * int(sizes[fits].max())
+    prefix = int(np.searchsorted(np.cumsum(sizes[fits]), room - window, side="right"))
+    take[fits[:prefix]] = True
+    left = room - int(sizes[fits[:prefix]].sum())
+    rest = fits[prefix:]
+    rest = rest[sizes[rest] <= left][:max_search]
+    if rest.size == 0:
+        return take
+    candidates = sizes[rest].tolist()
+    target = left - left % reduce(gcd, candidates)  # no subset sums past the last multiple of the gcd
+    goal, mask = 1 << target, (1 << (left + 1)) - 1
+    reachable = [1]  # reachable[i]: bit s set iff some subset of candidates[:i] sums to s
     bits = 1
-    for size in sizes:
-        if 0 < size <= room:
-            bits = (bits | (bits << size)) & mask
+    for size in candidates:
+        bits = (bits | (bits << size)) & mask
         reachable.append(bits)
-        if bits & full:
+        if bits & goal:
             break
     total = bits.bit_length() - 1
-    take = np.zeros(len(sizes), dtype=bool)
     for i in range(len(reachable) - 2, -1, -1):
-        if not (reachable[i] >> total) & 1:  # not reachable without item i: take it
-            take[i] = True
-            total -= sizes[i]
+        if not (reachable[i] >> total) & 1:  # not reachable without candidate i: take it
+            take[rest[i]] = True
+            total -= candidates[i]
     return take
 
 
-def place_pool(lengths: np.ndarray, forced: np.ndarray, capacities: np.ndarray, backend: str = "auto") -> np.ndarray:
-    """Place a pool of items into bins. Returns (n,) int64: each item's bin, or -1 (rolls over).
+def place_pool(lengths: np.ndarray, capacities: np.ndarray) -> np.ndarray:
+    """Fill bins in turn, each with the fullest subset (fullest_subset) of the items not yet placed.
+    Returns (n,) int64: each item's bin, or -1.
 
-    lengths (n,) > 0 in preference order (earlier = waited longer); forced (n,) bool: items placed
-    first, by best fit decreasing (an item that fits nowhere stays out); capacities (W,) slots per bin.
-    Then each bin in turn takes, from the items not yet placed, the subset that fills it fullest
-    (fullest_subset, earlier items preferred): no padding whenever the pool can fill a bin exactly.
+    lengths (n,) > 0, in preference order (earlier items preferred); capacities (W,) free slots per bin.
     """
+    lengths = np.asarray(lengths, dtype=np.int64)
     placement = np.full(lengths.shape[0], -1, dtype=np.int64)
-    room = capacities.astype(np.int64)
-    if forced.any():
-        idx = np.flatnonzero(forced)
-        placement[idx] = best_fit_pack(lengths[idx], room, backend=backend)
-        ok = idx[placement[idx] >= 0]
-        room = room - np.bincount(placement[ok], weights=lengths[ok], minlength=room.size).astype(np.int64)
-    free = np.flatnonzero(~forced)
-    for b in range(room.size):
-        if room[b] <= 0 or free.size == 0:
+    free = np.arange(lengths.shape[0])
+    for b, room in enumerate(np.asarray(capacities, dtype=np.int64).tolist()):
+        if room <= 0 or free.size == 0:
             continue
-        take = fullest_subset(lengths[free].tolist(), int(room[b]))
+        take = fullest_subset(lengths[free], room)
         placement[free[take]] = b
         free = free[~take]
     return placement
