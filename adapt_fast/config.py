@@ -33,8 +33,7 @@ REMOVED_KEYS = {"training.log_every": "every step is logged"}  # still in old ru
 
 @dataclass
 class DataConfig:
-    # a folder of NI task files, a JSONL/Parquet file or folder of them, an HF datasets folder; "" = synthetic suite
-    path: str = ""
+    path: str = ""  # NI task folder, JSONL/Parquet file or folder, HF save_to_disk folder; "" = synthetic suite
     group_by: str = "task"  # task | category (NI files: first category)
     task_column: str = "task"  # JSONL/Parquet/HF: the column naming the task
     template: str = "auto"  # auto (chat template if the tokenizer has one, else ni) | ni | chat
@@ -56,7 +55,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "tiny-llama"  # a preset (tiny-llama, tiny-qwen3, tiny-gemma3, llama-3.2-1b, ...) or a local folder
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float64
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # a local model folder's own modelling code may run (off: never)
 
 
 @dataclass
@@ -96,16 +95,16 @@ class MetaConfig:
 
 @dataclass
 class TrainingConfig:
-    lr: float = 1e-3
+    lr: float = 1e-3  # AdamW's peak learning rate
     lr_schedule: str = "cosine"  # after the warm-up: cosine | linear (decay to lr * min_lr_ratio) | constant
     min_lr_ratio: float = 0.1  # cosine / linear decay to lr * min_lr_ratio
-    warmup_steps: int = 10
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0
-    grad_accum: int = 1
+    warmup_steps: int = 10  # linear learning-rate warm-up, in optimizer steps
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's beta1, beta2
+    grad_clip: float = 1.0  # clip the gradient's global norm to this (0 = off)
+    grad_accum: int = 1  # micro-batches per optimizer step (per rank)
     max_steps: int = 0  # 0 = until the budget is spent
-    zero_stage: int = 0
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     deepspeed_config: str = ""  # a DeepSpeed JSON (HF Trainer's --deepspeed) merged in: ZeRO options, offload, ...
     gradient_checkpointing: bool = False  # recompute decoder-layer activations in the backward (less memory)
     eval_every: int = 0  # validation losses also every this many steps (0: only with G, and at the end)
@@ -115,7 +114,7 @@ class TrainingConfig:
 @dataclass
 class KernelsConfig:
     backend: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | triton | torch
-    fused_layers: bool = True  # with the triton backend: RMSNorm and SwiGLU MLPs through fused kernels too
+    fused_layers: bool = True  # with the triton backend: RMSNorm, gated MLPs (SwiGLU, GEGLU), RoPE fused too
     fold_ghost_dots: bool = False  # mixture updates: linear layers' dots inside their weight-gradient GEMM
 
 
@@ -135,9 +134,9 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    tokens_per_micro_batch: int = 4096
-    seed: int = 0
-    output_dir: str = "runs/default"
+    tokens_per_micro_batch: int = 4096  # slots of one packed micro-batch, per rank
+    seed: int = 0  # data splits and order, model init, every random draw
+    output_dir: str = "runs/default"  # checkpoints, metrics, plots, report.json, final/ model
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -243,6 +242,10 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
                 for key, sub in value.items():
                     _set(cfg, f"{dotted}.{key}", sub)
             else:
+                if value == NO_VALUE:  # `--field` alone: a switch for a bool, a forgotten value for anything else
+                    if annotation is not bool:
+                        raise ConfigError(f"--{dotted}: missing value (expected {_type_name(annotation)})")
+                    value = True
                 setattr(target, part, _parse_value(value, annotation, dotted))
                 _clear_other_budget(cfg, dotted)
             return
@@ -281,8 +284,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg
 
 
+NO_VALUE = "\x00no value"  # what _pairs gives a flag written without a value (`--flag`): true for a bool field only
+
+
 def _pairs(argv: list[str]) -> list[tuple[str, str]]:
-    """Turn ['--a.b', '1', '--c=2', '--flag'] into [('a.b', '1'), ('c', '2'), ('flag', 'true')]."""
+    """Turn ['--a.b', '1', '--c=2', '--flag'] into [('a.b', '1'), ('c', '2'), ('flag', NO_VALUE)]."""
     pairs = []
     i = 0
     while i < len(argv):
@@ -297,32 +303,36 @@ def _pairs(argv: list[str]) -> list[tuple[str, str]]:
             value = argv[i + 1]
             i += 2
         else:
-            value = "true"
+            value = NO_VALUE
             i += 1
         pairs.append((key.replace("-", "_"), value))
     return pairs
 
 
-def parse_cli(argv: list[str], extra_flags: tuple[str, ...] = ()) -> tuple[Config, dict[str, str]]:
-    """Parse `--config FILE` plus overrides. Flags named in `extra_flags` (e.g. 'resume') and the
-    launcher's `--local_rank` are returned separately instead of being config keys.
-    `-h`/`--help` prints `config_help` and exits 0."""
+def parse_cli(
+    argv: list[str], extra_flags: tuple[str, ...] = (), default_config: Path | None = None
+) -> tuple[Config, dict[str, str]]:
+    """Parse `--config FILE` (else `default_config`, if given) plus overrides. Flags named in `extra_flags`
+    (e.g. 'resume') and the launcher's `--local_rank` are returned separately instead of being config keys
+    (NO_VALUE when written without one). `-h`/`--help` prints `config_help` and exits 0."""
     if "-h" in argv or "--help" in argv:
         with contextlib.suppress(BrokenPipeError):  # `--help | head` closes the pipe early
             print(config_help(extra_flags), flush=True)
         raise SystemExit(0)
-    config_path = None
+    config_path = default_config
     extras: dict[str, str] = {}
     overrides: list[str] = []
     for key, value in _pairs(argv):
         if key == "config":
+            if value == NO_VALUE:
+                raise ConfigError("--config: missing value (expected a YAML file)")
             config_path = value
         elif key in ("local_rank",):
             continue
         elif key in extra_flags:
             extras[key] = value
         else:
-            overrides += [f"--{key}", value]
+            overrides += [f"--{key}"] if value == NO_VALUE else [f"--{key}", value]
     return load_config(config_path, overrides), extras
 
 
@@ -330,7 +340,7 @@ def config_help(extra_flags: tuple[str, ...] = ()) -> str:
     """The --help text: a usage line, then every `section.field` with its type, default and comment."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # python -m NAME
     prog = f"python -m {spec.name.removesuffix('.__main__')}" if spec else Path(sys.argv[0]).name
-    flags = "".join(f" [--{flag} [VALUE]]" for flag in extra_flags)
+    flags = "".join(f" [--{flag}{' [PATH]' if flag == 'resume' else ''}]" for flag in extra_flags)
     lines = [
         f"usage: {prog} [--config FILE.yaml] [--section.field VALUE ...]{flags}",
         "",
@@ -342,7 +352,16 @@ def config_help(extra_flags: tuple[str, ...] = ()) -> str:
         rows.append((name, kind, json.dumps(default, ensure_ascii=False), note))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines += [f"  {n:<{widths[0]}}  {k:<{widths[1]}}  {d:<{widths[2]}}  {note}".rstrip() for n, k, d, note in rows]
+    if extra_flags:
+        lines += ["", "Flags:"] + [f"  --{flag}  {FLAG_HELP.get(flag, '')}".rstrip() for flag in extra_flags]
     return "\n".join(lines)
+
+
+FLAG_HELP = {
+    "resume": "continue the run in output_dir from its newest complete checkpoint, with the settings of its "
+    "config.yaml (the command line's on top); --resume PATH: from that checkpoint or run folder",
+    "overwrite_output_dir": "start over in an output_dir that holds an earlier run (its checkpoints are deleted)",
+}
 
 
 def _describe(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any, str]]:

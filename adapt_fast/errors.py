@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -33,6 +34,21 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+class DataWarning(UserWarning):
+    """Something the user should know that is not an error (examples reused, a task ran out, a setting that has no
+    effect). The commands print it as one `warning:` line."""
+
+
+def _show_user_warning(previous):
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DataWarning):
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    return show
+
+
 class RunStopped(Exception):
     """The run stopped before its end, on purpose and cleanly: a signal (SIGTERM/SIGINT) or too many
     non-finite steps. A checkpoint has been written; `exit_code` is the process's exit status and the
@@ -44,13 +60,15 @@ class RunStopped(Exception):
 
 
 def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
-    """Wrap a command's `main` so a UserError prints `error: <message>` and exits with code 2, and a
-    RunStopped prints its message and exits with its code."""
+    """Wrap a command's `main` so a UserError prints `error: <message>` and exits with code 2, a RunStopped
+    prints its message and exits with its code, and a DataWarning prints as one `warning: <message>` line."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
-            return main(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_user_warning(warnings.showwarning)
+                return main(*args, **kwargs)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)

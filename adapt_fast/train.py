@@ -68,7 +68,7 @@ import torch
 import torch.distributed as dist
 
 from adapt_fast import checkpoint as ckpt
-from adapt_fast.config import Config, TrainingConfig, check_output_dir, parse_cli, save_config
+from adapt_fast.config import NO_VALUE, Config, TrainingConfig, check_output_dir, parse_cli, save_config
 from adapt_fast.data.batch import MicroBatch
 from adapt_fast.data.loader import PackedLoader, pack_examples, pack_items
 from adapt_fast.data.prepare import check_task_names, load_data, load_tokenizer, make_loader, resolve_budget
@@ -77,6 +77,7 @@ from adapt_fast.errors import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
     ConfigError,
+    DataWarning,
     RunStopped,
     UserError,
     exit_on_user_error,
@@ -270,15 +271,15 @@ def _fault_injection() -> tuple[set[int], set[int], tuple[int, int] | None]:
 
 
 def resume_command(argv: list[str], world_size: int) -> str:
-    """The command line that continues this run: its own arguments (less --resume and the launcher's
-    --local_rank) plus --resume."""
+    """The command line that continues this run: its own arguments (less --resume, --overwrite_output_dir and
+    the launcher's --local_rank) plus --resume."""
     kept, i = [], 0
     while i < len(argv):
         arg = argv[i]
-        if arg in ("--resume", "--local_rank", "--local-rank"):
+        if arg in ("--resume", "--local_rank", "--local-rank", "--overwrite_output_dir", "--overwrite-output-dir"):
             i += 2 if i + 1 < len(argv) and not argv[i + 1].startswith("--") else 1
             continue
-        if arg.startswith(("--resume=", "--local_rank=", "--local-rank=")):
+        if arg.startswith(("--resume=", "--local_rank=", "--local-rank=", "--overwrite_output_dir=")):
             i += 1
             continue
         kept.append(arg)
@@ -409,6 +410,20 @@ class Trainer:
         t = cfg.training
         dtype = DTYPES[cfg.model.dtype] if cfg.model.dtype != "auto" else default_dtype(self.device)
         self.total_steps = self._estimate_steps()
+        if self.is_main and self.adapt is not None and cfg.meta.warmup >= self.total_steps:
+            warnings.warn(
+                f"meta.warmup ({cfg.meta.warmup} steps) is not shorter than the run (about {self.total_steps} "
+                "steps): the mixture never updates, so this run trains on the uniform mixture",
+                DataWarning,
+                stacklevel=2,
+            )
+        if self.is_main and t.warmup_steps >= self.total_steps:
+            warnings.warn(
+                f"training.warmup_steps ({t.warmup_steps}) covers the whole run (about {self.total_steps} steps): "
+                "the learning rate never reaches training.lr",
+                DataWarning,
+                stacklevel=2,
+            )
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": t.grad_accum,
@@ -1205,9 +1220,23 @@ def json_safe(value):
     return value
 
 
-def _flag(value: str | None) -> str | None:
-    """A flag's value; None when absent or false."""
+def _resume_value(value: str | None) -> str | None:
+    """--resume's value: None when absent or false, "true" when written alone, else a path."""
+    if value == NO_VALUE:
+        return "true"
     return None if value is None or value.strip().lower() in ("false", "0", "no", "off") else value
+
+
+def _switch(name: str, value: str | None) -> bool:
+    """A flag that takes no value (`--name`, or `--name true|false`); anything else is a mistake, such as
+    `--overwrite_output_dir runs/x` for `--output_dir runs/x --overwrite_output_dir`: one line, exit 2."""
+    if value is None:
+        return False
+    if value == NO_VALUE or value.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if value.strip().lower() in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"--{name} takes no value, got {value!r} (a folder goes to --output_dir)")
 
 
 def check_earlier_run(out: Path, resume: str | None, overwrite: bool) -> None:
@@ -1227,10 +1256,19 @@ def main(argv: list[str] | None = None) -> dict:
     there is none), `--resume PATH` from a checkpoint folder or a run's output_dir. A fresh run in an
     output_dir that holds an earlier run needs `--overwrite_output_dir`."""
     args = sys.argv[1:] if argv is None else list(argv)
-    cfg, extras = parse_cli(args, extra_flags=("resume", "overwrite_output_dir"))
-    resume = _flag(extras.get("resume"))
+    flags = ("resume", "overwrite_output_dir")
+    cfg, extras = parse_cli(args, extra_flags=flags)
+    resume = _resume_value(extras.get("resume"))
+    overwrite = _switch("overwrite_output_dir", extras.get("overwrite_output_dir"))
+    if resume is not None and overwrite:
+        raise ConfigError("--resume continues the run in output_dir, --overwrite_output_dir starts over: pass one")
     out = check_output_dir(cfg.output_dir)  # before any work: one line, exit 2
-    check_earlier_run(out, resume, overwrite=_flag(extras.get("overwrite_output_dir")) is not None)
+    check_earlier_run(out, resume, overwrite=overwrite)
+    saved = out / "config.yaml"
+    if resume is not None and saved.is_file():
+        # a resumed run keeps its own settings (unless --config names others); the command line goes on top
+        cfg, _ = parse_cli(args, extra_flags=flags, default_config=saved)
+        out = check_output_dir(cfg.output_dir)
     if resume is not None:
         ckpt.resume_candidates(resume, out)  # a bad --resume PATH: one line, exit 2
     try:

@@ -157,9 +157,12 @@ def test_help_lists_every_field(capsys, flag):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: ") and "--resume" in out.splitlines()[0]
-    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    fields, flags = out.split("\nFlags:\n")
+    lines = {line.split()[0]: line for line in fields.splitlines() if line.startswith("  ")}
     expected = set(all_fields())
     assert set(lines) == expected
+    assert all(len(line.split()) > 3 for line in lines.values())  # every field says what it means
+    assert flags.split()[0] == "--resume" and "config.yaml" in flags
     assert lines["budget.tokens"].split()[1:3] == ["int", "150000"]
     assert lines["training.betas"].split()[1:4] == ["list[float]", "[0.9,", "0.95]"]
     assert lines["output_dir"].split()[1:3] == ["str", '"runs/default"']
@@ -175,6 +178,13 @@ def test_help_lists_every_field(capsys, flag):
         (["--training.max_steps", "1.5e0"], "training.max_steps: bad value '1.5e0'"),
         (["--mixture.lr", "inf"], "mixture.lr must be a finite number"),
         (["--model.dtype", "float64"], "model.dtype float64 needs training.zero_stage 1 or more"),
+        # a flag written without its value is not the text "true" (it made a run folder named `true`)
+        (["--data.cache_dir"], "--data.cache_dir: missing value (expected text)"),
+        (["--budget.tokens", "--seed", "3"], "--budget.tokens: missing value"),
+        (["--config"], "--config: missing value"),
+        # HF's habit `--overwrite_output_dir FOLDER` used to overwrite the *default* output_dir
+        (["--overwrite_output_dir", "runs/mine"], "--overwrite_output_dir takes no value, got 'runs/mine'"),
+        (["--resume", "--overwrite_output_dir"], "--resume continues the run in output_dir, --overwrite_output_dir"),
     ],
 )
 def test_trainer_command_line_is_one_line_exit_2(tmp_path, capsys, extra, needle):
@@ -197,3 +207,45 @@ def test_trainer_help_exits_0(capsys):
         main(["--help"])
     assert exc.value.code == 0
     assert "mixture.method" in capsys.readouterr().out
+
+
+def test_a_bool_flag_alone_switches_it_on():
+    cfg = load_config(None, ["--training.gradient_checkpointing", "--seed", "3"])
+    assert cfg.training.gradient_checkpointing is True and cfg.seed == 3
+
+
+def test_bare_resume_takes_the_runs_own_settings_with_the_command_line_on_top(tmp_path, monkeypatch):
+    """`--output_dir X --resume` continues X with the settings in X/config.yaml; before, every setting not repeated on
+    the command line fell back to its default (a 60k budget became 150k) and config.yaml was rewritten with them."""
+    from adapt_fast import train
+    from adapt_fast.config import save_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    earlier = ["--budget.tokens", "60000", "--meta.warmup", "2", "--checkpoint.every_tokens", "16000"]
+    save_config(load_config(None, [*earlier, "--output_dir", str(out)]), out / "config.yaml")
+    seen = {}
+
+    class Recorder:
+        def __init__(self, cfg, resume, argv):
+            seen.update(cfg=cfg, resume=resume)
+
+        def run(self):
+            return {}
+
+    monkeypatch.setattr(train, "Trainer", Recorder)
+    monkeypatch.setattr(train.ckpt, "resume_candidates", lambda value, output_dir: ([], False))
+    train.main(["--output_dir", str(out), "--resume", "--training.max_steps", "8"])
+    cfg = seen["cfg"]
+    assert seen["resume"] == "true"
+    assert (cfg.budget.tokens, cfg.meta.warmup, cfg.checkpoint.every_tokens) == (60000, 2, 16000)
+    assert cfg.training.max_steps == 8  # the command line on top
+    train.main(["--output_dir", str(out), "--resume", "--budget.tokens", "80000"])
+    assert seen["cfg"].budget.tokens == 80000 and seen["cfg"].meta.warmup == 2
+
+
+def test_resume_command_drops_overwrite_output_dir():
+    from adapt_fast.train import resume_command
+
+    command = resume_command(["--output_dir", "runs/demo", "--overwrite_output_dir", "--seed", "3"], 1)
+    assert command == "python -m adapt_fast.train --output_dir runs/demo --seed 3 --resume"

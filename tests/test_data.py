@@ -149,7 +149,11 @@ def test_values_that_are_not_text_are_refused_and_trl_conversations_load(tmp_pat
     assert json.loads(record["messages"])[-1] == {"role": "assistant", "content": "Blue."}
 
     bad_rows = {
-        "null_response": ({"prompt": "p", "response": None}, "missing"),
+        "null_response": ({"prompt": "p", "response": None}, "'response' is null"),
+        "no_response": ({"prompt": "p"}, "response column 'response' missing"),
+        "null_prompt": ({"prompt": None, "response": "r"}, "'prompt' is null"),  # was trained as BOS + "r"
+        "list_prompt": ({"prompt": ["a"], "response": "r"}, "'prompt' is list"),  # the error said 'input'
+        "null_task": ({"task": None, "prompt": "p", "response": "r"}, "task column 'task' is null"),
         "object_response": ({"prompt": "p", "response": {"x": 1}}, "'response' is dict"),
         "null_content": ({"messages": [{"role": "assistant", "content": None}]}, "'content' is null"),
         "string_messages": ({"messages": ["hi", "there"]}, "role/content"),
@@ -160,6 +164,17 @@ def test_values_that_are_not_text_are_refused_and_trl_conversations_load(tmp_pat
         (tmp_path / f"{name}.jsonl").write_text((row if isinstance(row, str) else json.dumps(row)) + "\n")
         with pytest.raises(DataError, match=re.escape(f"{name}.jsonl:1: ") + ".*" + re.escape(message)):
             formats.load_records(tmp_path / f"{name}.jsonl")
+    alpaca = {"instruction": "i", "input": None, "output": "o"}  # Alpaca's input may be null or empty
+    (tmp_path / "alpaca.jsonl").write_text(json.dumps(alpaca) + "\n")
+    assert formats.load_records(tmp_path / "alpaca.jsonl")[0]["input"] == ""
+    # a task column no row has is a typo (it merged every task into one named after the file); the default
+    # column may be absent (a one-task file)
+    (tmp_path / "two.jsonl").write_text(json.dumps({"task": "a", "prompt": "p", "response": "r"}) + "\n")
+    with pytest.raises(DataError, match="two.jsonl: no row has the task column 'nope'"):
+        formats.load_records(tmp_path / "two.jsonl", task_column="nope")
+    assert formats.load_records(tmp_path / "alpaca.jsonl")[0]["task"] == "alpaca"
+    with pytest.raises(DataError, match=r"data.tasks names tasks not in the data: nope \(tasks: a\)"):
+        formats.load_split_records(tmp_path / "two.jsonl", tasks=["a", "nope"])  # the error lists what there is
     (tmp_path / "latin1.jsonl").write_bytes(json.dumps({"prompt": "p", "response": "r"}).encode() + b"\n\xff\xfe\n")
     with pytest.raises(DataError, match="latin1.jsonl:2: not UTF-8"):
         formats.load_records(tmp_path / "latin1.jsonl")
@@ -407,6 +422,39 @@ def test_no_repeat_run_uses_each_example_at_most_once(suite):
         loader = PackedLoader(suite.train, 4096, total, p, allow_repeat=False)
     drain([loader])
     assert loader.consumed == total and loader.stats.reused == 0
+
+
+def test_a_task_running_out_is_reported_once(suite):
+    """Under a budget below the data, a uniform mixture runs the smallest task out: with allow_repeat its examples
+    are reused and one warning says so (before, only report.json's examples_reused did); without it, the other
+    tasks take its share and a warning names it (before, the mixture was silently abandoned)."""
+    from adapt_fast.errors import DataWarning
+
+    total = int(np.asarray(suite.train.lengths).sum())
+    p = np.ones(suite.num_tasks) / suite.num_tasks
+    names = [f"t{k}" for k in range(suite.num_tasks)]
+    for allow_repeat, needle in ((True, "ran out of examples after"), (False, "have no training examples left")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loader = PackedLoader(suite.train, 2048, total * 9 // 10, p, allow_repeat=allow_repeat, task_names=names)
+            drain([loader])
+        mine = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+        assert mine and all(needle in m for m in mine), mine
+        assert any(name in mine[0] for name in names)
+        assert len(mine) == 1 if allow_repeat else len(mine) >= 1
+        assert (loader.stats.reused > 0) == allow_repeat
+
+
+def test_data_warnings_print_as_one_warning_line(capsys):
+    from adapt_fast.errors import DataWarning, exit_on_user_error
+
+    @exit_on_user_error
+    def command():
+        warnings.warn("task x ran out", DataWarning, stacklevel=2)
+        return 7
+
+    assert command() == 7
+    assert capsys.readouterr().err == "warning: task x ran out\n"
 
 
 def test_largest_remainder():

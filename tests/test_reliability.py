@@ -379,6 +379,7 @@ def test_non_finite_meta_gradient_skips_only_the_mixture_update(workdir, monkeyp
         (["UNWRITABLE"], "output_dir is not writable"),
         (["ONE_EXAMPLE_TASK"], "mixture.method adapt: no validation examples for b (a task needs two"),
         (["NOT_A_MODEL"], "not a model folder"),
+        (["A_CHECKPOINT"], "a training checkpoint (DeepSpeed state), not a model folder; the model folder is"),
         (["DEEPSPEED_SECTION"], "zero_optimization must be a JSON object"),
     ],
 )
@@ -392,6 +393,10 @@ def test_bad_configuration_is_one_line_exit_2(workdir, capsys, extra, needle):
         (workdir / "not_a_model").mkdir(exist_ok=True)
         (workdir / "not_a_model" / "config.json").write_text("{}")
         extra = ["--model.name", str(workdir / "not_a_model")]
+    if extra == ["A_CHECKPOINT"]:  # HF Trainer users expect checkpoint folders to load with from_pretrained
+        (workdir / "step-00000004").mkdir(exist_ok=True)
+        (workdir / "step-00000004" / "COMPLETE.json").write_text("{}")
+        extra = ["--model.name", str(workdir / "step-00000004")]
     if extra == ["DEEPSPEED_SECTION"]:
         (workdir / "section.json").write_text(json.dumps({"zero_optimization": 5}))
         extra = ["--training.deepspeed_config", str(workdir / "section.json")]

@@ -41,13 +41,13 @@ def main(argv: list[str] | None = None) -> dict:
         weights=cfg.mixture.weights,
     )
     budget = resolve_budget(cfg, train)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught:  # the loader's warnings go into the report
         warnings.simplefilter("always")
         loader = make_loader(cfg, data, p, budget)
-    start, micro_batches = time.perf_counter(), 0
-    while loader.next_micro_batch() is not None:
-        micro_batches += 1
-    seconds = time.perf_counter() - start
+        start, micro_batches = time.perf_counter(), 0
+        while loader.next_micro_batch() is not None:
+            micro_batches += 1
+        seconds = time.perf_counter() - start
     s = loader.stats
     report = {
         "data": str(data.meta["source"]),

@@ -177,6 +177,8 @@ def _tabular_record(row: dict, where: str, task_column: str, default_task: str) 
     """prompt/response (or completion) | instruction/input/output | chat messages (also TRL's
     conversational prompt/completion) -> a record, or None for a test-split row. `where` names file and line."""
     task = row.get(task_column)
+    if task_column in row and task is None:
+        raise DataError(f"{where}: task column {task_column!r} is null")
     task = default_task if task is None or task == "" else _text(task, where, task_column)
     split = split_name(_text(row.get("split"), where, "split", optional=True), where)
     if split is None:
@@ -200,17 +202,20 @@ def _tabular_record(row: dict, where: str, task_column: str, default_task: str) 
             messages=json.dumps(messages, ensure_ascii=False),
         )
     if "prompt" in row:
-        response_key, definition, text = "response", "", row["prompt"]
+        response_key, definition, text = "response", "", _text(row["prompt"], where, "prompt")
         if response_key not in row:
             response_key = "completion" if "completion" in row else response_key
-    elif "instruction" in row:
-        response_key, definition, text = "output", _text(row["instruction"], where, "instruction"), row.get("input")
+    elif "instruction" in row:  # Alpaca: the input may be empty or null
+        definition = _text(row["instruction"], where, "instruction")
+        response_key, text = "output", _text(row.get("input"), where, "input", optional=True)
     elif "input" in row:
-        response_key, definition, text = "output", "", row["input"]
+        response_key, definition, text = "output", "", _text(row["input"], where, "input")
     else:
         raise DataError(f"{where}: no prompt column (expected prompt/response, instruction/input/output or messages)")
-    if response_key not in row or row[response_key] is None:
+    if response_key not in row:
         raise DataError(f"{where}: response column {response_key!r} missing")
+    if row[response_key] is None:
+        raise DataError(f"{where}: {response_key!r} is null, expected text")
     outputs = row[response_key]
     outputs = list(outputs) if isinstance(outputs, (list, tuple, np.ndarray)) else [outputs]
     outputs = [_text(o, where, response_key) for o in outputs]
@@ -221,14 +226,21 @@ def _tabular_record(row: dict, where: str, task_column: str, default_task: str) 
         split=split,
         source=where,
         definition=definition,
-        input=_text(text, where, "input", optional=True),
+        input=text,
         output=outputs[0],
         references=json.dumps(outputs, ensure_ascii=False),
     )
 
 
+def _check_task_column(present: bool, where: str, task_column: str) -> None:
+    """A task column other than the default that no row has is a typo, not a one-task file: refuse it
+    (every row would silently become one task named after the file)."""
+    if not present and task_column != "task":
+        raise DataError(f"{where}: no row has the task column {task_column!r} (data.task_column)")
+
+
 def load_jsonl(path: Path, task_column: str) -> list[dict]:
-    records = []
+    records, has_task_column = [], False
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -244,7 +256,9 @@ def load_jsonl(path: Path, task_column: str) -> list[dict]:
                 raise DataError(f"{where}: malformed JSON ({err.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object")
+            has_task_column |= task_column in row
             records.append(_tabular_record(row, where, task_column, path.stem))
+    _check_task_column(has_task_column or not records, str(path), task_column)
     records = [r for r in records if r is not None]
     if not records:
         raise DataError(f"{path}: no examples")
@@ -261,6 +275,7 @@ def load_parquet(path: Path, task_column: str) -> list[dict]:
     rows = table.to_pylist()
     if not rows:
         raise DataError(f"{path}: no examples")
+    _check_task_column(task_column in table.column_names, str(path), task_column)
     records = [_tabular_record(row, f"{path} row {i}", task_column, path.stem) for i, row in enumerate(rows)]
     return [r for r in records if r is not None]
 
@@ -278,6 +293,7 @@ def load_hf_folder(path: Path, task_column: str) -> list[dict]:
         split = split_name(name, f"{path} [{name}]")
         if split is None:  # the data's test split: never trained on, never steers the mixture
             continue
+        _check_task_column(task_column in ds.column_names, f"{path} [{name or 'data'}]", task_column)
         for i, row in enumerate(ds):
             record = _tabular_record(row, f"{path} [{name or 'data'}] row {i}", task_column, path.name)
             if record is not None:
@@ -366,9 +382,11 @@ def load_split_records(
     by `assign_splits`. The trainer's cache and the evaluator both call this, so their splits agree."""
     records = load_records(path, group_by=group_by, task_column=task_column)
     if tasks:
-        unknown = sorted(set(tasks) - {r["task"] for r in records})
+        present = sorted({r["task"] for r in records})
+        unknown = sorted(set(tasks) - set(present))
         if unknown:
-            raise DataError(f"{path}: {option} names tasks not in the data: {', '.join(unknown)}")
+            listed = ", ".join(present[:20]) + (f", ... ({len(present)} in all)" if len(present) > 20 else "")
+            raise DataError(f"{option} names tasks not in the data: {', '.join(unknown)} (tasks: {listed})")
         records = [r for r in records if r["task"] in set(tasks)]
     assign_splits(records, val_fraction, val_examples, seed)
     return records

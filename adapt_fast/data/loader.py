@@ -38,7 +38,7 @@ import torch
 from adapt_fast.data.batch import IGNORE_INDEX, PAD_TASK, MicroBatch
 from adapt_fast.data.cache import TokenizedSplit
 from adapt_fast.data.pack import best_fit_pack, cut_to_budget, place_pool
-from adapt_fast.errors import DataError
+from adapt_fast.errors import DataError, DataWarning
 
 
 def largest_remainder(total: int, p: np.ndarray) -> np.ndarray:
@@ -160,6 +160,7 @@ class PackedLoader:
         meta_floor_fraction: float = 0.25,
         allow_repeat: bool = True,
         pack_backend: str = "auto",
+        task_names: list[str] | None = None,
     ):
         if unit not in ("tokens", "loss"):
             raise ValueError(f"unknown budget unit {unit!r}")
@@ -187,6 +188,8 @@ class PackedLoader:
                 f"an example of {int(self._lengths.max())} tokens exceeds tokens_per_micro_batch ({self.capacity})"
             )
         self.seed = seed
+        self.task_names = list(task_names) if task_names is not None else [str(k) for k in range(split.num_tasks)]
+        self._ran_out = np.zeros(split.num_tasks, dtype=bool)  # tasks already reported as out of examples
         self.streams = [TaskStream(split.examples_of_task(k), seed, k) for k in range(self.num_tasks)]
         self.leftovers: list[int] = []
         self.leftover_waits: list[int] = []  # steps each leftover has waited (parallel to leftovers)
@@ -198,6 +201,7 @@ class PackedLoader:
         self.last_global_loss_tokens = 0
         self.deficit = np.zeros(self.num_tasks)  # tokens each task is owed against its share so far
         available = int(self._unit_counts().sum())
+        self._reuse_reported = self.budget > available  # warned here: no second warning when reuse begins
         if self.budget > available:
             if not allow_repeat:
                 raise DataError(
@@ -207,6 +211,7 @@ class PackedLoader:
             warnings.warn(
                 f"the budget ({self.budget} {unit}) exceeds the training data ({available} {unit}): "
                 "examples will be reused",
+                DataWarning,
                 stacklevel=2,
             )
         self.set_mixture(mixture)
@@ -276,6 +281,14 @@ class PackedLoader:
             return None
         example, reused = stream.next()
         self.stats.reused += int(reused)
+        if reused and not self._reuse_reported and self.rank == 0:
+            self._reuse_reported = True
+            warnings.warn(
+                f"task {self.task_names[task]} ran out of examples after {self.consumed} of the budget's "
+                f"{self.budget} {self.unit}: from here on examples are reused (report.json: examples_reused)",
+                DataWarning,
+                stacklevel=2,
+            )
         return example
 
     def _peek(self, task: int, n: int) -> list[int]:
@@ -296,6 +309,16 @@ class PackedLoader:
         pool_tasks = np.asarray(self.split.task_ids[pool] if pool else [], dtype=np.int64)
         per_task_pool = np.bincount(pool_tasks, weights=self._lengths[pool] if pool else None, minlength=self.num_tasks)
         live = np.array([len(s) > 0 and (self.allow_repeat or not s.exhausted_once) for s in self.streams])
+        out = ~live & (self.mixture > 0) & ~self._ran_out
+        if out.any() and self.rank == 0:
+            warnings.warn(
+                f"task(s) {', '.join(self.task_names[k] for k in np.flatnonzero(out))} have no training examples "
+                f"left after {self.consumed} of the budget's {self.budget} {self.unit} (budget.allow_repeat false): "
+                "the other tasks take their share of the mixture",
+                DataWarning,
+                stacklevel=3,
+            )
+        self._ran_out |= out
         p = np.where(live, self.mixture, 0.0)
         if p.sum() <= 0:  # every task with data left has a zero share: spread over the live ones
             p = live.astype(np.float64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from adapt_fast.config import Config, check_no_repeats
 from adapt_fast.data.cache import TokenizedData, TokenizedSplit, build_or_load, default_cache_dir
 from adapt_fast.data.loader import PackedLoader
 from adapt_fast.data.synthetic import write_synthetic_suite
-from adapt_fast.errors import ConfigError, DataError
+from adapt_fast.errors import ConfigError, DataError, DataWarning
 
 
 def cache_root(cfg: Config) -> Path:
@@ -62,6 +63,17 @@ def load_data(cfg: Config, tokenizer, progress: bool = True) -> TokenizedData:
             f"no training examples left: all {dropped} were longer than data.max_len ({d.max_len})"
             + (" with data.truncate false" if not d.truncate else " or kept no response token once truncated")
         )
+    if d.val_examples > 0:  # a val_examples as large as a task takes all of it but one example
+        train_n, val_n = data.train.examples_per_task(), data.validation.examples_per_task()
+        starved = [name for k, name in enumerate(data.task_names) if train_n[k] <= 1 and val_n[k] >= 1]
+        if starved:
+            warnings.warn(
+                f"data.val_examples {d.val_examples} leaves {len(starved)} task(s) at most one training example: "
+                + ", ".join(starved[:5])
+                + (", ..." if len(starved) > 5 else ""),
+                DataWarning,
+                stacklevel=2,
+            )
     return data
 
 
@@ -105,6 +117,7 @@ def make_loader(
         meta_floor_examples=cfg.data.meta_floor_examples,
         meta_floor_fraction=cfg.data.meta_floor_fraction,
         allow_repeat=cfg.budget.allow_repeat,
+        task_names=data.task_names,
     )
 
 

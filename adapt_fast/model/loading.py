@@ -190,6 +190,11 @@ def check_model_folder(name: str, trust_remote_code: bool = False) -> None:
     cheap (no weights read), so a trainer can call it before tokenising the data."""
     from transformers import AutoConfig
 
+    if (Path(name) / "COMPLETE.json").is_file():  # checkpoint.MARKER: a trainer checkpoint, not a model folder
+        raise ConfigError(
+            f"{name}: a training checkpoint (DeepSpeed state), not a model folder; the model folder is the run's "
+            "final/ (written when the run ends: continue a stopped run with --resume)"
+        )
     try:
         AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
