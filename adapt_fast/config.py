@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import decimal
+import difflib
 import inspect
 import json
 import math
@@ -17,6 +18,7 @@ import os
 import re
 import sys
 import typing
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from adapt_fast.errors import ConfigError
+from adapt_fast.errors import ConfigError, DataWarning
 
 MIXTURE_METHODS = ("adapt", "uniform", "proportional", "temperature", "fixed")
 INT_LIMIT = 2**63  # int fields end up in int64 (numpy, torch): larger ones are refused
@@ -233,10 +235,12 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
         types_here = _field_types(type(target))
         if part not in types_here:
             where = ".".join(parts[:depth]) or "top level"
-            raise ConfigError(f"unknown config key {dotted!r} (no {part!r} in {where})")
+            raise ConfigError(f"unknown config key {dotted!r} (no {part!r} in {where}){_suggest(dotted)}")
         annotation = types_here[part]
         if depth == len(parts) - 1:
             if dataclasses.is_dataclass(annotation):
+                if value is None:  # a YAML section whose fields are all commented out
+                    return
                 if not isinstance(value, dict):
                     raise ConfigError(f"{dotted}: expected a mapping of fields")
                 for key, sub in value.items():
@@ -252,6 +256,32 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
         if not dataclasses.is_dataclass(annotation):
             raise ConfigError(f"unknown config key {dotted!r} ({'.'.join(parts[: depth + 1])} has no fields)")
         target = getattr(target, part)
+
+
+HF_NAMES = {  # HF Trainer / TRL argument -> ours, for the "did you mean" of an unknown key
+    "learning_rate": "training.lr",
+    "deepspeed": "training.deepspeed_config",
+    "gradient_accumulation_steps": "training.grad_accum",
+    "max_grad_norm": "training.grad_clip",
+    "lr_scheduler_type": "training.lr_schedule",
+    "per_device_train_batch_size": "tokens_per_micro_batch",
+    "max_seq_length": "data.max_len",
+    "max_length": "data.max_len",
+    "model_name_or_path": "model.name",
+    "bf16": "model.dtype",
+    "torch_dtype": "model.dtype",
+    "dataset_name": "data.path",
+}
+
+
+def _suggest(dotted: str) -> str:
+    """'; did you mean X?' for an unknown key: HF's name for it, a field of that name in a section, or a close
+    spelling; '' when nothing is close."""
+    names = [name for name, *_ in _describe(Config())]
+    last = dotted.rsplit(".", 1)[-1]
+    guesses = [HF_NAMES[last]] if last in HF_NAMES else [n for n in names if n.rsplit(".", 1)[-1] == last]
+    guesses = guesses or difflib.get_close_matches(dotted, names, n=1, cutoff=0.7)
+    return f"; did you mean {' or '.join(guesses)}?" if guesses else ""
 
 
 def _clear_other_budget(cfg: Config, dotted: str) -> None:
@@ -276,6 +306,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"{path}: not valid YAML" + (f" (line {line + 1})" if line is not None else "")) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
+        budget = raw.get("budget")
+        if isinstance(budget, dict) and all(budget.get(key) not in (None, 0) for key in ("tokens", "fraction")):
+            raise ConfigError(f"{path}: budget.tokens and budget.fraction are alternatives: give one")
         for key, value in raw.items():
             _set(cfg, str(key), value)
     for dotted, value in _pairs(overrides or []):
@@ -472,6 +505,13 @@ def validate(cfg: Config) -> None:
         _check(bool(m.weights), f"{option} needs mixture.weights (task=weight,...)")
         _check(all(w >= 0 for w in m.weights.values()), "mixture.weights must be >= 0")
         _check(sum(m.weights.values()) > 0, "mixture.weights must not all be zero")
+    elif m.weights:
+        warnings.warn(
+            f"mixture.weights is used only by mixture.method fixed or mixture.prior fixed; ignored with "
+            f"mixture.method {m.method}" + (f" and mixture.prior {m.prior}" if m.method == "adapt" else ""),
+            DataWarning,
+            stacklevel=2,
+        )
 
     _check(meta.val_every >= 1, f"meta.val_every must be >= 1, got {meta.val_every}")
     _check(meta.update_every >= 1, f"meta.update_every must be >= 1, got {meta.update_every}")

@@ -76,5 +76,8 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             if str(stop):
                 print(str(stop), file=sys.stderr, flush=True)
             sys.exit(stop.exit_code)
+        except KeyboardInterrupt:  # Ctrl-C before a run's own handler is in place (loading, tokenising)
+            print("stopped (Ctrl-C)", file=sys.stderr, flush=True)
+            sys.exit(EXIT_SIGINT)
 
     return wrapper

@@ -249,3 +249,31 @@ def test_resume_command_drops_overwrite_output_dir():
 
     command = resume_command(["--output_dir", "runs/demo", "--overwrite_output_dir", "--seed", "3"], 1)
     assert command == "python -m adapt_fast.train --output_dir runs/demo --seed 3 --resume"
+
+
+def test_a_yaml_section_with_every_field_commented_out_is_empty(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  # path: /data/ni\nbudget:\n  tokens: 5000\n")
+    cfg = load_config(path, [])
+    assert cfg.budget.tokens == 5000 and cfg.data.path == ""
+
+
+def test_a_yaml_file_with_both_budgets_is_refused(tmp_path):
+    bad([], "budget.tokens and budget.fraction are alternatives", "budget: {tokens: 1000, fraction: 0.5}\n", tmp_path)
+    assert load_config(None, ["--budget.tokens", "1000", "--budget.fraction", "0.5"]).budget.tokens == 0  # CLI: last
+
+
+@pytest.mark.parametrize(
+    "key,hint",
+    [("learning_rate", "did you mean training.lr?"), ("max_steps", "did you mean training.max_steps?"),
+     ("data.pth", "did you mean data.path?"), ("deepspeed", "did you mean training.deepspeed_config?")],
+)  # fmt: skip
+def test_an_unknown_key_suggests_the_field_meant(key, hint):
+    bad([f"--{key}", "1"], hint)
+
+
+def test_weights_a_method_ignores_are_reported():
+    from adapt_fast.errors import DataWarning
+
+    with pytest.warns(DataWarning, match="ignored with mixture.method uniform"):
+        load_config(None, ["--mixture.method", "uniform", "--mixture.weights", "a=1"])

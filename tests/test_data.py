@@ -456,6 +456,14 @@ def test_data_warnings_print_as_one_warning_line(capsys):
     assert command() == 7
     assert capsys.readouterr().err == "warning: task x ran out\n"
 
+    @exit_on_user_error
+    def interrupted():  # Ctrl-C while loading or tokenising, before the trainer's own handler: no traceback
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exc:
+        interrupted()
+    assert exc.value.code == 130 and capsys.readouterr().err == "stopped (Ctrl-C)\n"
+
 
 def test_largest_remainder():
     assert largest_remainder(10, np.array([1, 1, 1])).tolist() == [4, 3, 3]
