@@ -471,6 +471,7 @@ def validate(cfg: Config) -> None:
     if d.path:
         _check(Path(d.path).exists(), f"data.path does not exist: {d.path}")
     _check(cfg.tokens_per_micro_batch >= 2, f"tokens_per_micro_batch must be >= 2, got {cfg.tokens_per_micro_batch}")
+    _check(cfg.seed >= 0, f"seed must be >= 0 (numpy seeds are non-negative), got {cfg.seed}")
     _check(
         d.max_len <= cfg.tokens_per_micro_batch,
         f"data.max_len ({d.max_len}) must not exceed tokens_per_micro_batch ({cfg.tokens_per_micro_batch})",

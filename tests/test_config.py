@@ -277,3 +277,7 @@ def test_weights_a_method_ignores_are_reported():
 
     with pytest.warns(DataWarning, match="ignored with mixture.method uniform"):
         load_config(None, ["--mixture.method", "uniform", "--mixture.weights", "a=1"])
+
+
+def test_a_negative_seed_is_refused_before_any_work():
+    bad(["--seed", "-1"], "seed must be >= 0")

@@ -398,9 +398,29 @@ def test_long_examples_pack_tightly_and_meta_steps_keep_the_shares(median, max_l
         step += 1
     assert loader.stats.padding_fraction < (0.005 if max_len <= 2048 else 0.015), (seed, loader.stats.padding_fraction)
     shares = np.array(loader.stats.tokens_per_task) / loader.stats.tokens
-    # a floor every micro-step gives the smallest tasks more than p by design (about 1.4x here; it was 2.8-4.5x)
-    assert np.abs(shares / p - 1).max() < (0.1 if meta_every > 1 else 1.0), (seed, shares / p)
+    # a floor every micro-step gives the smallest tasks more than p by design: a quarter of every step goes to the
+    # floors, whatever p (drawing for floors that could not fit, or a whole example for each sliver of quota in the
+    # top-up, gave them several times more)
+    assert np.abs(shares / p - 1).max() < (0.1 if meta_every > 1 else 3.0), (seed, shares / p)
     assert longest_wait <= 4 * MAX_WAIT, seed
+
+
+def test_many_tasks_on_one_rank_keep_waits_pool_and_floors_bounded():
+    """400 tasks, each a sliver of a 4096-slot step, a meta step every step: when every task with a positive part drew
+    a whole example, the pool grew with the number of tasks (about 50 steps deep here), the oldest examples waited the
+    whole run and the floors never went in. Now a task draws once its part covers half an example."""
+    seed = int(np.random.default_rng().integers(1 << 30))
+    split = lognormal_split(40_000, 400, 300, 2048, seed)
+    loader = PackedLoader(split, 4096, 10**9, np.ones(400), seed=seed)
+    longest_wait, deepest_pool = 0, 0
+    for _ in range(600):
+        loader.next_micro_batch(meta_step=True)
+        longest_wait = max(longest_wait, *loader.leftover_waits, 0)
+        deepest_pool = max(deepest_pool, int(np.asarray(split.lengths)[loader.leftovers].sum()))
+    assert longest_wait <= 2 * MAX_WAIT, seed
+    assert deepest_pool <= 25 * 4096, (seed, deepest_pool / 4096)
+    assert loader.floor_age.max() < 400, seed  # the floors rotate through all 400 tasks
+    assert loader.stats.padding_fraction < 0.005, seed
 
 
 def test_budget_above_the_data_warns_or_errors(suite):

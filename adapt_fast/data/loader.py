@@ -4,21 +4,24 @@ Every call plans one *global* micro-step of W micro-batches (one per data-parall
 this rank's. All ranks run the same deterministic plan, so they draw disjoint examples and know the
 global counts without communicating. A global micro-step:
 
-1. Capacity W·L token slots (L = tokens_per_micro_batch). A pool of (1 + lookahead)·W·L tokens is
-   split among tasks by p with largest-remainder rounding; examples left over from earlier steps
-   count toward their task's share.
+1. Capacity W·L token slots (L = tokens_per_micro_batch). The pool aims at (1 + lookahead)·W·L tokens
+   plus SEARCH_SLACK average examples (at most 4·W·L), split among tasks by p with largest-remainder
+   rounding plus each task's running deficit; examples left over from earlier steps count toward their
+   task's part. A task draws while its part covers half of its next example, so many small shares do
+   not each pull in a whole example every step.
 2. Each task draws from its own stream: its examples shuffled without replacement, reshuffled every
    epoch (reuse beyond one epoch is counted). On meta steps (mixture updates) every task contributes
    at least `meta_floor_examples` examples, so every d_k can be measured - as long as the floors take
    at most `meta_floor_fraction` of the step's capacity (long examples, many tasks): then the tasks
-   whose floor went unplaced longest go first, the others wait for a later meta step (ADAPT leaves a
-   task it did not measure alone; nothing is drawn for a floor that does not fit, so the floors do
-   not swell the pool), and the rest of the step still follows p.
-3. Placement: leftovers that waited MAX_WAIT steps, then the floors, both by best fit. The pool is
-   topped up by p until it offers the subset search some choice (SEARCH_SLACK examples beyond the
-   room left). Then each of the W bins takes the subset of the rest that fills it fullest,
-   longest-waiting examples preferred (pack.place_pool: an exact subset sum, so no padding whenever
-   the pool can fill the bin exactly). What is not placed rolls over.
+   whose floor went unplaced longest go first (ties in a seeded order), the others wait for a later
+   meta step (ADAPT leaves a task it did not measure alone; nothing is drawn for a floor that does not
+   fit), and the rest of the step still follows p.
+3. Placement: leftovers that waited MAX_WAIT steps (longest-waiting first), then the floors, both by
+   best fit. When the examples that could still go in hold less than (1 + lookahead) times the room
+   left (long leftovers beside the floors, or an empty pool), up to 4 rounds draw more by p. Then each
+   of the W bins takes the subset of the rest that fills it fullest, longest-waiting examples preferred
+   (pack.place_pool: a greedy prefix, then an exact subset sum over the last window). What is not
+   placed rolls over.
 4. The budget: when the step would spend more than what remains, the plan is cut in plan order and
    the last example truncated so that exactly the budget is spent (`unit: tokens` counts non-padding
    tokens, `unit: loss` counts tokens that carry the loss). The last step is not padded.
@@ -125,8 +128,8 @@ class LoaderStats:
         return self.padding / slots if slots else 0.0
 
 
-MAX_WAIT = 16  # a leftover that waited this many steps goes in first (best fit)
-SEARCH_SLACK = 16  # examples' worth of tokens the pool holds beyond the room left, to choose exact fills from
+MAX_WAIT = 16  # a leftover that waited this many steps goes in first (longest-waiting first, best fit)
+SEARCH_SLACK = 16  # average examples the pool holds beyond a step's room (at most 4 steps), to choose exact fills
 
 
 @dataclass
@@ -256,6 +259,7 @@ class PackedLoader:
             "mixture": self.mixture.tolist(),
             "deficit": self.deficit.tolist(),
             "floor_age": self.floor_age.tolist(),
+            "reported": {"reuse": self._reuse_reported, "ran_out": self._ran_out.tolist()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -264,11 +268,16 @@ class PackedLoader:
         self.leftovers = [int(i) for i in state["leftovers"]]
         # absent in checkpoints from before subset-sum placement: count those leftovers as waiting one step
         self.leftover_waits = [int(w) for w in state.get("leftover_waits", [1] * len(self.leftovers))]
-        self.stats = LoaderStats(**state["stats"])
+        self.stats = LoaderStats(**{k: list(v) if isinstance(v, list) else v for k, v in state["stats"].items()})
         self.set_mixture(np.asarray(state["mixture"]))
         self.mixture = np.asarray(state["mixture"], dtype=np.float64)  # as saved: renormalising moves it by an ulp
         self.deficit = np.asarray(state["deficit"], dtype=np.float64)
         self.floor_age = np.asarray(state.get("floor_age", np.zeros(self.num_tasks)), dtype=np.int64)
+        # what was already said, not to be said again after a resume (older checkpoints: what must have been)
+        live = np.array([len(s) > 0 and (self.allow_repeat or not s.exhausted_once) for s in self.streams])
+        reported = state.get("reported", {"reuse": self.stats.reused > 0, "ran_out": (~live).tolist()})
+        self._reuse_reported = self._reuse_reported or bool(reported["reuse"])
+        self._ran_out = np.asarray(reported["ran_out"], dtype=bool)
 
     # ------------------------------------------------------------------ planning
 
@@ -294,7 +303,7 @@ class PackedLoader:
     def _peek(self, task: int, n: int) -> list[int]:
         """The next (at most) n examples _draw(task) would return, not drawn."""
         stream = self.streams[task]
-        if len(stream) == 0 or n <= 0:
+        if len(stream) == 0 or n <= 0 or (not self.allow_repeat and stream.exhausted_once):
             return []
         ahead = stream.peek(n)
         if not self.allow_repeat:
@@ -311,13 +320,17 @@ class PackedLoader:
         live = np.array([len(s) > 0 and (self.allow_repeat or not s.exhausted_once) for s in self.streams])
         out = ~live & (self.mixture > 0) & ~self._ran_out
         if out.any() and self.rank == 0:
-            warnings.warn(
-                f"task(s) {', '.join(self.task_names[k] for k in np.flatnonzero(out))} have no training examples "
-                f"left after {self.consumed} of the budget's {self.budget} {self.unit} (budget.allow_repeat false): "
-                "the other tasks take their share of the mixture",
-                DataWarning,
-                stacklevel=3,
-            )
+            empty = np.array([len(self.streams[k]) == 0 for k in range(self.num_tasks)])
+            for which, why in ((out & empty, "have no training examples"), (out & ~empty, "have no training "
+                               f"examples left after {self.consumed} of the budget's {self.budget} {self.unit} "
+                               "(budget.allow_repeat false)")):  # fmt: skip
+                if which.any():
+                    names = ", ".join(self.task_names[k] for k in np.flatnonzero(which))
+                    warnings.warn(
+                        f"task(s) {names} {why}: the other tasks take their share of the mixture",
+                        DataWarning,
+                        stacklevel=3,
+                    )
         self._ran_out |= out
         p = np.where(live, self.mixture, 0.0)
         if p.sum() <= 0:  # every task with data left has a zero share: spread over the live ones
@@ -326,14 +339,15 @@ class PackedLoader:
         # SEARCH_SLACK average examples, for the subset search to choose from) plus its running deficit
         # (target - consumed), so packing leftovers never bias the shares.
         p = p / max(p.sum(), 1e-300)
-        slack = SEARCH_SLACK * self._mean_length
+        slack = min(SEARCH_SLACK * self._mean_length, 4.0 * self.world_size * self.capacity)  # at most 4 steps deep
         desired = np.maximum((self.world_size * self.capacity * (1 + self.lookahead) + slack) * p + self.deficit, 0.0)
         desired = np.where(live, desired, 0.0)
         quota = largest_remainder(int(round(desired.sum())), desired) - per_task_pool.astype(np.int64)
         floors: dict[int, list[int]] = {}  # task -> pool positions of its floor examples this step
         if meta_step:  # floors, longest-waiting task first, within meta_floor_fraction of the capacity
             room, used = self.meta_floor_fraction * self.world_size * self.capacity, 0
-            for k in np.argsort(-self.floor_age, kind="stable"):
+            ties = np.random.default_rng([self.seed, self.stats.micro_steps, 1]).permutation(self.num_tasks)
+            for k in np.lexsort((ties, -self.floor_age)):  # longest-waiting first, ties in a seeded order
                 mine = np.flatnonzero(pool_tasks == k)[: self.meta_floor_examples].tolist()
                 # what the floor would draw, looked at first: nothing is drawn for a floor that cannot fit
                 more = self._peek(k, self.meta_floor_examples - len(mine))
@@ -346,25 +360,28 @@ class PackedLoader:
                         mine.append(len(pool) - 1)
                     floors[int(k)] = mine
                     used += size
-        self._draw_quotas(quota, pool)
+        self._draw_quotas(quota, pool, half=True)
 
         placement = np.full(len(pool), -1, dtype=np.int64)
         capacities = np.full(self.world_size, self.capacity, dtype=np.int64)
         lengths = self._lengths[np.asarray(pool, dtype=np.int64)].astype(np.int64)
         waited = np.zeros(len(pool), dtype=np.int64)
         waited[: len(waits)] = waits
-        # 1. Leftovers that waited MAX_WAIT steps, by best fit, so that no example waits for ever; 2. the
-        # floors, by best fit. A task whose floor did not all go in waits for a later meta step.
-        self._best_fit_into(np.flatnonzero(waited >= MAX_WAIT), lengths, placement, capacities)
+        # 1. Leftovers that waited MAX_WAIT steps, longest-waiting first (best fit within a wait), so that no
+        # example waits for ever; 2. the floors, by best fit. A task none of whose floor went in waits for a
+        # later meta step.
+        for wait in np.unique(waited[waited >= MAX_WAIT])[::-1]:  # the longest-waiting first, best fit within
+            self._best_fit_into(np.flatnonzero(waited == wait), lengths, placement, capacities)
         floor = np.asarray([i for mine in floors.values() for i in mine], dtype=np.int64)
         self._best_fit_into(floor[placement[floor] < 0], lengths, placement, capacities)  # not the forced ones
         if meta_step:
             measured = np.zeros(self.num_tasks, dtype=bool)
-            measured[[k for k, mine in floors.items() if (placement[mine] >= 0).all()]] = True
+            measured[[k for k, mine in floors.items() if (placement[mine] >= 0).any()]] = True
             self.floor_age = np.where(measured, 0, self.floor_age + 1)
         # 3. Top up: long leftovers that no longer fit beside the floors leave the subset search no
-        # choice, so keep drawing by p (at most 4 rounds, never past a pool of two steps plus the slack)
-        # until the examples that could still go in hold (1 + lookahead) x the room left.
+        # choice, so keep drawing by p (at most 4 rounds, never past a pool of (2 + lookahead) steps plus
+        # the slack) until the examples that could still go in hold (1 + lookahead) x the room left. Also
+        # what fills an empty pool when every task's part is a sliver of its next example (many tasks).
         for _ in range(4):
             free = placement < 0
             fitting = int(lengths[free & (lengths <= capacities.max())].sum())
@@ -372,8 +389,18 @@ class PackedLoader:
             if short <= 0 or lengths[free].sum() >= (2 + self.lookahead) * self.world_size * self.capacity + slack:
                 break
             before = len(pool)
-            quota += largest_remainder(short, p)  # on top of what each task overshot: no task gains from rounding
-            self._draw_quotas(quota, pool)
+            quota += largest_remainder(short, p)  # on top of what each task overshot
+            self._draw_quotas(quota, pool, half=True)
+            if len(pool) == before:  # every part a sliver of an example (many tasks): the most owed draw
+                for k in np.argsort(-(quota / np.maximum(p, 1e-300)), kind="stable"):
+                    if short <= 0 or p[k] <= 0:
+                        break
+                    ahead = self._peek(k, 1)
+                    if ahead:
+                        self._draw(k)
+                        pool.append(ahead[0])
+                        quota[k] -= self._lengths[ahead[0]]
+                        short -= int(self._lengths[ahead[0]])
             if len(pool) == before:
                 break
             lengths = self._lengths[np.asarray(pool, dtype=np.int64)].astype(np.int64)
@@ -409,16 +436,18 @@ class PackedLoader:
             np.int64
         )
 
-    def _draw_quotas(self, quota: np.ndarray, pool: list[int]) -> None:
-        """Draw from each task k until its quota[k] tokens are drawn (the last example may overshoot),
-        appending to pool and lowering quota in place."""
+    def _draw_quotas(self, quota: np.ndarray, pool: list[int], half: bool = False) -> None:
+        """Draw from each task k while its quota[k] (tokens) is positive (the last example may overshoot) or, with
+        `half`, covers at least half of its next example; appends to pool and lowers quota in place. The top-up
+        draws with `half`: a task whose part of it is a sliver of one example does not get a whole one each round."""
         for k in range(self.num_tasks):
             while quota[k] > 0:
-                example = self._draw(k)
-                if example is None:
+                ahead = self._peek(k, 1)
+                if not ahead or (half and 2 * quota[k] < self._lengths[ahead[0]]):
                     break
-                pool.append(example)
-                quota[k] -= self._lengths[example]
+                self._draw(k)
+                pool.append(ahead[0])
+                quota[k] -= self._lengths[ahead[0]]
 
     def _apply_budget(self, bins: list[list[_Item]]) -> list[list[_Item]]:
         """Cut the plan (in plan order: rank 0's items, then rank 1's, ...) to the remaining budget."""

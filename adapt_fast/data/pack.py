@@ -119,8 +119,9 @@ def fullest_subset(sizes: np.ndarray, room: int, max_search: int = 256) -> np.nd
     the rest of the room is then filled by an exact subset sum (one bitset per prefix, Python ints)
     over the next `max_search` items that fit, stopping as soon as it reaches the fullest sum the
     items' gcd allows. Among the fullest subsets the search takes the one whose last item comes
-    earliest. So the result is the fullest subset whenever room <= 2 x the largest size that fits,
-    and otherwise misses it only when the window after the prefix cannot be filled exactly.
+    earliest. So the result is the fullest subset when room <= 2 x the largest size that fits and at
+    most `max_search` items fit; otherwise the prefix can cost an exact fill that another choice of
+    items would have made (rarely, with many items to choose from).
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     take = np.zeros(sizes.shape[0], dtype=bool)
