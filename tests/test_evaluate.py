@@ -407,7 +407,7 @@ def test_cli_refuses_bad_numbers_up_front(flag, value, message, suite, capsys, n
 
 def test_cli_names_the_config_field_of_a_bad_config_value(suite, tmp_path, capsys, nothing_loaded):
     cfg = Config()
-    cfg.data.path, cfg.seed = str(suite), -2  # the config does not check the seed
+    cfg.data.path, cfg.seed = str(suite), -2  # the config's own check names the field
     save_config(cfg, tmp_path / "config.yaml")
     err = _one_line_error(["--model", "tiny-llama", "--config", str(tmp_path / "config.yaml")], capsys)
-    assert "seed (from --config) must be >= 0, got -2" in err
+    assert "seed must be >= 0" in err and "got -2" in err
