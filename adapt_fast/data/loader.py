@@ -391,11 +391,11 @@ class PackedLoader:
             before = len(pool)
             quota += largest_remainder(short, p)  # on top of what each task overshot
             self._draw_quotas(quota, pool, half=True)
-            if len(pool) == before:  # every part a sliver of an example (many tasks): the most owed draw
+            if len(pool) == before:  # every part a sliver of an example (many tasks): the most owed tasks draw
                 for k in np.argsort(-(quota / np.maximum(p, 1e-300)), kind="stable"):
-                    if short <= 0 or p[k] <= 0:
+                    if short <= 0:
                         break
-                    ahead = self._peek(k, 1)
+                    ahead = self._peek(k, 1) if p[k] > 0 else []
                     if ahead:
                         self._draw(k)
                         pool.append(ahead[0])
