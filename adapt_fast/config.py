@@ -413,7 +413,12 @@ def _describe(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any, str]]
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write cfg as YAML, atomically: other ranks of a resumed run read the run's config.yaml while rank 0
+    rewrites it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- validation
