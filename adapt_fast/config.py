@@ -264,7 +264,14 @@ HF_NAMES = {  # HF Trainer / TRL argument -> ours, for the "did you mean" of an 
     "gradient_accumulation_steps": "training.grad_accum",
     "max_grad_norm": "training.grad_clip",
     "lr_scheduler_type": "training.lr_schedule",
-    "per_device_train_batch_size": "tokens_per_micro_batch",
+    "per_device_train_batch_size": "tokens_per_micro_batch (in tokens)",
+    "num_train_epochs": "budget.fraction",
+    "eval_steps": "training.eval_every",
+    "save_total_limit": "checkpoint.keep_last",
+    "fp16": "model.dtype",
+    "adam_beta1": "training.betas",
+    "adam_beta2": "training.betas",
+    "resume_from_checkpoint": "--resume",
     "max_seq_length": "data.max_len",
     "max_length": "data.max_len",
     "model_name_or_path": "model.name",
@@ -279,7 +286,9 @@ def _suggest(dotted: str) -> str:
     spelling; '' when nothing is close."""
     names = [name for name, *_ in _describe(Config())]
     last = dotted.rsplit(".", 1)[-1]
-    guesses = [HF_NAMES[last]] if last in HF_NAMES else [n for n in names if n.rsplit(".", 1)[-1] == last]
+    guesses = difflib.get_close_matches(dotted.lower(), names, n=1, cutoff=0.8)  # a typo: trainng.lr
+    if not guesses:
+        guesses = [HF_NAMES[last]] if last in HF_NAMES else [n for n in names if n.rsplit(".", 1)[-1] == last]
     guesses = guesses or difflib.get_close_matches(dotted, names, n=1, cutoff=0.7)
     return f"; did you mean {' or '.join(guesses)}?" if guesses else ""
 
@@ -340,6 +349,12 @@ def _pairs(argv: list[str]) -> list[tuple[str, str]]:
             i += 1
         pairs.append((key.replace("-", "_"), value))
     return pairs
+
+
+def cli_values(argv: list[str]) -> dict[str, str]:
+    """The command line's `--key value` pairs as given (the last of a repeated key wins), not applied to a
+    Config and not validated (NO_VALUE for a flag written alone)."""
+    return dict(_pairs(argv))
 
 
 def parse_cli(

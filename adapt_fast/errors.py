@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -42,7 +43,8 @@ class DataWarning(UserWarning):
 def _show_user_warning(previous):
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, DataWarning):
-            print(f"warning: {message}", file=sys.stderr, flush=True)
+            if os.environ.get("RANK", "0") == "0":  # every rank finds the same thing: rank 0 says it
+                print(f"warning: {message}", file=sys.stderr, flush=True)
         else:
             previous(message, category, filename, lineno, file, line)
 
@@ -76,8 +78,8 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             if str(stop):
                 print(str(stop), file=sys.stderr, flush=True)
             sys.exit(stop.exit_code)
-        except KeyboardInterrupt:  # Ctrl-C before a run's own handler is in place (loading, tokenising)
-            print("stopped (Ctrl-C)", file=sys.stderr, flush=True)
+        except KeyboardInterrupt:  # Ctrl-C before the trainer's handler is in place, or a second Ctrl-C
+            print("aborted (Ctrl-C): no checkpoint was written for this stop", file=sys.stderr, flush=True)
             sys.exit(EXIT_SIGINT)
 
     return wrapper

@@ -68,7 +68,15 @@ import torch
 import torch.distributed as dist
 
 from adapt_fast import checkpoint as ckpt
-from adapt_fast.config import NO_VALUE, Config, TrainingConfig, check_output_dir, parse_cli, save_config
+from adapt_fast.config import (
+    NO_VALUE,
+    Config,
+    TrainingConfig,
+    check_output_dir,
+    cli_values,
+    parse_cli,
+    save_config,
+)
 from adapt_fast.data.batch import MicroBatch
 from adapt_fast.data.loader import PackedLoader, pack_examples, pack_items
 from adapt_fast.data.prepare import check_task_names, load_data, load_tokenizer, make_loader, resolve_budget
@@ -279,7 +287,9 @@ def resume_command(argv: list[str], world_size: int) -> str:
         if arg in ("--resume", "--local_rank", "--local-rank", "--overwrite_output_dir", "--overwrite-output-dir"):
             i += 2 if i + 1 < len(argv) and not argv[i + 1].startswith("--") else 1
             continue
-        if arg.startswith(("--resume=", "--local_rank=", "--local-rank=", "--overwrite_output_dir=")):
+        if arg.startswith(
+            ("--resume=", "--local_rank=", "--local-rank=", "--overwrite_output_dir=", "--overwrite-output-dir=")
+        ):
             i += 1
             continue
         kept.append(arg)
@@ -413,7 +423,8 @@ class Trainer:
         if self.is_main and self.adapt is not None and cfg.meta.warmup >= self.total_steps:
             warnings.warn(
                 f"meta.warmup ({cfg.meta.warmup} steps) is not shorter than the run (about {self.total_steps} "
-                "steps): the mixture never updates, so this run trains on the uniform mixture",
+                f"steps): the mixture never updates, so this run trains on its starting mixture "
+                f"(mixture.prior {cfg.mixture.prior})",
                 DataWarning,
                 stacklevel=2,
             )
@@ -1221,9 +1232,12 @@ def json_safe(value):
 
 
 def _resume_value(value: str | None) -> str | None:
-    """--resume's value: None when absent or false, "true" when written alone, else a path."""
+    """--resume's value: None when absent or false, "true" when written alone, else a path (an empty one, as from
+    `--resume "$CKPT"` with CKPT unset, is an error: it must not start a fresh run over the earlier one)."""
     if value == NO_VALUE:
         return "true"
+    if value is not None and not value.strip():
+        raise ConfigError("--resume: empty value (give a checkpoint or run folder, or --resume alone)")
     return None if value is None or value.strip().lower() in ("false", "0", "no", "off") else value
 
 
@@ -1257,18 +1271,21 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir that holds an earlier run needs `--overwrite_output_dir`."""
     args = sys.argv[1:] if argv is None else list(argv)
     flags = ("resume", "overwrite_output_dir")
-    cfg, extras = parse_cli(args, extra_flags=flags)
-    resume = _resume_value(extras.get("resume"))
-    overwrite = _switch("overwrite_output_dir", extras.get("overwrite_output_dir"))
+    if "-h" in args or "--help" in args:
+        parse_cli(args, extra_flags=flags)  # prints the help and exits 0
+    given = cli_values(args)  # read, not validated: which folder, and whether to resume, decide the base config
+    resume = _resume_value(given.get("resume"))
+    overwrite = _switch("overwrite_output_dir", given.get("overwrite_output_dir"))
     if resume is not None and overwrite:
         raise ConfigError("--resume continues the run in output_dir, --overwrite_output_dir starts over: pass one")
+    saved = Path(given.get("output_dir") or Config().output_dir) / "config.yaml"
+    resumed_config = resume is not None and "config" not in given and saved.is_file()
+    # a resumed run keeps its own settings (unless --config names others); the command line goes on top
+    cfg, _ = parse_cli(args, extra_flags=flags, default_config=saved if resumed_config else None)
+    if resumed_config and "output_dir" not in given:
+        cfg.output_dir = str(saved.parent)  # the folder resumed is the one named, not the one its config recorded
     out = check_output_dir(cfg.output_dir)  # before any work: one line, exit 2
     check_earlier_run(out, resume, overwrite=overwrite)
-    saved = out / "config.yaml"
-    if resume is not None and saved.is_file():
-        # a resumed run keeps its own settings (unless --config names others); the command line goes on top
-        cfg, _ = parse_cli(args, extra_flags=flags, default_config=saved)
-        out = check_output_dir(cfg.output_dir)
     if resume is not None:
         ckpt.resume_candidates(resume, out)  # a bad --resume PATH: one line, exit 2
     try:

@@ -185,6 +185,7 @@ def test_help_lists_every_field(capsys, flag):
         # HF's habit `--overwrite_output_dir FOLDER` used to overwrite the *default* output_dir
         (["--overwrite_output_dir", "runs/mine"], "--overwrite_output_dir takes no value, got 'runs/mine'"),
         (["--resume", "--overwrite_output_dir"], "--resume continues the run in output_dir, --overwrite_output_dir"),
+        (["--resume="], "--resume: empty value"),  # `--resume "$CKPT"`, CKPT unset: started over the earlier run
     ],
 )
 def test_trainer_command_line_is_one_line_exit_2(tmp_path, capsys, extra, needle):
@@ -242,6 +243,17 @@ def test_bare_resume_takes_the_runs_own_settings_with_the_command_line_on_top(tm
     assert cfg.training.max_steps == 8  # the command line on top
     train.main(["--output_dir", str(out), "--resume", "--budget.tokens", "80000"])
     assert seen["cfg"].budget.tokens == 80000 and seen["cfg"].meta.warmup == 2
+    # the command line is checked on top of the saved settings, not alone against the defaults
+    wide = ["--tokens_per_micro_batch", "8192", "--data.max_len", "8192", "--output_dir", str(out)]
+    save_config(load_config(None, wide), out / "config.yaml")
+    train.main(["--output_dir", str(out), "--resume", "--data.max_len", "6000"])
+    assert (seen["cfg"].tokens_per_micro_batch, seen["cfg"].data.max_len) == (8192, 6000)
+    # a bare --resume continues the folder it names (here the default), whatever output_dir its config.yaml records
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "default").mkdir(parents=True)
+    save_config(load_config(None, [*earlier, "--output_dir", "runs/moved_away"]), tmp_path / "runs/default/config.yaml")
+    train.main(["--resume"])
+    assert seen["cfg"].output_dir == "runs/default" and seen["cfg"].budget.tokens == 60000
 
 
 def test_resume_command_drops_overwrite_output_dir():
@@ -266,7 +278,8 @@ def test_a_yaml_file_with_both_budgets_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "key,hint",
     [("learning_rate", "did you mean training.lr?"), ("max_steps", "did you mean training.max_steps?"),
-     ("data.pth", "did you mean data.path?"), ("deepspeed", "did you mean training.deepspeed_config?")],
+     ("data.pth", "did you mean data.path?"), ("deepspeed", "did you mean training.deepspeed_config?"),
+     ("trainng.lr", "did you mean training.lr?")],
 )  # fmt: skip
 def test_an_unknown_key_suggests_the_field_meant(key, hint):
     bad([f"--{key}", "1"], hint)

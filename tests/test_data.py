@@ -173,6 +173,12 @@ def test_values_that_are_not_text_are_refused_and_trl_conversations_load(tmp_pat
     with pytest.raises(DataError, match="two.jsonl: no row has the task column 'nope'"):
         formats.load_records(tmp_path / "two.jsonl", task_column="nope")
     assert formats.load_records(tmp_path / "alpaca.jsonl")[0]["task"] == "alpaca"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {"task": ["a", None], "prompt": ["p", "q"], "response": ["r", "s"]}  # Parquet's null: a row without one
+    pq.write_table(pa.table(rows), tmp_path / "mixed.parquet")
+    assert [r["task"] for r in formats.load_records(tmp_path / "mixed.parquet")] == ["a", "mixed"]
     with pytest.raises(DataError, match=r"data.tasks names tasks not in the data: nope \(tasks: a\)"):
         formats.load_split_records(tmp_path / "two.jsonl", tasks=["a", "nope"])  # the error lists what there is
     (tmp_path / "latin1.jsonl").write_bytes(json.dumps({"prompt": "p", "response": "r"}).encode() + b"\n\xff\xfe\n")
@@ -465,7 +471,7 @@ def test_a_task_running_out_is_reported_once(suite):
         assert (loader.stats.reused > 0) == allow_repeat
 
 
-def test_data_warnings_print_as_one_warning_line(capsys):
+def test_data_warnings_print_as_one_warning_line(capsys, monkeypatch):
     from adapt_fast.errors import DataWarning, exit_on_user_error
 
     @exit_on_user_error
@@ -475,6 +481,10 @@ def test_data_warnings_print_as_one_warning_line(capsys):
 
     assert command() == 7
     assert capsys.readouterr().err == "warning: task x ran out\n"
+    monkeypatch.setenv("RANK", "1")  # every rank finds the same: only rank 0 says it
+    assert command() == 7
+    assert capsys.readouterr().err == ""
+    monkeypatch.delenv("RANK")
 
     @exit_on_user_error
     def interrupted():  # Ctrl-C while loading or tokenising, before the trainer's own handler: no traceback
@@ -482,7 +492,7 @@ def test_data_warnings_print_as_one_warning_line(capsys):
 
     with pytest.raises(SystemExit) as exc:
         interrupted()
-    assert exc.value.code == 130 and capsys.readouterr().err == "stopped (Ctrl-C)\n"
+    assert exc.value.code == 130 and capsys.readouterr().err.startswith("aborted (Ctrl-C): no checkpoint")
 
 
 def test_largest_remainder():

@@ -173,11 +173,13 @@ def _messages(value, where: str, column: str) -> list[dict]:
     return messages
 
 
-def _tabular_record(row: dict, where: str, task_column: str, default_task: str) -> dict | None:
+def _tabular_record(
+    row: dict, where: str, task_column: str, default_task: str, null_task_missing: bool = False
+) -> dict | None:
     """prompt/response (or completion) | instruction/input/output | chat messages (also TRL's
     conversational prompt/completion) -> a record, or None for a test-split row. `where` names file and line."""
     task = row.get(task_column)
-    if task_column in row and task is None:
+    if task_column in row and task is None and not null_task_missing:  # Parquet/HF: null is how a row lacks it
         raise DataError(f"{where}: task column {task_column!r} is null")
     task = default_task if task is None or task == "" else _text(task, where, task_column)
     split = split_name(_text(row.get("split"), where, "split", optional=True), where)
@@ -276,7 +278,7 @@ def load_parquet(path: Path, task_column: str) -> list[dict]:
     if not rows:
         raise DataError(f"{path}: no examples")
     _check_task_column(task_column in table.column_names, str(path), task_column)
-    records = [_tabular_record(row, f"{path} row {i}", task_column, path.stem) for i, row in enumerate(rows)]
+    records = [_tabular_record(row, f"{path} row {i}", task_column, path.stem, True) for i, row in enumerate(rows)]
     return [r for r in records if r is not None]
 
 
@@ -295,7 +297,7 @@ def load_hf_folder(path: Path, task_column: str) -> list[dict]:
             continue
         _check_task_column(task_column in ds.column_names, f"{path} [{name or 'data'}]", task_column)
         for i, row in enumerate(ds):
-            record = _tabular_record(row, f"{path} [{name or 'data'}] row {i}", task_column, path.name)
+            record = _tabular_record(row, f"{path} [{name or 'data'}] row {i}", task_column, path.name, True)
             if record is not None:
                 record["split"] = record["split"] or split
                 records.append(record)

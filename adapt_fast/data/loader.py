@@ -319,7 +319,7 @@ class PackedLoader:
         per_task_pool = np.bincount(pool_tasks, weights=self._lengths[pool] if pool else None, minlength=self.num_tasks)
         live = np.array([len(s) > 0 and (self.allow_repeat or not s.exhausted_once) for s in self.streams])
         out = ~live & (self.mixture > 0) & ~self._ran_out
-        if out.any() and self.rank == 0:
+        if out.any() and self.rank == 0 and (live & (self.mixture > 0)).any():  # else: the data is simply all used
             empty = np.array([len(self.streams[k]) == 0 for k in range(self.num_tasks)])
             for which, why in ((out & empty, "have no training examples"), (out & ~empty, "have no training "
                                f"examples left after {self.consumed} of the budget's {self.budget} {self.unit} "
