@@ -1,7 +1,24 @@
 """Shared test set-up: GPU tests are skipped where there is no CUDA device; Triton kernel tests are marked `triton`."""
 
+from pathlib import Path
+
 import pytest
 import torch
+
+SHARED_MEMORY = Path("/dev/shm")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_deepspeed_shared_memory():
+    """DeepSpeed's CPU all-reduce (its shm comm op) leaves a 64 MiB file in /dev/shm per rank and port, and the
+    multi-rank tests launch ranks on many ports: the session removes the files it created, so that repeated runs
+    do not fill the shared-memory tmpfs (20 GiB of them ran the compiler out of memory here)."""
+    pattern = "deepspeed_allreduce_buffer_*"
+    before = set(SHARED_MEMORY.glob(pattern)) if SHARED_MEMORY.is_dir() else set()
+    yield
+    if SHARED_MEMORY.is_dir():
+        for path in set(SHARED_MEMORY.glob(pattern)) - before:
+            path.unlink(missing_ok=True)
 
 
 def runs_triton_kernels(item: pytest.Item) -> bool:
