@@ -30,6 +30,7 @@ from adapt_fast.errors import ConfigError, DataWarning
 
 MIXTURE_METHODS = ("adapt", "uniform", "proportional", "temperature", "fixed")
 INT_LIMIT = 2**63  # int fields end up in int64 (numpy, torch): larger ones are refused
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")  # a bool's spellings
 REMOVED_KEYS = {"training.log_every": "every step is logged"}  # still in old runs' config.yaml: ignored
 
 
@@ -155,9 +156,9 @@ def _parse_value(text: Any, annotation: Any, name: str) -> Any:
             if isinstance(text, bool):
                 return text
             lowered = str(text).strip().lower()
-            if lowered in ("true", "1", "yes", "on"):
+            if lowered in TRUE_WORDS:
                 return True
-            if lowered in ("false", "0", "no", "off"):
+            if lowered in FALSE_WORDS:
                 return False
             raise ValueError
         if annotation is int:

@@ -69,7 +69,9 @@ import torch.distributed as dist
 
 from adapt_fast import checkpoint as ckpt
 from adapt_fast.config import (
+    FALSE_WORDS,
     NO_VALUE,
+    TRUE_WORDS,
     Config,
     TrainingConfig,
     check_output_dir,
@@ -1238,7 +1240,7 @@ def _resume_value(value: str | None) -> str | None:
         return "true"
     if value is not None and not value.strip():
         raise ConfigError("--resume: empty value (give a checkpoint or run folder, or --resume alone)")
-    return None if value is None or value.strip().lower() in ("false", "0", "no", "off") else value
+    return None if value is None or value.strip().lower() in FALSE_WORDS else value
 
 
 def _switch(name: str, value: str | None) -> bool:
@@ -1246,9 +1248,9 @@ def _switch(name: str, value: str | None) -> bool:
     `--overwrite_output_dir runs/x` for `--output_dir runs/x --overwrite_output_dir`: one line, exit 2."""
     if value is None:
         return False
-    if value == NO_VALUE or value.strip().lower() in ("true", "1", "yes", "on"):
+    if value == NO_VALUE or value.strip().lower() in TRUE_WORDS:
         return True
-    if value.strip().lower() in ("false", "0", "no", "off"):
+    if value.strip().lower() in FALSE_WORDS:
         return False
     raise ConfigError(f"--{name} takes no value, got {value!r} (a folder goes to --output_dir)")
 

@@ -274,7 +274,7 @@ class PackedLoader:
         self.deficit = np.asarray(state["deficit"], dtype=np.float64)
         self.floor_age = np.asarray(state.get("floor_age", np.zeros(self.num_tasks)), dtype=np.int64)
         # what was already said, not to be said again after a resume (older checkpoints: what must have been)
-        live = np.array([len(s) > 0 and (self.allow_repeat or not s.exhausted_once) for s in self.streams])
+        live = self._live()
         reported = state.get("reported", {"reuse": self.stats.reused > 0, "ran_out": (~live).tolist()})
         self._reuse_reported = self._reuse_reported or bool(reported["reuse"])
         self._ran_out = np.asarray(reported["ran_out"], dtype=bool)
@@ -284,9 +284,18 @@ class PackedLoader:
     def _unit_counts(self) -> np.ndarray:
         return self._lengths if self.unit == "tokens" else self._loss_tokens
 
+    def _has_data(self, task: int) -> bool:
+        """Task k can still be drawn from: it has examples, and reuse is allowed or its first epoch is not over."""
+        stream = self.streams[task]
+        return len(stream) > 0 and (self.allow_repeat or not stream.exhausted_once)
+
+    def _live(self) -> np.ndarray:
+        """(K,) bool: _has_data of every task."""
+        return np.array([self._has_data(k) for k in range(self.num_tasks)], dtype=bool)
+
     def _draw(self, task: int) -> int | None:
         stream = self.streams[task]
-        if len(stream) == 0 or (not self.allow_repeat and stream.exhausted_once):
+        if not self._has_data(task):
             return None
         example, reused = stream.next()
         self.stats.reused += int(reused)
@@ -303,7 +312,7 @@ class PackedLoader:
     def _peek(self, task: int, n: int) -> list[int]:
         """The next (at most) n examples _draw(task) would return, not drawn."""
         stream = self.streams[task]
-        if len(stream) == 0 or n <= 0 or (not self.allow_repeat and stream.exhausted_once):
+        if n <= 0 or not self._has_data(task):
             return []
         ahead = stream.peek(n)
         if not self.allow_repeat:
@@ -317,7 +326,7 @@ class PackedLoader:
         floor: list[int] = []  # pool positions of this step's floor examples
         pool_tasks = np.asarray(self.split.task_ids[pool] if pool else [], dtype=np.int64)
         per_task_pool = np.bincount(pool_tasks, weights=self._lengths[pool] if pool else None, minlength=self.num_tasks)
-        live = np.array([len(s) > 0 and (self.allow_repeat or not s.exhausted_once) for s in self.streams])
+        live = self._live()
         out = ~live & (self.mixture > 0) & ~self._ran_out
         if out.any() and self.rank == 0 and (live & (self.mixture > 0)).any():  # else: the data is simply all used
             empty = np.array([len(self.streams[k]) == 0 for k in range(self.num_tasks)])
@@ -354,9 +363,7 @@ class PackedLoader:
                 size = int(self._lengths[[pool[i] for i in mine] + more].sum())
                 if (mine or more) and (used == 0 or used + size <= room):
                     for example in more:
-                        self._draw(k)
-                        pool.append(example)
-                        quota[k] -= self._lengths[example]
+                        self._take(k, example, pool, quota)
                         mine.append(len(pool) - 1)
                     floors[int(k)] = mine
                     used += size
@@ -397,10 +404,7 @@ class PackedLoader:
                         break
                     ahead = self._peek(k, 1) if p[k] > 0 else []
                     if ahead:
-                        self._draw(k)
-                        pool.append(ahead[0])
-                        quota[k] -= self._lengths[ahead[0]]
-                        short -= int(self._lengths[ahead[0]])
+                        short -= self._take(k, ahead[0], pool, quota)
             if len(pool) == before:
                 break
             lengths = self._lengths[np.asarray(pool, dtype=np.int64)].astype(np.int64)
@@ -445,9 +449,15 @@ class PackedLoader:
                 ahead = self._peek(k, 1)
                 if not ahead or (half and 2 * quota[k] < self._lengths[ahead[0]]):
                     break
-                self._draw(k)
-                pool.append(ahead[0])
-                quota[k] -= self._lengths[ahead[0]]
+                self._take(k, ahead[0], pool, quota)
+
+    def _take(self, task: int, example: int, pool: list[int], quota: np.ndarray) -> int:
+        """Draw `example` (what _peek(task) gave) into the pool and charge it to quota[task]; returns its length."""
+        self._draw(task)
+        pool.append(example)
+        length = int(self._lengths[example])
+        quota[task] -= length
+        return length
 
     def _apply_budget(self, bins: list[list[_Item]]) -> list[list[_Item]]:
         """Cut the plan (in plan order: rank 0's items, then rank 1's, ...) to the remaining budget."""
@@ -468,7 +478,7 @@ class PackedLoader:
             for item in items:
                 self.last_global_loss_tokens += self._account(item)
                 placed[item.task] += item.length
-        live = np.array([len(s) > 0 and (self.allow_repeat or not s.exhausted_once) for s in self.streams])
+        live = self._live()
         share = np.where(live, self.mixture, 0.0)
         if share.sum() > 0:
             bound = self.world_size * self.capacity  # anti-windup: owe at most one step's capacity

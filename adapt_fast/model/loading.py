@@ -190,7 +190,9 @@ def check_model_folder(name: str, trust_remote_code: bool = False) -> None:
     cheap (no weights read), so a trainer can call it before tokenising the data."""
     from transformers import AutoConfig
 
-    if (Path(name) / "COMPLETE.json").is_file():  # checkpoint.MARKER: a trainer checkpoint, not a model folder
+    from adapt_fast.checkpoint import MARKER
+
+    if (Path(name) / MARKER).is_file():  # a trainer checkpoint, not a model folder
         raise ConfigError(
             f"{name}: a training checkpoint (DeepSpeed state), not a model folder; the model folder is the run's "
             "final/ (written when the run ends: continue a stopped run with --resume)"
