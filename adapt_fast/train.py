@@ -630,10 +630,20 @@ class Trainer:
             raise CheckpointMismatch(str(err)) from err
         if load_path is None:
             raise RuntimeError("DeepSpeed found no checkpoint there")
+        self._replan_lr()
         rng = ckpt.load_state(path / ckpt.rng_file(self.rank))
         g_file = path / ckpt.g_partition_file(self.rank)
         self.load_state_dict(state, ckpt.load_state(g_file) if g_file.is_file() else None)
         ckpt.set_rng_state(rng)
+
+    def _replan_lr(self) -> None:
+        """Set the learning rate to this run's schedule at the loaded step. The checkpoint holds the rate its own plan
+        gave; a resume with another budget re-plans the schedule (the same plan gives the same rate, bit for bit)."""
+        sched = self.scheduler
+        lrs = [base * factor(sched.last_epoch) for base, factor in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(sched.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
 
     def _resume(self, value: str) -> Path | None:
         """Load the newest usable checkpoint `--resume value` points at (every rank the same one);

@@ -200,6 +200,22 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(workdir, ref
     assert_same_run(out, report, reference)
 
 
+def test_a_larger_budget_on_resume_re_plans_the_lr_schedule_from_the_first_resumed_step(workdir, reference):
+    """Resuming a finished 4000-token run with 6000 tokens: every resumed step takes the rate the 6000-token plan
+    gives at that step (the checkpoint holds the 4000-token plan's rate for its next step)."""
+    out = workdir / "extended"
+    shutil.copytree(reference[0], out)
+    finished = reference[1]["steps"]
+    report = main(args(workdir, out, "--budget.tokens", "6000", "--resume"))
+    assert report["tokens_consumed"] == 6000
+    planned = workdir / "planned_6000"
+    main(args(workdir, planned, "--budget.tokens", "6000"))
+    resumed = [r["lr"] for r in rows_of(out) if r["step"] > finished]
+    assert resumed and resumed == [r["lr"] for r in rows_of(planned) if r["step"] > finished]
+    old_plan_next = reference[2][-1]["lr"]  # the 4000-token plan is in its last steps, near min_lr
+    assert resumed[0] > 1.5 * old_plan_next
+
+
 class _RunsCodeWhenUnpickled:
     """A pickle payload: unpickling it would create `marker` (any code could run instead)."""
 
