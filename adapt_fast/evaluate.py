@@ -2,14 +2,16 @@
 
     python -m adapt_fast.evaluate --model DIR --data PATH [--config RUN/config.yaml]
         [--group_by task|category] [--task_column C] [--tasks a,b] [--template auto|ni|chat]
-        [--num_positive_examples N] [--split validation|train|all] [--val_fraction F] [--val_examples N]
+        [--num_positive_examples N] [--split validation|train|all|test] [--val_fraction F] [--val_examples N]
         [--seed S] [--max_len N] [--generate] [--max_new_tokens N] [--batch_size N]
         [--max_examples_per_task N] [--tokens_per_micro_batch N] [--dtype D] [--device D]
         [--save_predictions] [--out FILE.json]
 
 The held-out split is the trainer's: records are loaded, filtered to --tasks and split with
 formats.assign_splits(records, val_fraction, val_examples, seed), exactly as data.cache.build_or_load
-does (--config takes these settings from a run's saved config; flags override). Prompts are the
+does (--config takes these settings from a run's saved config; flags override). `all` is train and
+validation; `test` is the data's own test split (rows or instances marked test*, a datasets folder's
+test* splits), which training never reads. Prompts are the
 prompt part of render.tokenize_record, so evaluation sees what training saw.
 
 - Loss: examples packed into micro-batches (document-masked attention), per_task_loss, token mean per task.
@@ -45,7 +47,7 @@ from adapt_fast.model.attention import ATTN_NAME, use_packed_attention
 from adapt_fast.model.loading import unwrap
 from adapt_fast.model.loss import per_task_loss
 
-SPLITS = ("validation", "train", "all")
+SPLITS = ("validation", "train", "all", "test")
 METRICS = ("val_loss", "exact_match", "rouge_l")
 
 # ----------------------------------------------------------------------------- scoring
@@ -341,8 +343,9 @@ def format_table(result: dict) -> str:
 
 
 def select_records(records: list[dict], split: str, max_examples_per_task: int = 0) -> list[dict]:
-    """Records of `split` (validation | train | all), at most max_examples_per_task per task (first ones, > 0)."""
-    chosen = [r for r in records if split == "all" or r["split"] == split]
+    """Records of `split` (validation | train | all: both | test), at most max_examples_per_task per task (first
+    ones, > 0)."""
+    chosen = [r for r in records if r["split"] == split or (split == "all" and r["split"] != "test")]
     if max_examples_per_task > 0:
         seen: dict[str, int] = {}
         kept = []
@@ -356,12 +359,13 @@ def select_records(records: list[dict], split: str, max_examples_per_task: int =
 
 def load_split(
     path: str | Path, *, group_by: str = "task", task_column: str = "task", tasks: list[str] | None = None,
-    val_fraction: float = 0.1, val_examples: int = 0, seed: int = 0,
+    val_fraction: float = 0.1, val_examples: int = 0, seed: int = 0, keep_test: bool = False,
 ) -> list[dict]:  # fmt: skip
-    """Load records and assign splits exactly as data.cache.build_or_load does (filter tasks, then split)."""
+    """Load records and assign splits exactly as data.cache.build_or_load does (filter tasks, then split); with
+    keep_test the data's test records too (split "test")."""
     return formats.load_split_records(
         path, group_by=group_by, task_column=task_column, tasks=tasks,
-        val_fraction=val_fraction, val_examples=val_examples, seed=seed, option="--tasks",
+        val_fraction=val_fraction, val_examples=val_examples, seed=seed, option="--tasks", keep_test=keep_test,
     )  # fmt: skip
 
 
@@ -408,7 +412,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tasks", type=lambda s: [t.strip() for t in s.split(",") if t.strip()], help="a,b,c")
     p.add_argument("--template", choices=("auto", "ni", "chat"))
     p.add_argument("--num_positive_examples", type=int)
-    p.add_argument("--split", choices=SPLITS, default="validation")
+    p.add_argument("--split", choices=SPLITS, default="validation", help="all = train + validation; test = the data's")
     p.add_argument("--val_fraction", type=float)
     p.add_argument("--val_examples", type=int)
     p.add_argument("--seed", type=int)
@@ -531,10 +535,12 @@ def main(argv: list[str] | None = None) -> dict:
     records = load_split(
         args.data, group_by=args.group_by, task_column=args.task_column, tasks=args.tasks,
         val_fraction=args.val_fraction, val_examples=args.val_examples, seed=args.seed,
+        keep_test=args.split == "test",
     )  # fmt: skip
     records = select_records(records, args.split, args.max_examples_per_task)
     if not records:
-        raise DataError(f"{args.data}: no examples in split {args.split!r}")
+        marked = " (none of these examples is marked test in the data)" if args.split == "test" else ""
+        raise DataError(f"{args.data}: no examples in split {args.split!r}{marked}")
     model, tokenizer = _load_model(args.model, args.dtype, args.device)
     result = evaluate(
         model, tokenizer, records, generate=args.generate, max_new_tokens=args.max_new_tokens,

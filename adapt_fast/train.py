@@ -640,8 +640,8 @@ class Trainer:
         """Set the learning rate to this run's schedule at the loaded step. The checkpoint holds the rate its own plan
         gave; a resume with another budget re-plans the schedule (the same plan gives the same rate, bit for bit)."""
         sched = self.scheduler
-        lrs = [base * factor(sched.last_epoch) for base, factor in zip(sched.base_lrs, sched.lr_lambdas)]
-        for group, lr in zip(sched.optimizer.param_groups, lrs):
+        lrs = [base * factor(sched.last_epoch) for base, factor in zip(sched.base_lrs, sched.lr_lambdas, strict=True)]
+        for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         sched._last_lr = lrs
 

@@ -116,7 +116,8 @@ def test_split_of_a_task_does_not_depend_on_the_other_tasks():
 
 
 def test_data_splits_map_like_hf_and_a_task_without_validation_gets_one(tmp_path):
-    """train*/validation/dev as HF names them; test is left out (never trained on, never steers the mixture);
+    """train*/validation/dev as HF names them; test is left out (never trained on, never steers the mixture; the
+    evaluator's --split test asks for it);
     a task whose data has train rows only still gets val_fraction of them for validation."""
     import datasets
 
@@ -129,6 +130,9 @@ def test_data_splits_map_like_hf_and_a_task_without_validation_gets_one(tmp_path
     splits = ("train", "validation")
     count = {(t, s): sum(r["task"] == t and r["split"] == s for r in records) for t in "ab" for s in splits}
     assert count == {("a", "train"): 20, ("a", "validation"): 5, ("b", "train"): 18, ("b", "validation"): 2}
+    with_test = formats.load_split_records(tmp_path / "hf", val_fraction=0.1, keep_test=True)  # evaluate --split test
+    assert [r for r in with_test if r["split"] != "test"] == records
+    assert sorted(r["input"] for r in with_test if r["split"] == "test") == sorted(f"b{i}" for i in range(7))
 
     (tmp_path / "s.jsonl").write_text("".join(json.dumps({"prompt": "p", "response": "r", "split": s}) + "\n"
                                               for s in ("train", "val", "test", "weird")))  # fmt: skip

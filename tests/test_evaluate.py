@@ -17,6 +17,7 @@ from adapt_fast.config import Config, save_config
 from adapt_fast.data.cache import build_or_load
 from adapt_fast.data.synthetic import write_synthetic_suite
 from adapt_fast.data.tokenizer import EOS_ID, build_byte_tokenizer
+from adapt_fast.errors import DataError
 from adapt_fast.evaluate import (
     evaluate,
     exact_match,
@@ -238,6 +239,34 @@ def test_cli_generate_writes_json(suite, model_dir, tmp_path):
     assert "ROUGE-L" in proc.stderr and "worst" in proc.stderr
 
 
+def test_split_test_scores_the_datas_test_rows_that_training_never_reads(model_dir, tmp_path):
+    """--split test: exactly the rows marked test; keeping them does not move the train/validation split; `all` is
+    train + validation. A test split without answers (hidden labels) does not stop the trainer's loading."""
+    rows = [{"task": t, "prompt": f"{t} {i}", "response": "r", "split": ""} for t in "ab" for i in range(10)]
+    rows += [{"task": t, "prompt": f"{t} test {i}", "response": "t", "split": "test"} for t in "ab" for i in range(3)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trained = load_split(data, val_fraction=0.2, seed=5)
+    kept = load_split(data, val_fraction=0.2, seed=5, keep_test=True)
+    assert [r for r in kept if r["split"] != "test"] == trained and len(trained) == 20
+    assert sorted(r["input"] for r in kept if r["split"] == "test") == sorted(r["prompt"] for r in rows[20:])
+    assert len(select_records(kept, "all")) == 20 and len(select_records(kept, "test")) == 6
+    result = main(
+        ["--model", str(model_dir), "--data", str(data), "--split", "test", "--tokens_per_micro_batch", "256"]
+    )
+    assert result["overall"]["examples"] == 6 and set(result["tasks"]) == {"a", "b"}
+
+    hidden = tmp_path / "hidden.jsonl"
+    hidden.write_text(
+        "".join(json.dumps(r) + "\n" for r in rows[:20] + [{"task": "a", "prompt": "?", "split": "test"}])
+    )
+    assert [(r["input"], r["split"]) for r in load_split(hidden, val_fraction=0.2, seed=5)] == [
+        (r["input"], r["split"]) for r in trained
+    ]
+    with pytest.raises(DataError, match="response column 'response' missing"):
+        load_split(hidden, keep_test=True)
+
+
 def test_cli_takes_split_settings_from_a_run_config(suite, model_dir, tmp_path, capsys):
     cfg = Config()
     cfg.data.path, cfg.data.val_fraction, cfg.data.tasks, cfg.seed = str(suite), 0.25, ["copy", "addition"], 3
@@ -256,7 +285,8 @@ def test_cli_takes_split_settings_from_a_run_config(suite, model_dir, tmp_path, 
         (["--model", "{tmp}/no_model", "--data", "{suite}"], "no_model"),
         (["--model", "{model}", "--data", "{tmp}/no_data"], "no_data: no such file or folder"),
         (["--model", "{model}", "--data", "{tmp}/bad.jsonl"], "bad.jsonl:1: malformed JSON"),
-        (["--model", "{model}", "--data", "{suite}", "--split", "test"], "invalid choice"),
+        (["--model", "{model}", "--data", "{suite}", "--split", "test"], "no examples in split 'test' (none of"),
+        (["--model", "{model}", "--data", "{suite}", "--split", "tests"], "invalid choice"),
         (["--model", "{model}", "--data", "{suite}", "--tasks", "nope"], "tasks not in the data: nope"),
         (["--data", "{suite}"], "--model"),
     ],

@@ -8,12 +8,13 @@ Formats (DESIGN.md section 7):
   column and prompt/response, instruction/input/output, or chat `messages`.
 
 A record is a plain dict (so it goes straight into `datasets.Dataset.from_list`):
-    task, split ("train" | "validation" | ""), source (file name), definition, positive_examples
+    task, split ("train" | "validation" | "" | "test"), source (file name), definition, positive_examples
     (JSON string of [{input, output}]), input, output (the first reference), references (JSON list
     of every reference output), messages (JSON string of chat messages or "").
 Splits left empty here are assigned by `assign_splits` (seeded, per task). Split names in the data
 map as HF users name them: train* -> train; validation, valid, val, dev -> validation; test* is left
-out (never trained on, never steers the mixture).
+out (never trained on, never steers the mixture, not even read) unless a loader is asked to keep it
+(`keep_test`: the evaluator's --split test).
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def _text(value, where: str, field: str, *, optional: bool = False) -> str:
     return text
 
 
-def split_name(name: str, where: str) -> str | None:
-    """A split name in the data -> "train", "validation", "" (none given) or None (test: left out)."""
+def split_name(name: str, where: str) -> str:
+    """A split name in the data -> "train", "validation", "test" or "" (none given)."""
     name = name.strip().lower()
     if not name:
         return ""
@@ -79,15 +80,16 @@ def split_name(name: str, where: str) -> str | None:
     if name in ("validation", "valid", "val", "dev") or name.startswith("validation"):
         return "validation"
     if name.startswith("test"):
-        return None
+        return "test"
     raise DataError(f"{where}: unknown split {name!r} (expected train, validation/valid/val/dev or test)")
 
 
 # ----------------------------------------------------------------------------- NI task files
 
 
-def load_ni_task_file(path: Path, group_by: str = "task") -> list[dict]:
-    """One Super-NaturalInstructions task file -> records (split "" unless an instance has one)."""
+def load_ni_task_file(path: Path, group_by: str = "task", keep_test: bool = False) -> list[dict]:
+    """One Super-NaturalInstructions task file -> records (split "" unless an instance has one; test instances
+    are skipped unread unless keep_test)."""
     try:
         with open(path, encoding="utf-8") as f:
             task = json.load(f)
@@ -118,13 +120,13 @@ def load_ni_task_file(path: Path, group_by: str = "task") -> list[dict]:
         if not isinstance(inst, dict) or "input" not in inst or "output" not in inst:
             raise DataError(f"{path}: instance {i} lacks 'input' or 'output'")
         where = f"{path}: instance {i}"
+        split = split_name(_text(inst.get("split"), where, "split", optional=True), where)
+        if split == "test" and not keep_test:
+            continue
         outputs = inst["output"] if isinstance(inst["output"], list) else [inst["output"]]
         outputs = [_text(o, where, "output") for o in outputs]
         if not outputs:
             raise DataError(f"{path}: instance {i} has no output")
-        split = split_name(_text(inst.get("split"), where, "split", optional=True), where)
-        if split is None:
-            continue
         records.append(
             _record(
                 task=name,
@@ -174,16 +176,17 @@ def _messages(value, where: str, column: str) -> list[dict]:
 
 
 def _tabular_record(
-    row: dict, where: str, task_column: str, default_task: str, null_task_missing: bool = False
+    row: dict, where: str, task_column: str, default_task: str, null_task_missing: bool = False, keep_test: bool = False
 ) -> dict | None:
     """prompt/response (or completion) | instruction/input/output | chat messages (also TRL's
-    conversational prompt/completion) -> a record, or None for a test-split row. `where` names file and line."""
+    conversational prompt/completion) -> a record, or None for a test-split row unless keep_test (it is not read:
+    a test split without answers does not stop training). `where` names file and line."""
     task = row.get(task_column)
     if task_column in row and task is None and not null_task_missing:  # Parquet/HF: null is how a row lacks it
         raise DataError(f"{where}: task column {task_column!r} is null")
     task = default_task if task is None or task == "" else _text(task, where, task_column)
     split = split_name(_text(row.get("split"), where, "split", optional=True), where)
-    if split is None:
+    if split == "test" and not keep_test:
         return None
     messages = None
     if row.get("messages") is not None:
@@ -241,7 +244,7 @@ def _check_task_column(present: bool, where: str, task_column: str) -> None:
         raise DataError(f"{where}: no row has the task column {task_column!r} (data.task_column)")
 
 
-def load_jsonl(path: Path, task_column: str) -> list[dict]:
+def load_jsonl(path: Path, task_column: str, keep_test: bool = False) -> list[dict]:
     records, has_task_column = [], False
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -259,7 +262,7 @@ def load_jsonl(path: Path, task_column: str) -> list[dict]:
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object")
             has_task_column |= task_column in row
-            records.append(_tabular_record(row, where, task_column, path.stem))
+            records.append(_tabular_record(row, where, task_column, path.stem, keep_test=keep_test))
     _check_task_column(has_task_column or not records, str(path), task_column)
     records = [r for r in records if r is not None]
     if not records:
@@ -267,7 +270,7 @@ def load_jsonl(path: Path, task_column: str) -> list[dict]:
     return records
 
 
-def load_parquet(path: Path, task_column: str) -> list[dict]:
+def load_parquet(path: Path, task_column: str, keep_test: bool = False) -> list[dict]:
     import pyarrow.parquet as pq
 
     try:
@@ -278,11 +281,12 @@ def load_parquet(path: Path, task_column: str) -> list[dict]:
     if not rows:
         raise DataError(f"{path}: no examples")
     _check_task_column(task_column in table.column_names, str(path), task_column)
-    records = [_tabular_record(row, f"{path} row {i}", task_column, path.stem, True) for i, row in enumerate(rows)]
+    records = [_tabular_record(row, f"{path} row {i}", task_column, path.stem, True, keep_test)
+               for i, row in enumerate(rows)]  # fmt: skip
     return [r for r in records if r is not None]
 
 
-def load_hf_folder(path: Path, task_column: str) -> list[dict]:
+def load_hf_folder(path: Path, task_column: str, keep_test: bool = False) -> list[dict]:
     import datasets
 
     try:
@@ -293,11 +297,11 @@ def load_hf_folder(path: Path, task_column: str) -> list[dict]:
     records = []
     for name, ds in splits:
         split = split_name(name, f"{path} [{name}]")
-        if split is None:  # the data's test split: never trained on, never steers the mixture
+        if split == "test" and not keep_test:  # never trained on, never steers the mixture, not read
             continue
         _check_task_column(task_column in ds.column_names, f"{path} [{name or 'data'}]", task_column)
         for i, row in enumerate(ds):
-            record = _tabular_record(row, f"{path} [{name or 'data'}] row {i}", task_column, path.name, True)
+            record = _tabular_record(row, f"{path} [{name or 'data'}] row {i}", task_column, path.name, True, keep_test)
             if record is not None:
                 record["split"] = record["split"] or split
                 records.append(record)
@@ -328,37 +332,41 @@ def data_files(path: Path) -> list[Path]:
     return files
 
 
-def load_records(path: str | Path, group_by: str = "task", task_column: str = "task") -> list[dict]:
-    """All examples under `path` as records (see module docstring)."""
+def load_records(
+    path: str | Path, group_by: str = "task", task_column: str = "task", keep_test: bool = False
+) -> list[dict]:
+    """All examples under `path` as records (see module docstring); the data's test split only with keep_test
+    (split "test")."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if group_by not in ("task", "category"):
         raise DataError(f"unknown group_by {group_by!r} (choose from task, category)")
     if is_hf_folder(path):
-        return load_hf_folder(path, task_column)
+        return load_hf_folder(path, task_column, keep_test)
     records: list[dict] = []
     for file in data_files(path):
         if file.suffix == ".json":
-            records += load_ni_task_file(file, group_by)
+            records += load_ni_task_file(file, group_by, keep_test)
         elif file.suffix == ".jsonl":
-            records += load_jsonl(file, task_column)
+            records += load_jsonl(file, task_column, keep_test)
         elif file.suffix == ".parquet":
-            records += load_parquet(file, task_column)
+            records += load_parquet(file, task_column, keep_test)
         else:
             raise DataError(f"{file}: unknown data format (expected .json NI task, .jsonl or .parquet)")
     return records
 
 
 def assign_splits(records: list[dict], val_fraction: float, val_examples: int, seed: int) -> None:
-    """Give every record a split, per task: a task with validation examples in the data keeps them
-    (the rest train); otherwise a seeded `val_examples` (if > 0) or `val_fraction` of the task's
+    """Give every record (but the data's test ones) a split, per task: a task with validation examples in the data
+    keeps them (the rest train); otherwise a seeded `val_examples` (if > 0) or `val_fraction` of the task's
     examples go to validation (at least one when the task has two or more examples and
     val_fraction > 0). The draw depends on the seed and the task's name only, not on which other
     tasks are loaded, so a run on a subset of tasks (or the evaluator) sees the same split."""
     by_task: dict[str, list[int]] = {}
     for i, r in enumerate(records):
-        by_task.setdefault(r["task"], []).append(i)
+        if r["split"] != "test":
+            by_task.setdefault(r["task"], []).append(i)
     for task, indices in sorted(by_task.items()):
         if any(records[i]["split"] == "validation" for i in indices):
             for i in indices:
@@ -379,10 +387,12 @@ def assign_splits(records: list[dict], val_fraction: float, val_examples: int, s
 def load_split_records(
     path: str | Path, *, group_by: str = "task", task_column: str = "task", tasks: list[str] | None = None,
     val_fraction: float = 0.1, val_examples: int = 0, seed: int = 0, option: str = "data.tasks",
+    keep_test: bool = False,
 ) -> list[dict]:  # fmt: skip
     """Records of `path`, kept to `tasks` (if given; `option` names the setting in the error), then split
-    by `assign_splits`. The trainer's cache and the evaluator both call this, so their splits agree."""
-    records = load_records(path, group_by=group_by, task_column=task_column)
+    by `assign_splits` (the data's test records, with keep_test, stay "test" and do not change the others' split).
+    The trainer's cache and the evaluator both call this, so their splits agree."""
+    records = load_records(path, group_by=group_by, task_column=task_column, keep_test=keep_test)
     if tasks:
         present = sorted({r["task"] for r in records})
         unknown = sorted(set(tasks) - set(present))
