@@ -1213,6 +1213,7 @@ class Trainer:
         # rank 0's CPU, as HF Trainer does); otherwise the module's own state dict is whole.
         state_dict = self.engine._zero3_consolidated_16bit_state_dict() if self.cfg.training.zero_stage == 3 else None
         if self.is_main:
+            self._log_final_validation(report)
             self.close_writers()
             (self.out / "report.json").write_text(json.dumps(json_safe(report), indent=1))
             from adapt_fast.report import write_outputs
@@ -1229,6 +1230,15 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
         return report
+
+    def _log_final_validation(self, report: dict) -> None:
+        """The whole validation split's losses at the last step, to TensorBoard (`final_val_loss/<task>`, `/mean`,
+        `/worst`), beside the in-run batches' `val_loss/<task>`, as HF Trainer logs its final evaluation."""
+        for name, v in report["val_loss_per_task"].items():
+            self.tb.add_scalar(f"final_val_loss/{name}", v, self.step)
+        for key in ("mean", "worst"):
+            if report[f"val_loss_{key}"] is not None:
+                self.tb.add_scalar(f"final_val_loss/{key}", report[f"val_loss_{key}"], self.step)
 
 
 def json_safe(value):

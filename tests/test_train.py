@@ -73,7 +73,14 @@ def test_outputs_and_final_model_generate(tmp_path):
     out = tmp_path / "run"
     for name in ("config.yaml", "metrics.jsonl", "mixture.csv", "mixture.png", "val_loss.png", "report.json"):
         assert (out / name).is_file(), name
-    assert list((out / "tensorboard").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "final_val_loss/mean", "final_val_loss/worst"} <= set(tags)
+    for name, loss in report["val_loss_per_task"].items():  # the whole split's losses, at the last step
+        (final,) = events.Scalars(f"final_val_loss/{name}")
+        assert final.step == report["steps"] and final.value == pytest.approx(loss, rel=1e-6)
     for key in (
         "method", "budget_tokens", "tokens_consumed", "tokens_per_task", "validation_tokens", "padding_fraction",
         "steps", "mixture_final", "val_loss_per_task", "wall_seconds", "train_tokens_per_second",
