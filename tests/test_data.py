@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -262,6 +265,35 @@ def test_second_load_hits_the_cache(tmp_path, tokenizer, monkeypatch):
     monkeypatch.undo()  # a change of settings is a different entry
     other = build_or_load(tmp_path / "data", tokenizer, cache_dir=tmp_path / "c", max_len=64, progress=False)
     assert other.folder != first.folder
+
+
+def test_a_build_killed_mid_way_is_cleaned_up_by_the_next_one(tmp_path, tokenizer):
+    """SIGKILL while tokenising leaves the temporary folder (nothing can remove it then); the next build in that
+    cache_dir removes it, and leaves alone the folder of a build still running (here: this process's)."""
+    write_synthetic_suite(tmp_path / "data", seed=3, examples_per_task=20)
+    cache = tmp_path / "c"
+    hang = (
+        "import time, adapt_fast.data.cache as c\n"
+        "from adapt_fast.data.tokenizer import build_byte_tokenizer\n"
+        "c._tokenize_batch = lambda *a, **k: time.sleep(3600)\n"
+        f"c.build_or_load({str(tmp_path / 'data')!r}, build_byte_tokenizer(), cache_dir={str(cache)!r})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", hang], cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.time() + 120
+        while not list(cache.glob(".*/owner.json")):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    (killed,) = cache.glob(".*-*")
+    running = cache / ".0123abcd-running"
+    running.mkdir()
+    (running / "owner.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    data = build_or_load(tmp_path / "data", tokenizer, cache_dir=cache, progress=False)
+    assert not killed.exists() and running.is_dir()
+    assert sorted(p.name for p in cache.iterdir()) == sorted([data.folder.name, running.name])
 
 
 def test_cache_key_covers_a_datasets_folder_data_and_name(tmp_path, tokenizer):

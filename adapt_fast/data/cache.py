@@ -9,8 +9,10 @@ settings and the tokenizer):
     <split>/task_ids.npy            (N,) int32
     <split>/lengths.npy             (N,) int32
     <split>/loss_tokens.npy         (N,) int32 (the first token of an example never carries loss)
-for split in train, validation. An entry is written to a temporary folder and renamed, so a crash
-never leaves a half-written cache; a second run with the same inputs reuses it without tokenising.
+for split in train, validation. An entry is written to a temporary folder (`.<key>-*`, with an `owner.json`
+naming its host and process) and renamed, so a crash never leaves a half-written cache; a second run with the
+same inputs reuses it without tokenising. The temporary folder of a build that was killed (its process gone)
+is removed by the next build in that cache_dir.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,7 @@ from adapt_fast.errors import DataError
 
 CACHE_VERSION = 2  # 2: splits seeded by task name; test splits left out
 SPLITS = ("train", "validation")
+OWNER = "owner.json"  # in a build's temporary folder: {"host", "pid"}
 
 
 def default_cache_dir() -> Path:
@@ -259,8 +263,10 @@ def build_or_load(
         datasets.disable_progress_bars()
     meta = {"version": CACHE_VERSION, "task_names": task_names, "settings": settings, "source": str(path)}
     root.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_builds(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
     try:
+        (tmp / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         for split in SPLITS:
             rows = [r for r in records if r["split"] == split]
             ds = (
@@ -295,6 +301,33 @@ def build_or_load(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return _open(entry, from_cache=False)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_abandoned_builds(root: Path) -> list[Path]:
+    """Remove the temporary folders of builds on this host whose process is gone (killed mid-build: SIGKILL, the
+    OOM killer); a build in progress, or one on another host sharing the folder, is left alone. Returns them."""
+    removed = []
+    host = socket.gethostname()
+    for tmp in root.glob(".*-*"):
+        try:
+            owner = json.loads((tmp / OWNER).read_text())
+            abandoned = owner["host"] == host and not _process_alive(int(owner["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):  # not ours, or its owner file not written yet
+            continue
+        if abandoned and tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
 
 
 def _open(entry: Path, from_cache: bool) -> TokenizedData:
