@@ -728,7 +728,8 @@ def _spearman(x: list[float], y: list[float]) -> float:
 
 
 def findings(summary: dict) -> list[dict]:
-    """Per suite, budget and adapt variant: against the best static mixture, and where its tokens went."""
+    """Per suite, budget and adapt variant: against the best static mixture and against uniform (paired by seed),
+    and where its tokens went."""
     out = []
     for suite, by_budget in summary.items():
         if suite == "findings":
@@ -757,6 +758,11 @@ def findings(summary: dict) -> list[dict]:
                               "verdict": _verdict(diff, lower)}  # fmt: skip
                 if "uniform" in rows:
                     u = rows["uniform"]
+                    for key in ("loss_mean", "loss_worst_learnable"):  # the baseline a user would run instead
+                        diff = _paired(row, u, key) if key in row and key in u else None
+                        if diff is not None:
+                            f[f"vs_uniform_{key}"] = {"diff_mean": diff[0], "diff_std": diff[1],
+                                                      "verdict": _verdict(diff)}  # fmt: skip
                     hard = {k: v for k, v in u["test_loss_per_task"].items() if k != RANDOM_TASK}
                     ratio = {k: math.log((row["tokens_share"][k] + 1e-4) / (u["tokens_share"][k] + 1e-4)) for k in hard}
                     f["spearman_hardness_vs_token_gain"] = _spearman(list(hard.values()), list(ratio.values()))
@@ -858,6 +864,10 @@ def markdown(summary: dict, scale: Scale, results: list[dict]) -> str:
                 v = f[key]
                 d = "" if v["diff_mean"] is None else f" (Δ {v['diff_mean']:+.3f} ± {v['diff_std']:.3f})"
                 parts.append(f"{key} {v['verdict']} vs best static `{v['best_static']}`{d};")
+        for key in ("loss_mean", "loss_worst_learnable"):
+            if f"vs_uniform_{key}" in f:
+                v = f[f"vs_uniform_{key}"]
+                parts.append(f"{key} {v['verdict']} vs `uniform` (Δ {v['diff_mean']:+.3f} ± {v['diff_std']:.3f});")
         if "random_share" in f:
             parts.append(
                 f"random_output share {100 * f['random_share']:.1f}% (uniform {100 * f['uniform_random_share']:.1f}%);"
