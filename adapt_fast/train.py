@@ -772,12 +772,16 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
 
     def _estimate_steps(self) -> int:
-        """Optimizer steps the budget will take (for the cosine schedule)."""
+        """Optimizer steps the budget will take (for the cosine schedule). Under budget.unit loss a step's loss tokens
+        are estimated from each task's share of loss tokens, weighted by the starting mixture (exact in expectation
+        for a static mixture; ADAPT moves p, so its schedule is planned for p at the start)."""
         c = self.cfg
         per_step = c.tokens_per_micro_batch * self.world_size * c.training.grad_accum
         if c.budget.unit == "loss":
             train = self.data.train
-            per_step *= float(np.sum(train.loss_tokens)) / max(1.0, float(np.sum(train.lengths)))
+            tokens = train.tokens_per_task().astype(np.float64)
+            loss_share = np.divide(train.loss_tokens_per_task(), tokens, out=np.zeros_like(tokens), where=tokens > 0)
+            per_step *= float(np.dot(self.static_p, loss_share))
         steps = max(1, math.ceil(self.budget / max(per_step, 1.0)))
         return min(steps, c.training.max_steps) if c.training.max_steps else steps
 

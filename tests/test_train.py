@@ -68,6 +68,22 @@ def test_proportional_and_temperature_match_the_data(tmp_path):
     assert np.allclose([rows[0]["mixture"][n] for n in names], p)
 
 
+def test_loss_budget_plans_the_schedule_for_the_mixture_it_trains_on(tmp_path):
+    """budget.unit loss: a step's loss tokens depend on which tasks fill it (copy answers at length, keyword in a
+    word). The linear schedule reaches its floor at the last step, not early (planned for the whole data's loss
+    share, a run mostly on keyword took more steps than planned and spent the last quarter of them at the floor)."""
+    report, rows = train(
+        tmp_path, "loss_unit", "--data.tasks", "copy,keyword", "--mixture.method", "fixed",
+        "--mixture.weights", "copy=1,keyword=6", "--budget.unit", "loss", "--budget.tokens", "3000",
+        "--training.lr_schedule", "linear", "--training.lr", "1e-3", "--training.min_lr_ratio", "0.1",
+    )  # fmt: skip
+    assert report["loss_tokens_consumed"] == 3000 and len(rows) >= 8
+    floor = 1e-3 * 0.1
+    at_floor = [r["step"] for r in rows if r["lr"] <= floor * (1 + 1e-9)]
+    assert len(at_floor) <= 1, (at_floor, len(rows))
+    assert rows[-1]["lr"] < floor + 0.35 * (1e-3 - floor), [r["lr"] for r in rows]  # near the end of the decay
+
+
 def test_outputs_and_final_model_generate(tmp_path):
     report, rows = train(tmp_path, "run", "--budget.tokens", "6000", "--meta.warmup", "1", "--meta.val_every", "2")
     out = tmp_path / "run"
