@@ -59,6 +59,7 @@ class ModelConfig:
     name: str = "tiny-llama"  # a preset (tiny-llama, tiny-qwen3, tiny-gemma3, llama-3.2-1b, ...) or a local folder
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float64
     trust_remote_code: bool = False  # a local model folder's own modelling code may run (off: never)
+    tokenizer: str = ""  # "": model.name's own (a folder's tokenizer files; presets: byte) | a folder | byte
 
 
 @dataclass
@@ -276,6 +277,7 @@ HF_NAMES = {  # HF Trainer / TRL argument -> ours, for the "did you mean" of an 
     "max_seq_length": "data.max_len",
     "max_length": "data.max_len",
     "model_name_or_path": "model.name",
+    "tokenizer_name": "model.tokenizer",
     "bf16": "model.dtype",
     "torch_dtype": "model.dtype",
     "dataset_name": "data.path",

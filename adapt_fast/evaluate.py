@@ -1,6 +1,6 @@
 """Evaluate a model per task: validation loss and, with --generate, exact match and ROUGE-L.
 
-    python -m adapt_fast.evaluate --model DIR --data PATH [--config RUN/config.yaml]
+    python -m adapt_fast.evaluate --model DIR [--tokenizer DIR|byte] --data PATH [--config RUN/config.yaml]
         [--group_by task|category] [--task_column C] [--tasks a,b] [--template auto|ni|chat]
         [--num_positive_examples N] [--split validation|train|all|test] [--val_fraction F] [--val_examples N]
         [--seed S] [--max_len N] [--generate] [--max_new_tokens N] [--batch_size N]
@@ -393,6 +393,7 @@ _FROM_CONFIG = {
     "task_column": ("data.task_column", "task"),
     "tasks": ("data.tasks", []),
     "template": ("data.template", "auto"),
+    "tokenizer": ("model.tokenizer", ""),
     "num_positive_examples": ("data.num_positive_examples", 0),
     "val_fraction": ("data.val_fraction", 0.1),
     "val_examples": ("data.val_examples", 0),
@@ -405,6 +406,7 @@ _FROM_CONFIG = {
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = _Parser(prog="python -m adapt_fast.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="a saved model folder (or a preset name: random init)")
+    p.add_argument("--tokenizer", help="a tokenizer folder, or byte (default: the model folder's own)")
     p.add_argument("--data", help="task data (as data.path); default: the --config's")
     p.add_argument("--config", help="a run's config YAML: data settings, seed and tokens_per_micro_batch from it")
     p.add_argument("--group_by", choices=("task", "category"))
@@ -515,12 +517,13 @@ def check_out(out: str | None, data: str | None = None, config: str | None = Non
         raise UserError(f"--out {out}: cannot write ({err.strerror or type(err).__name__})") from None
 
 
-def _load_model(name: str, dtype: str, device: str | None):
-    from adapt_fast.model.loading import load_model_and_tokenizer
+def _load_model(name: str, dtype: str, device: str | None, tokenizer_name: str = ""):
+    from adapt_fast.model.loading import load_model_and_tokenizer, load_tokenizer
 
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
     try:
-        return load_model_and_tokenizer(name, dtype=torch_dtype, device=device)
+        tokenizer = load_tokenizer(name, tokenizer_name=tokenizer_name)
+        return load_model_and_tokenizer(name, dtype=torch_dtype, device=device, tokenizer=tokenizer)
     except UserError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as err:
@@ -541,7 +544,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not records:
         marked = " (none of these examples is marked test in the data)" if args.split == "test" else ""
         raise DataError(f"{args.data}: no examples in split {args.split!r}{marked}")
-    model, tokenizer = _load_model(args.model, args.dtype, args.device)
+    model, tokenizer = _load_model(args.model, args.dtype, args.device, args.tokenizer)
     result = evaluate(
         model, tokenizer, records, generate=args.generate, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, tokens_per_micro_batch=args.tokens_per_micro_batch, template=args.template,

@@ -129,13 +129,22 @@ def test_save_reload_and_generate(name, tmp_path):
         assert torch.equal(p, q)
 
 
-def test_folder_without_tokenizer_gets_the_byte_tokenizer(tmp_path):
-    model, _ = load_model_and_tokenizer("tiny-qwen3")
-    model.save_pretrained(tmp_path)
-    _, tok = load_model_and_tokenizer(str(tmp_path))
-    assert tok(TEXT)["input_ids"] == build_byte_tokenizer()(TEXT)["input_ids"]
-    assert load_tokenizer(str(tmp_path))(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
-    assert load_tokenizer("tiny-gemma3")(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
+def test_a_folder_without_tokenizer_is_refused_unless_one_is_named(tmp_path):
+    """A model folder saved without its tokenizer would otherwise train on another tokenizer's ids: one line naming
+    the way out (model.tokenizer: a folder, or byte); presets take the byte tokenizer."""
+    model, byte = load_model_and_tokenizer("tiny-qwen3")
+    model.save_pretrained(tmp_path / "model")
+    with pytest.raises(ConfigError, match=r"model: no tokenizer files .*model\.tokenizer"):
+        load_tokenizer(str(tmp_path / "model"))
+    with pytest.raises(ConfigError, match="no tokenizer files"):
+        load_model_and_tokenizer(str(tmp_path / "model"))
+    expected = build_byte_tokenizer()(TEXT)["input_ids"]
+    assert load_tokenizer(str(tmp_path / "model"), tokenizer_name="byte")(TEXT)["input_ids"] == expected
+    byte.save_pretrained(tmp_path / "tok")
+    assert load_tokenizer(str(tmp_path / "model"), tokenizer_name=str(tmp_path / "tok"))(TEXT)["input_ids"] == expected
+    with pytest.raises(ConfigError, match="model.tokenizer .*model: no tokenizer files there"):
+        load_tokenizer("tiny-llama", tokenizer_name=str(tmp_path / "model"))
+    assert load_tokenizer("tiny-gemma3")(TEXT)["input_ids"] == expected
     with pytest.raises(ConfigError):
         load_tokenizer("no-such-model")
 
@@ -185,7 +194,8 @@ def test_zero3_loading_without_accelerate_warns_and_loads_whole(tmp_path, monkey
     from adapt_fast.model import loading
     from adapt_fast.model.zero3 import is_partitioned
 
-    load_model_and_tokenizer("tiny-llama")[0].save_pretrained(tmp_path / "m")
+    for part in load_model_and_tokenizer("tiny-llama"):
+        part.save_pretrained(tmp_path / "m")
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else find_spec(name))
     with pytest.warns(UserWarning, match="accelerate is not installed"):

@@ -303,7 +303,8 @@ def test_train_mode_eval_mode_and_gradient_checkpointing(tmp_path, monkeypatch):
     from adapt_fast.model.loading import base_model, load_model_and_tokenizer, unwrap
 
     folder = tmp_path / "model"
-    load_model_and_tokenizer("tiny-llama", seed=3)[0].save_pretrained(folder)
+    for part in load_model_and_tokenizer("tiny-llama", seed=3):
+        part.save_pretrained(folder)
     calls: list[tuple[bool, bool]] = []  # (gradients enabled, model in training mode) per loss forward
     layer_runs = [0]  # forwards of the first decoder layer's MLP, recomputes included
     hooked: set[int] = set()
@@ -446,7 +447,8 @@ def test_deepspeed_refusing_the_json_is_one_line_exit_2(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": "abc", "no_such": 1}}))
     folder = tmp_path / "tiny_folder"
-    load_model_and_tokenizer("tiny-llama")[0].save_pretrained(folder)
+    for part in load_model_and_tokenizer("tiny-llama"):
+        part.save_pretrained(folder)
     for extra in ([], ["--training.zero_stage", "3", "--model.name", str(folder)]):
         result = subprocess.run(
             [sys.executable, "-m", "adapt_fast.train", *SMALL, "--data.cache_dir", str(tmp_path / "cache"),
@@ -466,7 +468,8 @@ def test_zero3_loads_a_model_folder_into_its_partitions(tmp_path, monkeypatch):
     from adapt_fast.model.zero3 import is_partitioned
 
     folder = tmp_path / "tiny_folder"
-    loading.load_model_and_tokenizer("tiny-llama")[0].save_pretrained(folder)
+    for part in loading.load_model_and_tokenizer("tiny-llama"):
+        part.save_pretrained(folder)
     loaded = []
     load = loading.load_model_and_tokenizer
 

@@ -122,8 +122,8 @@ def make_loader(
 
 
 def load_tokenizer(cfg: Config):
-    """The tokenizer of model.name: a local folder's own (or the byte tokenizer), or a preset's
-    (ConfigError for a name that is neither)."""
+    """The tokenizer of the run: model.tokenizer, else model.name's own (a local folder's tokenizer files; the byte
+    tokenizer for a preset). ConfigError for a name that is neither, or a folder without tokenizer files."""
     from adapt_fast.model import loading
 
-    return loading.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    return loading.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, cfg.model.tokenizer)

@@ -43,6 +43,7 @@ from adapt_fast.model.zero3 import full_shape, is_partitioned
 TINY_VOCAB = (BYTE_VOCAB_SIZE + 7) // 8 * 8  # 264
 BYTE_IDS = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+BYTE_TOKENIZER = "byte"  # model.tokenizer: the presets' byte tokenizer, for a model folder saved without one
 
 
 def _gemma3_layer_types(num_layers: int, pattern: int) -> list[str]:
@@ -146,20 +147,38 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False):
-    """The tokenizer for `name`: a folder's own (pad = eos where it has no pad), else the byte tokenizer.
-
-    The byte tokenizer for presets and for folders without tokenizer files; ConfigError for an unknown name.
-    """
-    if not os.path.isdir(name):
+def load_tokenizer(name: str, trust_remote_code: bool = False, tokenizer_name: str = ""):
+    """The tokenizer for model `name` (pad = eos where it has no pad): `tokenizer_name` when given (a folder, or
+    "byte"), else a folder's own tokenizer files, else (a preset) the byte tokenizer. ConfigError for an unknown
+    name, and for a model folder without tokenizer files (training it on another tokenizer's ids would be silent
+    damage): save the tokenizer beside the model, or name one."""
+    if tokenizer_name == BYTE_TOKENIZER:
+        return build_byte_tokenizer()
+    if tokenizer_name:
+        if not os.path.isdir(tokenizer_name) or not _has_tokenizer_files(tokenizer_name):
+            files = ", ".join(TOKENIZER_FILES)
+            raise ConfigError(f"model.tokenizer {tokenizer_name}: no tokenizer files there ({files})")
+        name = tokenizer_name
+    elif not os.path.isdir(name):
         preset_config(name)  # ConfigError for an unknown name
         return build_byte_tokenizer()
-    if not any(os.path.exists(os.path.join(name, f)) for f in TOKENIZER_FILES):
-        return build_byte_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
+    elif not _has_tokenizer_files(name):
+        raise ConfigError(
+            f"{name}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): save the model's tokenizer beside it "
+            f"(tokenizer.save_pretrained), or name one with model.tokenizer (a folder, or {BYTE_TOKENIZER} for the "
+            "presets' byte tokenizer)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"{name}: cannot load the tokenizer ({first_line(err)})") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _has_tokenizer_files(folder: str) -> bool:
+    return any(os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES)
 
 
 @contextlib.contextmanager
@@ -217,10 +236,11 @@ def load_model_and_tokenizer(
     """A preset (random init from `seed`) or a local HF folder, with the packed attention switched on.
 
     device: default CUDA when available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU.
-    A folder without tokenizer files gets the byte tokenizer; `tokenizer`, when given (the caller loaded it
-    already, with load_tokenizer), is checked against the model and returned instead. zero3_config (the DeepSpeed
-    config of a ZeRO-3 run): a folder loads straight into this rank's partitions (partitioned_loading); a preset is
-    built whole, so that its seeded random init is the same under every ZeRO stage.
+    The tokenizer is load_tokenizer(name)'s (a folder without tokenizer files is a ConfigError); `tokenizer`, when
+    given (the caller loaded it already, with load_tokenizer), is checked against the model and returned instead.
+    zero3_config (the DeepSpeed config of a ZeRO-3 run): a folder loads straight into this rank's partitions
+    (partitioned_loading); a preset is built whole, so that its seeded random init is the same under every ZeRO
+    stage.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or default_dtype(device)
