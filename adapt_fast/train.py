@@ -1095,21 +1095,28 @@ class Trainer:
                     if self.bad_in_a_row >= self.cfg.training.max_bad_steps:
                         self._stop_diverged()
                     signum = self._agreed_signal(signals)
-                    if signum is not None:
+                    if signum is not None and not self._done():  # after the last step: finish (below), then say so
                         self._stop_on_signal(signum)
                     if self.next_checkpoint is not None and self.loader.consumed >= self.next_checkpoint:
                         every = self.cfg.checkpoint.every_tokens
                         self.next_checkpoint = (self.loader.consumed // every + 1) * every
                         if not self._done():  # the last one is written below
                             self.save_checkpoint()
+                bar.close()
+                # The budget is spent: a signal from here on (a scheduler's time limit) waits for the last
+                # checkpoint and the final outputs, seconds away, rather than leaving them half-written.
+                if self.last_checkpoint_step != self.step:
+                    self.save_checkpoint()
+                report = self.finish(self.train_seconds)
         except BaseException:
             bar.close()
             self.close_writers()
             raise
-        bar.close()
-        if self.last_checkpoint_step != self.step:
-            self.save_checkpoint()
-        return self.finish(self.train_seconds)
+        if signals.received is not None and self.is_main:
+            name = signal.Signals(signals.received).name
+            print(f"{name} came after the last step: the final outputs were written first; the run is complete",
+                  file=sys.stderr)  # fmt: skip
+        return report
 
     def _agreed_signal(self, signals: StopSignals) -> int | None:
         """The stop signal any rank received (SIGTERM before SIGINT), the same on every rank."""

@@ -141,6 +141,33 @@ def test_stop_and_resume_at_several_steps_equals_the_uninterrupted_run(workdir, 
     assert_same_run(out, report, reference)
 
 
+@pytest.mark.parametrize("when", ["last_step", "final_checkpoint"])
+def test_sigterm_after_the_last_step_finishes_the_run(workdir, reference, monkeypatch, capsys, when):
+    """A scheduler's SIGTERM after the budget is spent (after the last step, or while the last checkpoint is written)
+    waits for the final outputs instead of leaving the run half-written: exit 0, final/ and the plots there."""
+    from adapt_fast.train import Trainer
+
+    out = workdir / f"term_{when}"
+    last = reference[1]["steps"]
+    if when == "last_step":
+        monkeypatch.setenv("ADAPT_FAST_INJECT_SIGNAL", f"{last}:TERM")
+    else:
+        save = Trainer.save_checkpoint
+
+        def save_then_term(self):
+            if self.step == last:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return save(self)
+
+        monkeypatch.setattr(Trainer, "save_checkpoint", save_then_term)
+    report = main(args(workdir, out))
+    err = capsys.readouterr().err
+    assert "SIGTERM came after the last step" in err and "run is complete" in err, err[-1000:]
+    for name in ("final/config.json", "mixture.png", "val_loss.png", "report.json"):
+        assert (out / name).is_file(), name
+    assert_same_run(out, report, reference)
+
+
 def test_sigkill_then_resume_meets_the_budget_exactly(workdir, reference):
     out = workdir / "killed"
     log = workdir / "killed.log"
