@@ -486,6 +486,26 @@ def test_no_repeat_run_uses_each_example_at_most_once(suite):
     assert loader.consumed == total and loader.stats.reused == 0
 
 
+def test_reuse_counts_examples_fed_twice_not_drawn_into_the_pool(suite):
+    """On a task smaller than the look-ahead pool, a budget of half its tokens draws into the pool past the end of
+    its first epoch but feeds no example twice: no reuse, no warning (both used to count the draws). Past the data,
+    reuse is what pigeonholes force, at least."""
+    k = int(np.argmin(suite.train.examples_per_task()))
+    p = np.zeros(suite.num_tasks)
+    p[k] = 1.0
+    tokens = int(suite.train.tokens_per_task()[k])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader = PackedLoader(suite.train, 4 * tokens // 3, tokens // 2, p)
+        drain([loader])
+    assert loader.consumed == tokens // 2 and loader.streams[k].epoch > 0  # drawn past the first epoch
+    assert loader.stats.reused == 0 and loader.stats.examples <= suite.train.examples_per_task()[k]
+    with pytest.warns(UserWarning, match="ran out of examples after"):
+        loader = PackedLoader(suite.train, 4 * tokens // 3, 2 * tokens, p)
+        drain([loader])
+    assert loader.stats.reused >= loader.stats.examples - suite.train.examples_per_task()[k] > 0
+
+
 def test_a_task_running_out_is_reported_once(suite):
     """Under a budget below the data, a uniform mixture runs the smallest task out: with allow_repeat its examples
     are reused and one warning says so (before, only report.json's examples_reused did); without it, the other

@@ -10,7 +10,7 @@ global counts without communicating. A global micro-step:
    task's part. A task draws while its part covers half of its next example, so many small shares do
    not each pull in a whole example every step.
 2. Each task draws from its own stream: its examples shuffled without replacement, reshuffled every
-   epoch (reuse beyond one epoch is counted). On meta steps (mixture updates) every task contributes
+   epoch (an example fed a second time is counted as reused). On meta steps (mixture updates) every task contributes
    at least `meta_floor_examples` examples, so every d_k can be measured - as long as the floors take
    at most `meta_floor_fraction` of the step's capacity (long examples, many tasks): then the tasks
    whose floor went unplaced longest go first (ties in a seeded order), the others wait for a later
@@ -74,14 +74,14 @@ class TaskStream:
     def __len__(self) -> int:
         return len(self.examples)
 
-    def next(self) -> tuple[int, bool]:
-        """-> (example index, reused beyond the first epoch)."""
+    def next(self) -> int:
+        """The next example index (a new shuffle at each epoch)."""
         if self.position == len(self._order):
             self.epoch += 1
             self.position = 0
             self._order = self._shuffle(self.epoch)
         self.position += 1
-        return int(self._order[self.position - 1]), self.epoch > 0
+        return int(self._order[self.position - 1])
 
     def peek(self, n: int) -> list[int]:
         """The next n examples next() would return (into later epochs if need be), none taken."""
@@ -117,7 +117,7 @@ class LoaderStats:
     micro_steps: int = 0  # global micro-steps (each W micro-batches)
     examples: int = 0
     truncated: int = 0  # examples cut by the budget
-    reused: int = 0  # examples drawn beyond their task's first epoch
+    reused: int = 0  # examples fed that were fed before in this run
     tokens_per_task: list[int] = field(default_factory=list)
     loss_tokens_per_task: list[int] = field(default_factory=list)
     examples_per_task: list[int] = field(default_factory=list)
@@ -205,6 +205,7 @@ class PackedLoader:
         self.deficit = np.zeros(self.num_tasks)  # tokens each task is owed against its share so far
         available = int(self._unit_counts().sum())
         self._reuse_reported = self.budget > available  # warned here: no second warning when reuse begins
+        self._fed = np.zeros(split.num_examples, dtype=bool)  # examples fed so far (a second feed is a reuse)
         if self.budget > available:
             if not allow_repeat:
                 raise DataError(
@@ -260,6 +261,7 @@ class PackedLoader:
             "deficit": self.deficit.tolist(),
             "floor_age": self.floor_age.tolist(),
             "reported": {"reuse": self._reuse_reported, "ran_out": self._ran_out.tolist()},
+            "fed": np.packbits(self._fed).tolist(),  # a bit per example, as bytes
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -278,6 +280,8 @@ class PackedLoader:
         reported = state.get("reported", {"reuse": self.stats.reused > 0, "ran_out": (~live).tolist()})
         self._reuse_reported = self._reuse_reported or bool(reported["reuse"])
         self._ran_out = np.asarray(reported["ran_out"], dtype=bool)
+        if "fed" in state:  # older checkpoints: reuse counted from here on against what this run feeds
+            self._fed = np.unpackbits(np.asarray(state["fed"], dtype=np.uint8), count=len(self._fed)).astype(bool)
 
     # ------------------------------------------------------------------ planning
 
@@ -297,17 +301,7 @@ class PackedLoader:
         stream = self.streams[task]
         if not self._has_data(task):
             return None
-        example, reused = stream.next()
-        self.stats.reused += int(reused)
-        if reused and not self._reuse_reported and self.rank == 0:
-            self._reuse_reported = True
-            warnings.warn(
-                f"task {self.task_names[task]} ran out of examples after {self.consumed} of the budget's "
-                f"{self.budget} {self.unit}: from here on examples are reused (report.json: examples_reused)",
-                DataWarning,
-                stacklevel=2,
-            )
-        return example
+        return stream.next()
 
     def _peek(self, task: int, n: int) -> list[int]:
         """The next (at most) n examples _draw(task) would return, not drawn."""
@@ -500,7 +494,19 @@ class PackedLoader:
         return int(positions[take - 1]) + 1
 
     def _account(self, item: _Item) -> int:
-        """Count a placed item in the global statistics; returns its loss tokens."""
+        """Count a placed item in the global statistics; returns its loss tokens. An example fed a second time is
+        a reuse (drawn into the look-ahead pool again is not: what is left there at the end was never fed)."""
+        if self._fed[item.example]:
+            self.stats.reused += 1
+            if not self._reuse_reported and self.rank == 0:
+                self._reuse_reported = True
+                warnings.warn(
+                    f"task {self.task_names[item.task]} ran out of examples after {self.consumed} of the budget's "
+                    f"{self.budget} {self.unit}: from here on examples are reused (report.json: examples_reused)",
+                    DataWarning,
+                    stacklevel=3,
+                )
+        self._fed[item.example] = True
         loss = self._loss_of([item])
         self.stats.tokens += item.length
         self.stats.loss_tokens += loss
