@@ -162,20 +162,49 @@ def merge_deepspeed_config(ours: dict, path: str) -> dict:
             name = prefix + key
             if value == "auto":
                 continue
+            if name in ("optimizer", "scheduler") and isinstance(value, dict):
+                check_auto_block(name, value, path)  # HF's configs: every value "auto" means the trainer's
+                continue
             if isinstance(value, dict) and isinstance(into.get(key, {}), dict) and name not in DEEPSPEED_OWNED:
                 merge(into.setdefault(key, {}), value, name + ".")
             elif isinstance(into.get(key), dict) and not isinstance(value, dict):
                 raise ConfigError(f"training.deepspeed_config: {name} must be a JSON object in {path}, not {value!r}")
             elif name in DEEPSPEED_OWNED and into.get(key) != value:
+                ours_value = "itself" if into.get(key) is None else f"from its own config ({json.dumps(into.get(key))})"
                 raise ConfigError(
                     f"training.deepspeed_config: {name} is {json.dumps(value)} in {path}, but the trainer sets it "
-                    f'from its own config ({json.dumps(into.get(key))}): remove it or write "auto"'
+                    f'{ours_value}: remove it or write "auto"'
                 )
             else:
                 into[key] = value
 
     merge(merged, user, "")
     return merged
+
+
+ADAMW_TYPES = ("adamw", "adam")  # DeepSpeed's names of the optimizer the trainer builds (Adam: in AdamW mode)
+OPTIMIZER_FIELDS = "training.lr, training.betas, training.weight_decay"
+SCHEDULER_FIELDS = "training.warmup_steps, training.lr_schedule, training.min_lr_ratio"
+
+
+def check_auto_block(name: str, block: dict, path: str) -> None:
+    """An `optimizer` / `scheduler` block of a user's DeepSpeed JSON, as HF's example configs write them: accepted
+    (and left out: the trainer builds its own AdamW and schedule) when every parameter is "auto" and the optimizer is
+    AdamW; any set value is a ConfigError naming the trainer's fields that set it."""
+    fields = OPTIMIZER_FIELDS if name == "optimizer" else SCHEDULER_FIELDS
+    kind = block.get("type", "auto")
+    if name == "optimizer" and kind != "auto" and str(kind).lower() not in ADAMW_TYPES:
+        raise ConfigError(f"training.deepspeed_config: optimizer type {kind} in {path}: the trainer trains with AdamW")
+    params = block.get("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f"training.deepspeed_config: {name}.params must be a JSON object in {path}")
+    for key, value in {**{k: v for k, v in block.items() if k not in ("type", "params")}, **params}.items():
+        if value != "auto":
+            raise ConfigError(
+                f"training.deepspeed_config: {name}.params.{key} is {json.dumps(value)} in {path}, but the trainer "
+                f"builds its own {'AdamW' if name == 'optimizer' else 'LR schedule'} from {fields}: set those, and "
+                f'write "auto" here or remove the {name} block'
+            )
 
 
 @contextlib.contextmanager

@@ -391,10 +391,21 @@ def test_deepspeed_config_is_merged_and_conflicts_are_refused(tmp_path):
         "zero_optimization": {"stage": 2, "overlap_comm": True, "offload_optimizer": {"device": "cpu"}},
     }  # fmt: skip
     assert ours["zero_optimization"] == {"stage": 2}  # not modified
+    hf_style = {  # HF's documented ZeRO-2 config: optimizer and scheduler blocks whose every value is "auto"
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "weight_decay": "auto"}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                          "warmup_num_steps": "auto", "total_num_steps": "auto"}},
+        "zero_optimization": {"stage": "auto", "overlap_comm": True}, "train_batch_size": "auto",
+    }  # fmt: skip
+    path.write_text(json.dumps(hf_style))
+    assert merge_deepspeed_config(ours, str(path)) == {**ours, "zero_optimization": {"stage": 2, "overlap_comm": True}}
     for text, needle in (
         ('{"zero_optimization": {"stage": 3}}', "zero_optimization.stage is 3"),
         ('{"gradient_accumulation_steps": 4}', "gradient_accumulation_steps is 4"),
-        ('{"optimizer": {"type": "Adam"}}', "optimizer is"),
+        ('{"wall_clock_breakdown": 1, "gradient_clipping": 2.0}', "but the trainer sets it itself"),
+        ('{"optimizer": {"type": "Lamb"}}', "optimizer type Lamb"),
+        ('{"optimizer": {"type": "AdamW", "params": {"lr": 3e-5}}}', "optimizer.params.lr is 3e-05"),
+        ('{"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 100}}}', "training.warmup_steps"),
         ('{"bf16": {"enabled": true}}', "bf16.enabled is true"),
         ("[1, 2]", "must hold a JSON object"),
         ("{nope", "is not valid JSON"),
