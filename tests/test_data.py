@@ -165,12 +165,18 @@ def test_values_that_are_not_text_are_refused_and_trl_conversations_load(tmp_pat
         "null_content": ({"messages": [{"role": "assistant", "content": None}]}, "'content' is null"),
         "string_messages": ({"messages": ["hi", "there"]}, "role/content"),
         "list_task": ({"task": ["x"], "prompt": "p", "response": "r"}, "'task' is list"),
+        "empty_task": ({"task": "", "prompt": "p", "response": "r"}, "task column 'task' is empty"),  # was the file's
+        "id_list": ({"prompt": "p", "response": [101, 2023]}, "'response' is a list holding int"),  # trained "101"
         "surrogate": ('{"prompt": "a\\ud800b", "response": "c"}', "lone surrogate"),
     }  # fmt: skip
     for name, (row, message) in bad_rows.items():
         (tmp_path / f"{name}.jsonl").write_text((row if isinstance(row, str) else json.dumps(row)) + "\n")
         with pytest.raises(DataError, match=re.escape(f"{name}.jsonl:1: ") + ".*" + re.escape(message)):
             formats.load_records(tmp_path / f"{name}.jsonl")
+    (tmp_path / "refs.jsonl").write_text(json.dumps({"prompt": "p", "response": ["a", "b"]}) + "\n")  # references
+    assert [(r["output"], json.loads(r["references"])) for r in formats.load_records(tmp_path / "refs.jsonl")] == [
+        ("a", ["a", "b"])
+    ]
     alpaca = {"instruction": "i", "input": None, "output": "o"}  # Alpaca's input may be null or empty
     (tmp_path / "alpaca.jsonl").write_text(json.dumps(alpaca) + "\n")
     assert formats.load_records(tmp_path / "alpaca.jsonl")[0]["input"] == ""

@@ -184,7 +184,9 @@ def _tabular_record(
     task = row.get(task_column)
     if task_column in row and task is None and not null_task_missing:  # Parquet/HF: null is how a row lacks it
         raise DataError(f"{where}: task column {task_column!r} is null")
-    task = default_task if task is None or task == "" else _text(task, where, task_column)
+    if task == "":
+        raise DataError(f"{where}: task column {task_column!r} is empty")
+    task = default_task if task is None else _text(task, where, task_column)
     split = split_name(_text(row.get("split"), where, "split", optional=True), where)
     if split == "test" and not keep_test:
         return None
@@ -222,7 +224,16 @@ def _tabular_record(
     if row[response_key] is None:
         raise DataError(f"{where}: {response_key!r} is null, expected text")
     outputs = row[response_key]
-    outputs = list(outputs) if isinstance(outputs, (list, tuple, np.ndarray)) else [outputs]
+    if isinstance(outputs, (list, tuple, np.ndarray)):  # several reference answers: texts, not token ids
+        outputs = list(outputs)
+        if not all(isinstance(o, str) for o in outputs):
+            kinds = sorted({type(o).__name__ for o in outputs if not isinstance(o, str)})
+            raise DataError(
+                f"{where}: {response_key!r} is a list holding {', '.join(kinds)}: a list there is several reference "
+                "texts (pre-tokenised ids are not read; give the text)"
+            )
+    else:
+        outputs = [outputs]
     outputs = [_text(o, where, response_key) for o in outputs]
     if not outputs:
         raise DataError(f"{where}: response column {response_key!r} is empty")
