@@ -325,6 +325,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             _set(cfg, str(key), value)
     for dotted, value in _pairs(overrides or []):
         _set(cfg, dotted, value)
+        if dotted == "budget.fraction" and cfg.budget.fraction == 0:  # 0 in a file is "not this one"; here a mistake
+            raise ConfigError("budget.fraction must be > 0, got 0 (leave it out to budget in budget.tokens)")
     validate(cfg)
     return cfg
 

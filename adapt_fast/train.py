@@ -564,6 +564,7 @@ class Trainer:
             "G_step": self.G_step,
             "validation_tokens": self.validation_tokens,
             "train_seconds": self.train_seconds,
+            "wall_seconds": time.time() - self.start_time,
             "bad_steps": self.bad_steps,
             "bad_in_a_row": self.bad_in_a_row,
             "mixture_updates_skipped": self.mixture_updates_skipped,
@@ -616,6 +617,8 @@ class Trainer:
         self.G_step = state["G_step"]
         self.validation_tokens = int(state["validation_tokens"])
         self.train_seconds = float(state["train_seconds"])
+        # report.json's wall_seconds, like train_seconds, covers every invocation (each up to its last checkpoint)
+        self.start_time -= float(state.get("wall_seconds", 0.0))
         self.bad_steps = int(state["bad_steps"])
         self.bad_in_a_row = int(state["bad_in_a_row"])
         self.mixture_updates_skipped = int(state["mixture_updates_skipped"])

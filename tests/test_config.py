@@ -273,6 +273,10 @@ def test_a_yaml_section_with_every_field_commented_out_is_empty(tmp_path):
 def test_a_yaml_file_with_both_budgets_is_refused(tmp_path):
     bad([], "budget.tokens and budget.fraction are alternatives", "budget: {tokens: 1000, fraction: 0.5}\n", tmp_path)
     assert load_config(None, ["--budget.tokens", "1000", "--budget.fraction", "0.5"]).budget.tokens == 0  # CLI: last
+    bad(["--budget.fraction", "0"], "budget.fraction must be > 0, got 0")  # was silently budget.tokens' default
+    saved = tmp_path / "saved.yaml"  # a saved config.yaml writes the unused alternative as 0
+    saved.write_text("budget: {tokens: 1000, fraction: 0.0}\n")
+    assert load_config(saved, []).budget.tokens == 1000
 
 
 @pytest.mark.parametrize(

@@ -138,6 +138,7 @@ def test_stop_and_resume_at_several_steps_equals_the_uninterrupted_run(workdir, 
     assert steps_of(out)[0] == 5
     report = main([*argv, "--resume"])
     assert report["resumed_from"].endswith(ckpt.step_name(5))
+    assert report["wall_seconds"] >= report["train_seconds"]  # both over the three invocations
     assert_same_run(out, report, reference)
 
 
