@@ -492,6 +492,22 @@ def test_no_repeat_run_uses_each_example_at_most_once(suite):
     assert loader.consumed == total and loader.stats.reused == 0
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_the_last_step_cut_to_the_budget_follows_the_mixture(suite, world_size):
+    """A budget inside one step: the cut takes items in weighted fair order, so each task gets its share within an
+    example (a prefix in plan order, task by task, gave the tasks last in name order nothing)."""
+    K = suite.num_tasks
+    p = np.arange(1, K + 1, dtype=float)
+    p /= p.sum()
+    budget = 3000
+    loaders = [PackedLoader(suite.train, 4096, budget, p, rank=r, world_size=world_size) for r in range(world_size)]
+    drain(loaders)
+    got = np.array(loaders[0].stats.tokens_per_task)
+    assert got.sum() == budget
+    longest = int(np.max(suite.train.lengths))
+    assert np.all(np.abs(got - p * budget) <= longest), (got, p * budget)
+
+
 def test_reuse_counts_examples_fed_twice_not_drawn_into_the_pool(suite):
     """On a task smaller than the look-ahead pool, a budget of half its tokens draws into the pool past the end of
     its first epoch but feeds no example twice: no reuse, no warning (both used to count the draws). Past the data,

@@ -459,12 +459,13 @@ class PackedLoader:
         counts = np.array([self._units(item) for item in flat], dtype=np.int64)
         self._last_step = int(counts.sum()) >= self.remaining
         if self._last_step:
-            n_keep, last_take = cut_to_budget(counts, self.remaining, backend=self.pack_backend)
-            cut = flat[n_keep - 1]
-            if last_take < counts[n_keep - 1]:
+            order = self._fair_order(flat)
+            n_keep, last_take = cut_to_budget(counts[order], self.remaining, backend=self.pack_backend)
+            cut = flat[order[n_keep - 1]]
+            if last_take < counts[order[n_keep - 1]]:
                 cut.length = self._length_for(cut.example, last_take)
                 self.stats.truncated += 1
-            kept = {id(item) for item in flat[:n_keep]}
+            kept = {id(flat[i]) for i in order[:n_keep]}
             bins = [[item for item in items if id(item) in kept] for items in bins]
         placed = np.zeros(self.num_tasks)
         self.last_global_loss_tokens = 0
@@ -479,6 +480,22 @@ class PackedLoader:
             self.deficit = np.clip(self.deficit + placed.sum() * share / share.sum() - placed, -bound, bound)
         self.stats.micro_steps += 1
         return bins
+
+    def _fair_order(self, items: list[_Item]) -> np.ndarray:
+        """The order in which the last step's budget goes to `items`: each when its task's share of the tokens (after
+        what the task is owed) reaches the item's start within the task (weighted fair queuing). A prefix of it
+        follows the mixture; a prefix of the plan order (task order) gave the last tasks in name order nothing."""
+        share = np.where(self._live(), self.mixture, 0.0)
+        share = share / share.sum() if share.sum() > 0 else np.full(self.num_tasks, 1.0 / self.num_tasks)
+        start = np.zeros(len(items))
+        filled = np.zeros(self.num_tasks)
+        for i, item in enumerate(items):
+            start[i] = filled[item.task]
+            filled[item.task] += item.length
+        tasks = np.array([item.task for item in items], dtype=np.int64)
+        with np.errstate(divide="ignore"):
+            when = np.where(share[tasks] > 0, (start - self.deficit[tasks]) / share[tasks], np.inf)
+        return np.lexsort((np.arange(len(items)), when))  # by `when`, ties in plan order
 
     def _units(self, item: _Item) -> int:
         if self.unit == "tokens":
