@@ -238,6 +238,28 @@ def test_chat_template_that_rewrites_the_prompt_still_ends_the_answer_with_eos()
     assert [i for i, m in zip(ids, mask, strict=True) if m] == answer
 
 
+def test_chat_messages_without_a_chat_template_render_as_a_transcript():
+    """Under the ni template (a tokenizer without a chat template) a conversation keeps its roles and turns, and the
+    answer follows an 'Assistant: ' cue (it was the contents joined by newlines, the answer glued on)."""
+    from adapt_fast.data.render import tokenize_record
+
+    tok = build_byte_tokenizer()
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "AAA"},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "BBB"},
+    ]
+    record = formats._record(task="t", input="unused", output="BBB", messages=json.dumps(messages))
+    ids, mask = tokenize_record(record, tok, "ni")
+    prompt = "System: Be brief.\n\nUser: hi\n\nAssistant: AAA\n\nUser: again\n\nAssistant: "
+    assert tok.decode(ids) == tok.bos_token + prompt + "BBB" + tok.eos_token
+    assert [i for i, m in zip(ids, mask, strict=True) if m] == tok.encode("BBB", add_special_tokens=False) + [
+        tok.eos_token_id
+    ]  # the last assistant turn carries the loss
+
+
 def test_microbatch_labels_isolate_examples(suite):
     loader = PackedLoader(suite.train, 1024, 5000, np.ones(suite.num_tasks) / suite.num_tasks)
     batch = loader.next_micro_batch()

@@ -1,8 +1,9 @@
 """Prompt rendering and loss masking: a record -> token ids and a loss mask.
 
-NI style for base models (definition, optional positive examples, input, "Output:"), or the
-tokenizer's chat template where it has one. The loss mask is 0 on the prompt and 1 on the response
-tokens and the EOS: only those carry the loss.
+NI style for base models (definition, optional positive examples, input, "Output:"; chat messages as a
+"User: ... Assistant: " transcript), or the tokenizer's chat template where it has one. The loss mask is 0 on
+the prompt and 1 on the response tokens and the EOS: only those carry the loss (in a conversation, the last
+assistant turn's).
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ def resolve_template(template: str, tokenizer) -> str:
     if template == "chat" and not has_chat_template:
         raise ConfigError("data.template chat: the tokenizer has no chat template (use ni or auto)")
     return template
+
+
+def transcript_prompt(messages: list[dict]) -> str:
+    """Chat messages but the last (the answer) as plain text for a model without a chat template: each turn as
+    'Role: content', then the 'Assistant: ' cue the answer follows."""
+    turns = [f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages[:-1]]
+    return "".join(turns) + f"{messages[-1]['role'].capitalize()}: "
 
 
 def ni_prompt(record: dict, num_positive_examples: int = 0, with_output_cue: bool = True) -> str:
@@ -70,7 +78,11 @@ def tokenize_record(
         if tokenizer.eos_token_id is not None and answer[-1:] != [tokenizer.eos_token_id]:
             answer.append(tokenizer.eos_token_id)
         return prompt + answer, [0] * len(prompt) + [1] * len(answer)
-    prompt = tokenizer.encode(ni_prompt(record, num_positive_examples), add_special_tokens=False)
+    if record["messages"]:
+        text = transcript_prompt(json.loads(record["messages"]))
+    else:
+        text = ni_prompt(record, num_positive_examples)
+    prompt = tokenizer.encode(text, add_special_tokens=False)
     response = tokenizer.encode(record["output"], add_special_tokens=False)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
