@@ -570,6 +570,8 @@ def validate(cfg: Config) -> None:
 def check_output_dir(path: str) -> Path:
     """Create output_dir (or fail with one line if it cannot be written)."""
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {path} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"  # one per process: ranks check at the same time

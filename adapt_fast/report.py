@@ -199,8 +199,13 @@ def _nanmean(values) -> float:
 
 
 def write_outputs(run_dir: str | Path) -> list[Path]:
-    """Write mixture.csv, mixture.png and val_loss.png into run_dir from run_dir/metrics.jsonl."""
+    """Write mixture.csv, mixture.png and val_loss.png into run_dir from run_dir/metrics.jsonl (run_dir may name
+    that file itself)."""
     run_dir = Path(run_dir)
+    if run_dir.is_file() and run_dir.name == "metrics.jsonl":  # the run's metrics file named instead of its folder
+        run_dir = run_dir.parent
+    elif run_dir.is_file():
+        raise UserError(f"{run_dir}: a file, not a run folder (give the folder that holds metrics.jsonl)")
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run folder")
     metrics = run_dir / "metrics.jsonl"

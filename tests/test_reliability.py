@@ -421,6 +421,7 @@ def test_non_finite_meta_gradient_skips_only_the_mixture_update(workdir, monkeyp
         (["--model.dtype", "float16"], "model.dtype float16 is not supported for training"),
         (["--resume", "/no/such/checkpoint"], "--resume: no such checkpoint"),
         (["UNWRITABLE"], "output_dir is not writable"),
+        (["A_FILE"], "is a file, not a folder"),
         (["ONE_EXAMPLE_TASK"], "mixture.method adapt: no validation examples for b (a task needs two"),
         (["NOT_A_MODEL"], "not a model folder"),
         (["A_CHECKPOINT"], "a training checkpoint (DeepSpeed state), not a model folder; the model folder is"),
@@ -433,6 +434,9 @@ def test_bad_configuration_is_one_line_exit_2(workdir, capsys, extra, needle):
         blocker = workdir / "a_file"
         blocker.write_text("")
         out, extra = blocker / "run", []  # a folder inside a file: not even root can create it
+    if extra == ["A_FILE"]:
+        out, extra = workdir / "a_file", []
+        out.write_text("")
     if extra == ["NOT_A_MODEL"]:
         (workdir / "not_a_model").mkdir(exist_ok=True)
         (workdir / "not_a_model" / "config.json").write_text("{}")

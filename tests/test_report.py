@@ -118,6 +118,9 @@ def test_cli_regenerates_outputs_and_fails_in_one_line(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert {p.rsplit("/", 1)[-1] for p in ok.stdout.split()} == {"mixture.csv", "mixture.png", "val_loss.png"}
     assert (run / "mixture.png").is_file()
+    assert run_cli(str(run / "metrics.jsonl")).stdout == ok.stdout  # the metrics file named instead of its folder
+    a_file = run_cli(str(run / "mixture.csv"))
+    assert a_file.returncode == 2 and "a file, not a run folder" in a_file.stderr
 
     missing = run_cli(str(tmp_path / "nowhere"))
     assert missing.returncode == 2
