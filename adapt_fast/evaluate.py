@@ -518,11 +518,13 @@ def check_out(out: str | None, data: str | None = None, config: str | None = Non
 
 
 def _load_model(name: str, dtype: str, device: str | None, tokenizer_name: str = ""):
-    from adapt_fast.model.loading import load_model_and_tokenizer, load_tokenizer
+    from adapt_fast.model.loading import check_model_folder, load_model_and_tokenizer, load_tokenizer
 
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
     try:
-        tokenizer = load_tokenizer(name, tokenizer_name=tokenizer_name)
+        if Path(name).is_dir():  # a checkpoint or a folder that is no model: that, before its tokenizer files
+            check_model_folder(name)
+        tokenizer = load_tokenizer(name, tokenizer_name=tokenizer_name, option="--tokenizer")
         return load_model_and_tokenizer(name, dtype=torch_dtype, device=device, tokenizer=tokenizer)
     except UserError:
         raise

@@ -382,7 +382,7 @@ class Trainer:
         self.rank, self.world_size, self.device = init_distributed()
         self.is_main = self.rank == 0
         self.out = check_output_dir(cfg.output_dir)
-        self.start_time = time.time()
+        self.start_time = self.invocation_start = time.time()
 
         # Data: rank 0 tokenises first (fills the cache), the others then read it.
         if os.path.isdir(cfg.model.name):  # a folder that is no model: one line now, not after tokenising
@@ -617,8 +617,9 @@ class Trainer:
         self.G_step = state["G_step"]
         self.validation_tokens = int(state["validation_tokens"])
         self.train_seconds = float(state["train_seconds"])
-        # report.json's wall_seconds, like train_seconds, covers every invocation (each up to its last checkpoint)
-        self.start_time -= float(state.get("wall_seconds", 0.0))
+        # report.json's wall_seconds, like train_seconds, covers every invocation (each up to its last checkpoint);
+        # set from this invocation's start, not subtracted: a resume that falls back to an older checkpoint loads twice
+        self.start_time = self.invocation_start - float(state.get("wall_seconds", 0.0))
         self.bad_steps = int(state["bad_steps"])
         self.bad_in_a_row = int(state["bad_in_a_row"])
         self.mixture_updates_skipped = int(state["mixture_updates_skipped"])
@@ -813,7 +814,8 @@ class Trainer:
             train = self.data.train
             tokens = train.tokens_per_task().astype(np.float64)
             loss_share = np.divide(train.loss_tokens_per_task(), tokens, out=np.zeros_like(tokens), where=tokens > 0)
-            per_step *= float(np.dot(self.static_p, loss_share))
+            p = np.where(tokens > 0, self.static_p, 0.0)  # a task without training data: the others take its share
+            per_step *= float(np.dot(p, loss_share) / p.sum()) if p.sum() > 0 else 1.0
         steps = max(1, math.ceil(self.budget / max(per_step, 1.0)))
         return min(steps, c.training.max_steps) if c.training.max_steps else steps
 
@@ -1140,12 +1142,13 @@ class Trainer:
                 if self.last_checkpoint_step != self.step:
                     self.save_checkpoint()
                 report = self.finish(self.train_seconds)
+                late = self._agreed_signal(signals)  # a signal any rank received while the outputs were written
         except BaseException:
             bar.close()
             self.close_writers()
             raise
-        if signals.received is not None and self.is_main:
-            name = signal.Signals(signals.received).name
+        if late is not None and self.is_main:
+            name = signal.Signals(late).name
             print(f"{name} came after the last step: the final outputs were written first; the run is complete",
                   file=sys.stderr)  # fmt: skip
         return report

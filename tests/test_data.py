@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from adapt_fast.config import load_config
+from adapt_fast.data import cache as cache_module
 from adapt_fast.data import formats
 from adapt_fast.data.batch import IGNORE_INDEX
 from adapt_fast.data.cache import TokenizedSplit, build_or_load
@@ -318,10 +319,14 @@ def test_a_build_killed_mid_way_is_cleaned_up_by_the_next_one(tmp_path, tokenize
     (killed,) = cache.glob(".*-*")
     running = cache / ".0123abcd-running"
     running.mkdir()
-    (running / "owner.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    (running / "owner.json").write_text(json.dumps({**cache_module._this_process(), "pid": os.getpid()}))
+    elsewhere = cache / ".4567cdef-other-container"  # same host name, another PID namespace: its PIDs are not ours
+    elsewhere.mkdir()
+    other = {"host": socket.gethostname(), "pid_namespace": "pid:[1]", "pid": 2**22 + 1}
+    (elsewhere / "owner.json").write_text(json.dumps(other))
     data = build_or_load(tmp_path / "data", tokenizer, cache_dir=cache, progress=False)
-    assert not killed.exists() and running.is_dir()
-    assert sorted(p.name for p in cache.iterdir()) == sorted([data.folder.name, running.name])
+    assert not killed.exists() and running.is_dir() and elsewhere.is_dir()
+    assert sorted(p.name for p in cache.iterdir()) == sorted([data.folder.name, running.name, elsewhere.name])
 
 
 def test_cache_key_covers_a_datasets_folder_data_and_name(tmp_path, tokenizer):
@@ -528,6 +533,21 @@ def test_the_last_step_cut_to_the_budget_follows_the_mixture(suite, world_size):
     assert got.sum() == budget
     longest = int(np.max(suite.train.lengths))
     assert np.all(np.abs(got - p * budget) <= longest), (got, p * budget)
+
+
+def test_a_task_that_runs_out_into_the_last_step_keeps_its_share_of_the_cut(tokenizer):
+    """allow_repeat false: the small task's last examples are drawn into the final step's pool, so it is no longer
+    live there; the cut still gives it half (it gave it nothing: [0, 400])."""
+    from adapt_fast.evaluate import tokenize_split
+
+    records = [formats._record(task=t, input="x" * 20, output="y" * 14) for t, n in (("a", 8), ("b", 400))
+               for _ in range(n)]  # fmt: skip
+    split = tokenize_split(records, tokenizer, ["a", "b"], "ni")
+    for allow_repeat in (True, False):
+        loader = PackedLoader(split, 2048, 400, np.array([0.5, 0.5]), allow_repeat=allow_repeat)
+        drain([loader])
+        assert loader.stats.micro_steps == 1 and sum(loader.stats.tokens_per_task) == 400
+        assert abs(loader.stats.tokens_per_task[0] - 200) <= 36, (allow_repeat, loader.stats.tokens_per_task)
 
 
 def test_reuse_counts_examples_fed_twice_not_drawn_into_the_pool(suite):

@@ -257,14 +257,28 @@ def test_split_test_scores_the_datas_test_rows_that_training_never_reads(model_d
     assert result["overall"]["examples"] == 6 and set(result["tasks"]) == {"a", "b"}
 
     hidden = tmp_path / "hidden.jsonl"
-    hidden.write_text(
-        "".join(json.dumps(r) + "\n" for r in rows[:20] + [{"task": "a", "prompt": "?", "split": "test"}])
-    )
+    unanswered = {"task": "", "prompt": "?", "split": "test"}  # no answer, not even a task name: never read
+    hidden.write_text("".join(json.dumps(r) + "\n" for r in [*rows[:20], unanswered]))
     assert [(r["input"], r["split"]) for r in load_split(hidden, val_fraction=0.2, seed=5)] == [
         (r["input"], r["split"]) for r in trained
     ]
-    with pytest.raises(DataError, match="response column 'response' missing"):
+    with pytest.raises(DataError, match="hidden.jsonl:21: task column 'task' is empty"):  # read for --split test
         load_split(hidden, keep_test=True)
+    (tmp_path / "only_test.jsonl").write_text(json.dumps(unanswered) + "\n")
+    with pytest.raises(DataError, match="no examples outside the data's test split"):
+        load_split(tmp_path / "only_test.jsonl")
+
+    # NI task files: a test instance without an output, and a file whose instances are all test, do not stop training
+    ni = tmp_path / "ni"
+    ni.mkdir()
+    task = {"Definition": ["d"], "Categories": ["c"], "Positive Examples": []}
+    instances = [{"input": f"i{i}", "output": ["o"]} for i in range(6)] + [{"input": "hidden", "split": "test"}]
+    (ni / "task1.json").write_text(json.dumps({**task, "Instances": instances}))
+    all_test = [{"input": "x", "output": ["y"], "split": "test"}]
+    (ni / "task2.json").write_text(json.dumps({**task, "Instances": all_test}))
+    assert sorted({r["task"] for r in load_split(ni)}) == ["task1"] and len(load_split(ni)) == 6
+    with pytest.raises(DataError, match="instance 6 lacks 'input' or 'output'"):
+        load_split(ni, keep_test=True)
 
 
 def test_cli_takes_split_settings_from_a_run_config(suite, model_dir, tmp_path, capsys):
@@ -283,6 +297,8 @@ def test_cli_takes_split_settings_from_a_run_config(suite, model_dir, tmp_path, 
     "args, message",
     [
         (["--model", "{tmp}/no_model", "--data", "{suite}"], "no_model"),
+        (["--model", "{tmp}", "--data", "{suite}"], "not a model folder"),  # checked before its tokenizer files
+        (["--model", "{model}", "--tokenizer", "{tmp}", "--data", "{suite}"], "--tokenizer"),
         (["--model", "{model}", "--data", "{tmp}/no_data"], "no_data: no such file or folder"),
         (["--model", "{model}", "--data", "{tmp}/bad.jsonl"], "bad.jsonl:1: malformed JSON"),
         (["--model", "{model}", "--data", "{suite}", "--split", "test"], "no examples in split 'test' (none of"),

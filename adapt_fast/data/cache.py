@@ -34,7 +34,7 @@ from adapt_fast.errors import DataError
 
 CACHE_VERSION = 3  # 2: splits seeded by task name; test splits left out; 3: chat messages under ni as a transcript
 SPLITS = ("train", "validation")
-OWNER = "owner.json"  # in a build's temporary folder: {"host", "pid"}
+OWNER = "owner.json"  # in a build's temporary folder: {"host", "pid_namespace", "pid"}
 
 
 def default_cache_dir() -> Path:
@@ -266,7 +266,7 @@ def build_or_load(
     remove_abandoned_builds(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
     try:
-        (tmp / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        (tmp / OWNER).write_text(json.dumps({**_this_process(), "pid": os.getpid()}))
         for split in SPLITS:
             rows = [r for r in records if r["split"] == split]
             ds = (
@@ -313,15 +313,26 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _this_process() -> dict:
+    """Where this process's PIDs mean something: the host and the PID namespace (containers that share a host name,
+    such as Docker with --net=host, do not share PIDs)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return {"host": socket.gethostname(), "pid_namespace": namespace}
+
+
 def remove_abandoned_builds(root: Path) -> list[Path]:
-    """Remove the temporary folders of builds on this host whose process is gone (killed mid-build: SIGKILL, the
-    OOM killer); a build in progress, or one on another host sharing the folder, is left alone. Returns them."""
+    """Remove the temporary folders of builds in this host's PID namespace whose process is gone (killed mid-build:
+    SIGKILL, the OOM killer); a build in progress, or one elsewhere sharing the folder, is left alone. Returns them."""
     removed = []
-    host = socket.gethostname()
+    here = _this_process()
     for tmp in root.glob(".*-*"):
         try:
             owner = json.loads((tmp / OWNER).read_text())
-            abandoned = owner["host"] == host and not _process_alive(int(owner["pid"]))
+            same_pids = all(owner[key] == value for key, value in here.items())
+            abandoned = same_pids and not _process_alive(int(owner["pid"]))
         except (OSError, ValueError, KeyError, TypeError):  # not ours, or its owner file not written yet
             continue
         if abandoned and tmp.is_dir():

@@ -117,12 +117,14 @@ def load_ni_task_file(path: Path, group_by: str = "task", keep_test: bool = Fals
     shared = {"definition": definition, "positive_examples": json.dumps(positives, ensure_ascii=False)}
     records = []
     for i, inst in enumerate(instances):
-        if not isinstance(inst, dict) or "input" not in inst or "output" not in inst:
-            raise DataError(f"{path}: instance {i} lacks 'input' or 'output'")
         where = f"{path}: instance {i}"
+        if not isinstance(inst, dict):
+            raise DataError(f"{where} is not a JSON object")
         split = split_name(_text(inst.get("split"), where, "split", optional=True), where)
-        if split == "test" and not keep_test:
+        if split == "test" and not keep_test:  # not read further: a test split may come without answers
             continue
+        if "input" not in inst or "output" not in inst:
+            raise DataError(f"{path}: instance {i} lacks 'input' or 'output'")
         outputs = inst["output"] if isinstance(inst["output"], list) else [inst["output"]]
         outputs = [_text(o, where, "output") for o in outputs]
         if not outputs:
@@ -138,9 +140,7 @@ def load_ni_task_file(path: Path, group_by: str = "task", keep_test: bool = Fals
                 **shared,
             )
         )
-    if not records:
-        raise DataError(f"{path}: every instance is in the test split")
-    return records
+    return records  # empty when every instance is in the test split (load_records says so if nothing else is)
 
 
 def is_ni_folder(path: Path) -> bool:
@@ -181,15 +181,15 @@ def _tabular_record(
     """prompt/response (or completion) | instruction/input/output | chat messages (also TRL's
     conversational prompt/completion) -> a record, or None for a test-split row unless keep_test (it is not read:
     a test split without answers does not stop training). `where` names file and line."""
+    split = split_name(_text(row.get("split"), where, "split", optional=True), where)
+    if split == "test" and not keep_test:
+        return None
     task = row.get(task_column)
     if task_column in row and task is None and not null_task_missing:  # Parquet/HF: null is how a row lacks it
         raise DataError(f"{where}: task column {task_column!r} is null")
     if task == "":
         raise DataError(f"{where}: task column {task_column!r} is empty")
     task = default_task if task is None else _text(task, where, task_column)
-    split = split_name(_text(row.get("split"), where, "split", optional=True), where)
-    if split == "test" and not keep_test:
-        return None
     messages = None
     if row.get("messages") is not None:
         messages = _messages(row["messages"], where, "messages")
@@ -275,10 +275,9 @@ def load_jsonl(path: Path, task_column: str, keep_test: bool = False) -> list[di
             has_task_column |= task_column in row
             records.append(_tabular_record(row, where, task_column, path.stem, keep_test=keep_test))
     _check_task_column(has_task_column or not records, str(path), task_column)
-    records = [r for r in records if r is not None]
     if not records:
         raise DataError(f"{path}: no examples")
-    return records
+    return [r for r in records if r is not None]  # empty when every row is in the test split
 
 
 def load_parquet(path: Path, task_column: str, keep_test: bool = False) -> list[dict]:
@@ -316,8 +315,6 @@ def load_hf_folder(path: Path, task_column: str, keep_test: bool = False) -> lis
             if record is not None:
                 record["split"] = record["split"] or split
                 records.append(record)
-    if not records:
-        raise DataError(f"{path}: no examples")
     return records
 
 
@@ -353,18 +350,21 @@ def load_records(
         raise DataError(f"{path}: no such file or folder")
     if group_by not in ("task", "category"):
         raise DataError(f"unknown group_by {group_by!r} (choose from task, category)")
-    if is_hf_folder(path):
-        return load_hf_folder(path, task_column, keep_test)
     records: list[dict] = []
-    for file in data_files(path):
-        if file.suffix == ".json":
-            records += load_ni_task_file(file, group_by, keep_test)
-        elif file.suffix == ".jsonl":
-            records += load_jsonl(file, task_column, keep_test)
-        elif file.suffix == ".parquet":
-            records += load_parquet(file, task_column, keep_test)
-        else:
-            raise DataError(f"{file}: unknown data format (expected .json NI task, .jsonl or .parquet)")
+    if is_hf_folder(path):
+        records = load_hf_folder(path, task_column, keep_test)
+    else:
+        for file in data_files(path):
+            if file.suffix == ".json":
+                records += load_ni_task_file(file, group_by, keep_test)
+            elif file.suffix == ".jsonl":
+                records += load_jsonl(file, task_column, keep_test)
+            elif file.suffix == ".parquet":
+                records += load_parquet(file, task_column, keep_test)
+            else:
+                raise DataError(f"{file}: unknown data format (expected .json NI task, .jsonl or .parquet)")
+    if not records:
+        raise DataError(f"{path}: no examples" + ("" if keep_test else " outside the data's test split"))
     return records
 
 

@@ -22,9 +22,10 @@ global counts without communicating. A global micro-step:
    of the W bins takes the subset of the rest that fills it fullest, longest-waiting examples preferred
    (pack.place_pool: a greedy prefix, then an exact subset sum over the last window). What is not
    placed rolls over.
-4. The budget: when the step would spend more than what remains, the plan is cut in plan order and
-   the last example truncated so that exactly the budget is spent (`unit: tokens` counts non-padding
-   tokens, `unit: loss` counts tokens that carry the loss). The last step is not padded.
+4. The budget: when the step would spend more than what remains, the plan is cut in weighted fair
+   order (each example when its task's share reaches it, so the cut follows p) and the last example
+   truncated so that exactly the budget is spent (`unit: tokens` counts non-padding tokens, `unit: loss`
+   counts tokens that carry the loss). The last step is not padded.
 
 Within a micro-batch, examples are grouped by task in task order (task_offsets), as the ghost
 kernels expect. See MicroBatch for the fields.
@@ -454,7 +455,7 @@ class PackedLoader:
         return length
 
     def _apply_budget(self, bins: list[list[_Item]]) -> list[list[_Item]]:
-        """Cut the plan (in plan order: rank 0's items, then rank 1's, ...) to the remaining budget."""
+        """Cut the plan (in _fair_order) to the remaining budget; count what is placed."""
         flat = [item for items in bins for item in items]
         counts = np.array([self._units(item) for item in flat], dtype=np.int64)
         self._last_step = int(counts.sum()) >= self.remaining
@@ -485,8 +486,7 @@ class PackedLoader:
         """The order in which the last step's budget goes to `items`: each when its task's share of the tokens (after
         what the task is owed) reaches the item's start within the task (weighted fair queuing). A prefix of it
         follows the mixture; a prefix of the plan order (task order) gave the last tasks in name order nothing."""
-        share = np.where(self._live(), self.mixture, 0.0)
-        share = share / share.sum() if share.sum() > 0 else np.full(self.num_tasks, 1.0 / self.num_tasks)
+        share = self.mixture  # not only the tasks live now: one that ran out into this very pool still has its share
         start = np.zeros(len(items))
         filled = np.zeros(self.num_tasks)
         for i, item in enumerate(items):

@@ -147,17 +147,19 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False, tokenizer_name: str = ""):
+def load_tokenizer(
+    name: str, trust_remote_code: bool = False, tokenizer_name: str = "", option: str = "model.tokenizer"
+):
     """The tokenizer for model `name` (pad = eos where it has no pad): `tokenizer_name` when given (a folder, or
     "byte"), else a folder's own tokenizer files, else (a preset) the byte tokenizer. ConfigError for an unknown
     name, and for a model folder without tokenizer files (training it on another tokenizer's ids would be silent
-    damage): save the tokenizer beside the model, or name one."""
+    damage): save the tokenizer beside the model, or name one (`option`: how errors name the setting)."""
     if tokenizer_name == BYTE_TOKENIZER:
         return build_byte_tokenizer()
     if tokenizer_name:
         if not os.path.isdir(tokenizer_name) or not _has_tokenizer_files(tokenizer_name):
             files = ", ".join(TOKENIZER_FILES)
-            raise ConfigError(f"model.tokenizer {tokenizer_name}: no tokenizer files there ({files})")
+            raise ConfigError(f"{option} {tokenizer_name}: no tokenizer files there ({files})")
         name = tokenizer_name
     elif not os.path.isdir(name):
         preset_config(name)  # ConfigError for an unknown name
@@ -165,7 +167,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, tokenizer_name: s
     elif not _has_tokenizer_files(name):
         raise ConfigError(
             f"{name}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): save the model's tokenizer beside it "
-            f"(tokenizer.save_pretrained), or name one with model.tokenizer (a folder, or {BYTE_TOKENIZER} for the "
+            f"(tokenizer.save_pretrained), or name one with {option} (a folder, or {BYTE_TOKENIZER} for the "
             "presets' byte tokenizer)"
         )
     try:
