@@ -78,10 +78,29 @@ def test_loss_budget_plans_the_schedule_for_the_mixture_it_trains_on(tmp_path):
         "--training.lr_schedule", "linear", "--training.lr", "1e-3", "--training.min_lr_ratio", "0.1",
     )  # fmt: skip
     assert report["loss_tokens_consumed"] == 3000 and len(rows) >= 8
-    floor = 1e-3 * 0.1
+    assert_schedule_ends_at_the_last_step(rows)
+
+    # a task with validation examples only: its share of p goes to the others, so it plans no steps
+    data = tmp_path / "val_only.jsonl"
+    rows_in = [{"task": t, "prompt": "p" * 30, "response": "r" * n, "split": s}
+               for t, n, splits in (("a", 20, ["train"] * 60 + ["validation"] * 2), ("b", 2, ["train"] * 60),
+                                    ("c", 5, ["validation"] * 3))
+               for s in splits]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows_in))
+    report, rows = train(
+        tmp_path, "val_only", "--data.path", str(data), "--mixture.method", "uniform", "--budget.unit", "loss",
+        "--budget.tokens", "1500", "--training.lr_schedule", "linear", "--training.lr", "1e-3",
+        "--training.min_lr_ratio", "0.1", "--tokens_per_micro_batch", "512",
+    )  # fmt: skip
+    assert report["loss_tokens_consumed"] == 1500 and report["tokens_per_task"]["c"] == 0 and len(rows) >= 8
+    assert_schedule_ends_at_the_last_step(rows)
+
+
+def assert_schedule_ends_at_the_last_step(rows: list[dict], lr: float = 1e-3, floor: float = 1e-4) -> None:
+    """A linear schedule planned for the run's real length: at most one step at the floor, the last one near it."""
     at_floor = [r["step"] for r in rows if r["lr"] <= floor * (1 + 1e-9)]
     assert len(at_floor) <= 1, (at_floor, len(rows))
-    assert rows[-1]["lr"] < floor + 0.35 * (1e-3 - floor), [r["lr"] for r in rows]  # near the end of the decay
+    assert rows[-1]["lr"] < floor + 0.35 * (lr - floor), [r["lr"] for r in rows]  # near the end of the decay
 
 
 def test_outputs_and_final_model_generate(tmp_path):
