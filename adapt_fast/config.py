@@ -40,6 +40,7 @@ class DataConfig:
     group_by: str = "task"  # task | category (NI files: first category)
     task_column: str = "task"  # JSONL/Parquet/HF: the column naming the task
     template: str = "auto"  # auto (chat template if the tokenizer has one, else ni) | ni | chat
+    assistant_turns: str = "last"  # which assistant turns of a conversation carry the loss: last | all
     num_positive_examples: int = 0  # NI prompt: how many of the task's positive examples to show
     val_fraction: float = 0.1  # per-task validation split when the data has none
     val_examples: int = 0  # if > 0: this many validation examples per task instead of val_fraction
@@ -481,6 +482,7 @@ def validate(cfg: Config) -> None:
     _check(bool(cfg.output_dir.strip()), "output_dir must not be empty (it would write into the current folder)")
     _one_of(d.group_by, "data.group_by", ("task", "category"))
     _one_of(d.template, "data.template", ("auto", "ni", "chat"))
+    _one_of(d.assistant_turns, "data.assistant_turns", ("last", "all"))
     _check(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     _check(d.val_examples >= 0, f"data.val_examples must be >= 0, got {d.val_examples}")
     for name, names in (("data.tasks", d.tasks), ("meta.val_tasks", meta.val_tasks)):

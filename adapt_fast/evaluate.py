@@ -2,6 +2,7 @@
 
     python -m adapt_fast.evaluate --model DIR [--tokenizer DIR|byte] --data PATH [--config RUN/config.yaml]
         [--group_by task|category] [--task_column C] [--tasks a,b] [--template auto|ni|chat]
+        [--assistant_turns last|all]
         [--num_positive_examples N] [--split validation|train|all|test] [--val_fraction F] [--val_examples N]
         [--seed S] [--max_len N] [--generate] [--max_new_tokens N] [--batch_size N]
         [--max_examples_per_task N] [--tokens_per_micro_batch N] [--dtype D] [--device D]
@@ -112,14 +113,14 @@ def prompt_ids(record: dict, tokenizer, template: str, num_positive_examples: in
 
 def tokenize_split(
     records: list[dict], tokenizer, task_names: list[str], template: str, num_positive_examples: int = 0,
-    max_len: int | None = None,
+    max_len: int | None = None, assistant_turns: str = "last",
 ) -> TokenizedSplit:  # fmt: skip
     """Records -> an in-memory TokenizedSplit (the cache's layout) for packing. Examples longer than
     max_len are truncated as in training; ones left without a loss token are left out."""
     index = {name: k for k, name in enumerate(task_names)}
     ids, masks, tasks = [], [], []
     for record in records:
-        example, mask = tokenize_record(record, tokenizer, template, num_positive_examples)
+        example, mask = tokenize_record(record, tokenizer, template, num_positive_examples, assistant_turns)
         if max_len is not None:
             example, mask, status = fit_to_max_len(example, mask, max_len, truncate=True)
             if status == "dropped":
@@ -262,6 +263,7 @@ def evaluate(
     num_positive_examples: int = 0,
     max_len: int | None = None,
     return_predictions: bool = False,
+    assistant_turns: str = "last",
 ) -> dict:
     """Per-task validation loss (token mean) and, with generate, exact match and ROUGE-L over `records`
     (all of them: select the split beforehand). The model's mode and attention are restored after.
@@ -273,7 +275,7 @@ def evaluate(
     """
     template = resolve_template(template, tokenizer)
     task_names = sorted({r["task"] for r in records})
-    split = tokenize_split(records, tokenizer, task_names, template, num_positive_examples, max_len)
+    split = tokenize_split(records, tokenizer, task_names, template, num_positive_examples, max_len, assistant_turns)
     sums, counts = validation_loss(model, split, tokens_per_micro_batch)
     examples = {name: 0 for name in task_names}
     for r in records:
@@ -393,6 +395,7 @@ _FROM_CONFIG = {
     "task_column": ("data.task_column", "task"),
     "tasks": ("data.tasks", []),
     "template": ("data.template", "auto"),
+    "assistant_turns": ("data.assistant_turns", "last"),
     "tokenizer": ("model.tokenizer", ""),
     "num_positive_examples": ("data.num_positive_examples", 0),
     "val_fraction": ("data.val_fraction", 0.1),
@@ -413,6 +416,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--task_column")
     p.add_argument("--tasks", type=lambda s: [t.strip() for t in s.split(",") if t.strip()], help="a,b,c")
     p.add_argument("--template", choices=("auto", "ni", "chat"))
+    p.add_argument("--assistant_turns", choices=("last", "all"), help="which turns of a conversation the loss is on")
     p.add_argument("--num_positive_examples", type=int)
     p.add_argument("--split", choices=SPLITS, default="validation", help="all = train + validation; test = the data's")
     p.add_argument("--val_fraction", type=float)
@@ -551,13 +555,14 @@ def main(argv: list[str] | None = None) -> dict:
         model, tokenizer, records, generate=args.generate, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, tokens_per_micro_batch=args.tokens_per_micro_batch, template=args.template,
         num_positive_examples=args.num_positive_examples, max_len=args.max_len,
-        return_predictions=args.save_predictions,
+        return_predictions=args.save_predictions, assistant_turns=args.assistant_turns,
     )  # fmt: skip
     result["settings"] = {
         "model": args.model, "data": str(args.data), "split": args.split, "group_by": args.group_by,
         "tasks": args.tasks, "template": resolve_template(args.template, tokenizer),
-        "num_positive_examples": args.num_positive_examples, "val_fraction": args.val_fraction,
-        "val_examples": args.val_examples, "seed": args.seed, "max_len": args.max_len, "generate": args.generate,
+        "assistant_turns": args.assistant_turns, "num_positive_examples": args.num_positive_examples,
+        "val_fraction": args.val_fraction, "val_examples": args.val_examples, "seed": args.seed,
+        "max_len": args.max_len, "generate": args.generate,
         "max_new_tokens": args.max_new_tokens, "max_examples_per_task": args.max_examples_per_task,
     }  # fmt: skip
     print(format_table(result), file=sys.stderr, flush=True)

@@ -259,6 +259,31 @@ def test_chat_messages_without_a_chat_template_render_as_a_transcript():
     assert [i for i, m in zip(ids, mask, strict=True) if m] == tok.encode("BBB", add_special_tokens=False) + [
         tok.eos_token_id
     ]  # the last assistant turn carries the loss
+    all_ids, all_mask = tokenize_record(record, tok, "ni", assistant_turns="all")  # and every one, on request
+    carried = tok.decode([i for i, m in zip(ids, all_mask, strict=True) if m])
+    assert all_ids == ids and carried == "AAABBB" + tok.eos_token
+
+
+def test_every_assistant_turn_carries_the_loss_with_assistant_turns_all():
+    """data.assistant_turns all (TRL's assistant_only_loss) under a chat template: each assistant turn's content and
+    end-of-turn token; the user turns and the generation cues stay context. `last` (the default) is the final one."""
+    from adapt_fast.data.render import tokenize_record
+
+    tok = build_byte_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    messages = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]  # fmt: skip
+    record = formats._record(task="t", input="", output="a2", messages=json.dumps(messages))
+    eos = tok.eos_token
+    for turns, carried in (("last", "a2" + eos), ("all", "a1" + eos + "a2" + eos)):
+        ids, mask = tokenize_record(record, tok, "chat", assistant_turns=turns)
+        assert tok.decode(ids) == f"<user>q1{eos}<assistant>a1{eos}<user>q2{eos}<assistant>a2{eos}"
+        assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == carried, turns
+    plain = formats._record(task="t", input="q", output="a")  # no conversation: the same either way
+    assert tokenize_record(plain, tok, "chat", assistant_turns="all") == tokenize_record(plain, tok, "chat")
 
 
 def test_microbatch_labels_isolate_examples(suite):

@@ -143,12 +143,15 @@ def _tokenized_features():
     )
 
 
-def _tokenize_batch(batch: dict, tokenizer, template: str, num_positive_examples: int, max_len: int, truncate: bool):
+def _tokenize_batch(
+    batch: dict, tokenizer, template: str, num_positive_examples: int, max_len: int, truncate: bool,
+    assistant_turns: str = "last",
+):  # fmt: skip
     out = {"ids": [], "loss_mask": [], "status": [], "length": []}
     keys = list(batch.keys())
     for row in zip(*(batch[k] for k in keys), strict=True):
         record = dict(zip(keys, row, strict=True))
-        ids, mask = tokenize_record(record, tokenizer, template, num_positive_examples)
+        ids, mask = tokenize_record(record, tokenizer, template, num_positive_examples, assistant_turns)
         ids, mask, status = fit_to_max_len(ids, mask, max_len, truncate)
         out["ids"].append(ids)
         out["loss_mask"].append(mask)
@@ -214,6 +217,7 @@ def build_or_load(
     task_column: str = "task",
     template: str = "auto",
     num_positive_examples: int = 0,
+    assistant_turns: str = "last",
     val_fraction: float = 0.1,
     val_examples: int = 0,
     max_len: int = 1024,
@@ -232,6 +236,7 @@ def build_or_load(
         "task_column": task_column,
         "template": template,
         "num_positive_examples": num_positive_examples,
+        "assistant_turns": assistant_turns,
         "val_fraction": val_fraction,
         "val_examples": val_examples,
         "max_len": max_len,
@@ -286,6 +291,7 @@ def build_or_load(
                     "num_positive_examples": num_positive_examples,
                     "max_len": max_len,
                     "truncate": truncate,
+                    "assistant_turns": assistant_turns,
                 },
                 features=_tokenized_features(),  # typed: a batch whose rows are all dropped is no list<null>
                 desc=f"tokenising {split}",

@@ -45,6 +45,7 @@ def load_data(cfg: Config, tokenizer, progress: bool = True) -> TokenizedData:
         task_column=d.task_column,
         template=d.template,
         num_positive_examples=d.num_positive_examples,
+        assistant_turns=d.assistant_turns,
         val_fraction=d.val_fraction,
         val_examples=d.val_examples,
         max_len=d.max_len,

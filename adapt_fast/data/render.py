@@ -3,7 +3,7 @@
 NI style for base models (definition, optional positive examples, input, "Output:"; chat messages as a
 "User: ... Assistant: " transcript), or the tokenizer's chat template where it has one. The loss mask is 0 on
 the prompt and 1 on the response tokens and the EOS: only those carry the loss (in a conversation, the last
-assistant turn's).
+assistant turn's, or with assistant_turns 'all' every assistant turn's).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from adapt_fast.errors import ConfigError
 
 NI_TEMPLATES = ("ni", "chat")
+ASSISTANT_TURNS = ("last", "all")  # which assistant turns of a conversation carry the loss
 
 
 def resolve_template(template: str, tokenizer) -> str:
@@ -27,11 +28,13 @@ def resolve_template(template: str, tokenizer) -> str:
     return template
 
 
-def transcript_prompt(messages: list[dict]) -> str:
+def transcript_pieces(messages: list[dict]) -> list[tuple[str, bool]]:
     """Chat messages but the last (the answer) as plain text for a model without a chat template: each turn as
-    'Role: content', then the 'Assistant: ' cue the answer follows."""
-    turns = [f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages[:-1]]
-    return "".join(turns) + f"{messages[-1]['role'].capitalize()}: "
+    'Role: content', then the 'Assistant: ' cue the answer follows. -> (text, is an assistant turn's content)."""
+    pieces = []
+    for m in messages[:-1]:
+        pieces += [(f"{m['role'].capitalize()}: ", False), (m["content"], m["role"] == "assistant"), ("\n\n", False)]
+    return pieces + [(f"{messages[-1]['role'].capitalize()}: ", False)]
 
 
 def ni_prompt(record: dict, num_positive_examples: int = 0, with_output_cue: bool = True) -> str:
@@ -58,36 +61,61 @@ def _ids(encoded) -> list[int]:
     return list(encoded)
 
 
+def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True))
+
+
+def _earlier_assistant_turns(tokenizer, messages: list[dict], ids: list[int], mask: list[int]) -> list[int]:
+    """`mask` with the loss also on every earlier assistant turn of a chat-template rendering `ids` (its content
+    and end-of-turn tokens), where the template renders the conversation up to that turn as a prefix of the whole;
+    a turn it renders otherwise (templates that rewrite earlier turns) is left as context."""
+    mask = list(mask)
+    for i, m in enumerate(messages[:-1]):
+        if m["role"] != "assistant":
+            continue
+        before, upto = _chat_ids(tokenizer, messages[:i], True), _chat_ids(tokenizer, messages[: i + 1])
+        if upto[: len(before)] == before and ids[: len(upto)] == upto:
+            mask[len(before) : len(upto)] = [1] * (len(upto) - len(before))
+    return mask
+
+
 def tokenize_record(
-    record: dict, tokenizer, template: str, num_positive_examples: int = 0
+    record: dict, tokenizer, template: str, num_positive_examples: int = 0, assistant_turns: str = "last"
 ) -> tuple[list[int], list[int]]:
-    """-> (ids, loss_mask), untruncated. `template` is 'ni' or 'chat' (already resolved)."""
+    """-> (ids, loss_mask), untruncated. `template` is 'ni' or 'chat' (already resolved). In a conversation the
+    last assistant turn carries the loss; with assistant_turns 'all' every assistant turn does (TRL's
+    assistant_only_loss)."""
+    every_turn = assistant_turns == "all" and bool(record["messages"])
     if template == "chat":
         if record["messages"]:
             messages = json.loads(record["messages"])
         else:
             user = ni_prompt(record, num_positive_examples, with_output_cue=False)
             messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
-        prompt = _ids(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True))
-        full = _ids(tokenizer.apply_chat_template(messages, tokenize=True))
+        prompt = _chat_ids(tokenizer, messages[:-1], True)
+        full = _chat_ids(tokenizer, messages)
         if full[: len(prompt)] == prompt:
-            return full, [0] * len(prompt) + [1] * (len(full) - len(prompt))
+            mask = [0] * len(prompt) + [1] * (len(full) - len(prompt))
+            return full, _earlier_assistant_turns(tokenizer, messages, full, mask) if every_turn else mask
         # The template rewrites earlier turns once an answer follows: mask by the answer's tokens,
         # ended by EOS so that the model still learns to stop.
         answer = tokenizer.encode(record["output"], add_special_tokens=False)
         if tokenizer.eos_token_id is not None and answer[-1:] != [tokenizer.eos_token_id]:
             answer.append(tokenizer.eos_token_id)
         return prompt + answer, [0] * len(prompt) + [1] * len(answer)
-    if record["messages"]:
-        text = transcript_prompt(json.loads(record["messages"]))
-    else:
-        text = ni_prompt(record, num_positive_examples)
-    prompt = tokenizer.encode(text, add_special_tokens=False)
-    response = tokenizer.encode(record["output"], add_special_tokens=False)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = bos + prompt + response + eos
-    return ids, [0] * (len(bos) + len(prompt)) + [1] * (len(response) + len(eos))
+    ids, mask = list(bos), [0] * len(bos)
+    if record["messages"]:
+        pieces = transcript_pieces(json.loads(record["messages"]))
+    else:
+        pieces = [(ni_prompt(record, num_positive_examples), False)]
+    for text, is_answer in pieces:  # encoded piece by piece, so that each turn's tokens are known
+        piece = tokenizer.encode(text, add_special_tokens=False)
+        ids += piece
+        mask += [int(is_answer and every_turn)] * len(piece)
+    response = tokenizer.encode(record["output"], add_special_tokens=False)
+    return ids + response + eos, mask + [1] * (len(response) + len(eos))
 
 
 def fit_to_max_len(ids: list[int], mask: list[int], max_len: int, truncate: bool) -> tuple[list[int], list[int], str]:
