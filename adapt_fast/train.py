@@ -532,6 +532,7 @@ class Trainer:
         self.ckpt_root = self.out / ckpt.CHECKPOINTS
         self.resumed_from: Path | None = self._resume(resume) if resume else None
         self.last_checkpoint_step = self.step if self.resumed_from is not None else None
+        self.first_step = self.step  # this invocation's
         every = cfg.checkpoint.every_tokens
         self.next_checkpoint = (self.loader.consumed // every + 1) * every if every > 0 else None
         if self.is_main:
@@ -1279,7 +1280,14 @@ class Trainer:
 
     def _log_final_validation(self, report: dict) -> None:
         """The whole validation split's losses at the last step, to TensorBoard (`final_val_loss/<task>`, `/mean`,
-        `/worst`), beside the in-run batches' `val_loss/<task>`, as HF Trainer logs its final evaluation."""
+        `/worst`), beside the in-run batches' `val_loss/<task>`, as HF Trainer logs its final evaluation; not again
+        when a finished run is resumed without new steps (its report.json is of this step, its events kept)."""
+        if self.step == self.first_step:
+            try:
+                if json.loads((self.out / "report.json").read_text())["steps"] == self.step:
+                    return
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # no earlier report of this run: log
         for name, v in report["val_loss_per_task"].items():
             self.tb.add_scalar(f"final_val_loss/{name}", v, self.step)
         for key in ("mean", "worst"):

@@ -116,6 +116,9 @@ def test_outputs_and_final_model_generate(tmp_path):
     for name, loss in report["val_loss_per_task"].items():  # the whole split's losses, at the last step
         (final,) = events.Scalars(f"final_val_loss/{name}")
         assert final.step == report["steps"] and final.value == pytest.approx(loss, rel=1e-6)
+    # the finished run resumed: nothing to train, its final validation not logged a second time
+    train(tmp_path, "run", "--budget.tokens", "6000", "--meta.warmup", "1", "--meta.val_every", "2", "--resume")
+    assert len(EventAccumulator(str(out / "tensorboard")).Reload().Scalars("final_val_loss/mean")) == 1
     for key in (
         "method", "budget_tokens", "tokens_consumed", "tokens_per_task", "validation_tokens", "padding_fraction",
         "steps", "mixture_final", "val_loss_per_task", "wall_seconds", "train_tokens_per_second",
