@@ -1143,13 +1143,12 @@ class Trainer:
                 if self.last_checkpoint_step != self.step:
                     self.save_checkpoint()
                 report = self.finish(self.train_seconds)
-                late = self._agreed_signal(signals)  # a signal any rank received while the outputs were written
         except BaseException:
             bar.close()
             self.close_writers()
             raise
-        if late is not None and self.is_main:
-            name = signal.Signals(late).name
+        if signals.received is not None:  # said by the rank that got it (no collective after finish's last barrier)
+            name = signal.Signals(signals.received).name
             print(f"{name} came after the last step: the final outputs were written first; the run is complete",
                   file=sys.stderr)  # fmt: skip
         return report

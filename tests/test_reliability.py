@@ -527,7 +527,7 @@ def test_two_rank_deepspeed_sigterm_then_resume_equals_the_uninterrupted_run(tmp
             if p.poll() is None:
                 p.kill()
     errs = [log.read_text() for log in logs]
-    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:]
+    assert [p.returncode for p in procs] == [0, 0], "\n---- rank 1:\n".join(e[-2000:] for e in errs)
     assert [(tmp_path / f"code-{r}").read_text() for r in range(2)] == ["143", "143"]  # every rank stopped
     assert "stopped on SIGTERM at step" in errs[0] and "resume with:" in errs[0]
     ref, resumed = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("reference", "stopped"))
