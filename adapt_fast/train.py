@@ -499,6 +499,16 @@ class Trainer:
             self.fused_layers = use_fused_layers(model, self.backend)
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        if cfg.mixture.method == "adapt" and cfg.meta.dots == "one_pass":  # now, not at the first mixture update
+            from adapt_fast.model.ghost import hooked_modules, uncovered_message
+
+            _, uncovered = hooked_modules(model)
+            if uncovered:
+                raise ConfigError(
+                    f"{cfg.model.name}: mixture.method adapt with meta.dots one_pass: {uncovered_message(uncovered)} "
+                    "(meta.dots exact takes K backward passes instead, not under ZeRO-3; or use a static "
+                    "mixture.method)"
+                )
         # Training mode, as HF Trainer sets it (from_pretrained returns the model in eval mode): dropout and
         # activation checkpointing act on the training steps and on G; validation losses switch to eval mode.
         model.train()

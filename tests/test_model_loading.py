@@ -14,7 +14,7 @@ from adapt_fast.model.attention import ATTN_NAME
 from adapt_fast.model.loading import (
     PRESETS,
     base_model,
-    lm_head_and_softcap,
+    lm_head,
     load_model_and_tokenizer,
     load_tokenizer,
     preset_config,
@@ -92,7 +92,8 @@ def test_head_softcap_and_base_model_give_the_logits(name):
         "max_length_q": len(ids[0]),
         "max_length_k": len(ids[0]),
     }
-    weight, softcap = lm_head_and_softcap(model)
+    weight, scale, softcap = lm_head(model)
+    assert scale is None
     assert weight is model.get_input_embeddings().weight
     assert softcap == (30.0 if name == "tiny-gemma3" else None)
     with torch.no_grad():
@@ -217,3 +218,72 @@ def test_a_given_tokenizer_is_checked_not_reloaded():
 
     with pytest.raises(ConfigError, match=f"has {vocab + 1} tokens but the model's vocabulary is {vocab}"):
         load_model_and_tokenizer("tiny-llama", tokenizer=Large())
+
+
+def _save_tiny(folder, config_class, **kwargs) -> str:
+    """A random-init tiny model of `config_class` with the byte tokenizer, saved to `folder`."""
+    config = config_class(
+        vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID, **kwargs,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # logits of a trained model's size, so that a missing scale shows in the loss
+        model.get_output_embeddings().weight.mul_(30)
+    model.save_pretrained(folder)
+    build_byte_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "config_name, kwargs",
+    [("GraniteConfig", {"logits_scaling": 4.0}), ("CohereConfig", {"logit_scale": 0.25}), ("LlamaConfig", {})],
+)
+def test_the_fused_loss_scales_the_logits_as_the_model_does(config_name, kwargs, tmp_path):
+    """Granite divides its logits by logits_scaling, Cohere multiplies them by logit_scale (HF's forward): the loss
+    the trainer optimises is HF's own loss on the same tokens, not the loss of the unscaled head."""
+    import transformers
+
+    from adapt_fast.data.batch import MicroBatch
+    from adapt_fast.model.loss import per_task_loss
+
+    name = _save_tiny(tmp_path, getattr(transformers, config_name), **kwargs)
+    model, tok = load_model_and_tokenizer(name)
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    T = len(ids)
+    batch = MicroBatch(
+        input_ids=torch.tensor(ids), labels=torch.tensor([-100, *ids[1:]]), position_ids=torch.arange(T),
+        cu_seqlens=torch.tensor([0, T], dtype=torch.int32), task_ids=torch.zeros(T, dtype=torch.long),
+        task_offsets=torch.tensor([0, T]), max_seqlen=T, num_examples=1,
+    )  # fmt: skip
+    with torch.no_grad():
+        ours = per_task_loss(model, batch, torch.ones(1))
+        theirs = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss
+    assert int(ours.count[0]) == T - 1
+    torch.testing.assert_close(ours.loss_sum[0] / (T - 1), theirs.float(), rtol=1e-5, atol=0)
+    assert lm_head(model).scale == {"GraniteConfig": 0.25, "CohereConfig": 0.25, "LlamaConfig": None}[config_name]
+
+
+def test_a_transform_after_the_head_that_is_not_applied_is_refused(tmp_path):
+    """check_head compares the model's own logits with the head's output: a config asking for a scale the model's
+    forward does not apply (here Llama given Granite's logits_scaling) is refused in one line, not trained on."""
+    from transformers import LlamaConfig
+
+    name = _save_tiny(tmp_path, LlamaConfig)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "logits_scaling": 2.0}))
+    with pytest.raises(ConfigError, match=r"logits are not its LM head's output \(relative difference 0\.5\)"):
+        load_model_and_tokenizer(name)
+
+
+def test_a_model_whose_attention_ignores_the_interface_is_refused(tmp_path):
+    """Falcon's attention does not go through AttentionInterface: transformers only warns and keeps sdpa, under
+    which packed examples attend to each other. Refused in one line when loading, for training and evaluation."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    config = FalconConfig(vocab_size=264, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    FalconForCausalLM(config).save_pretrained(tmp_path)
+    build_byte_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="FalconForCausalLM, FalconModel: its attention does not take a function"):
+        load_model_and_tokenizer(str(tmp_path))

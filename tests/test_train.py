@@ -534,3 +534,29 @@ def test_zero3_static_mixture_equals_zero0(tmp_path):
     w0 = AutoModelForCausalLM.from_pretrained(tmp_path / "z0" / "final").state_dict()
     w3 = AutoModelForCausalLM.from_pretrained(tmp_path / "z3" / "final").state_dict()
     assert all(torch.allclose(w0[k], w3[k], atol=1e-5) for k in w0)
+
+
+def test_a_model_adapt_cannot_dot_in_one_pass_is_refused_before_training(tmp_path, capsys):
+    """A mixture-of-experts model (experts and router are not modules the ghost dots know) is refused when the
+    trainer starts, in one line naming the way out, before a token is spent; a static mixture trains it."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from adapt_fast.data.tokenizer import build_byte_tokenizer
+
+    config = MixtralConfig(
+        vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=1024,
+    )  # fmt: skip
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "moe")
+    build_byte_tokenizer().save_pretrained(tmp_path / "moe")
+    with pytest.raises(SystemExit) as exc:
+        train(tmp_path, "adapt", "--model.name", str(tmp_path / "moe"), "--budget.tokens", "3000")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err and len(errors) == 1, err[-2000:]
+    assert "experts.gate_up_proj (MixtralExperts)" in errors[0] and "meta.dots exact" in errors[0]
+    assert not (tmp_path / "adapt" / "metrics.jsonl").exists()
+    report, _ = train(tmp_path, "uniform", "--model.name", str(tmp_path / "moe"), "--budget.tokens", "3000",
+                      "--mixture.method", "uniform")  # fmt: skip
+    assert report["tokens_consumed"] == 3000

@@ -43,8 +43,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from adapt_fast.errors import ConfigError
 
 ATTN_NAME = "adapt_varlen"
 CHUNK_TOKENS = 1024
@@ -480,10 +482,24 @@ def register_packed_attention() -> str:
     return ATTN_NAME
 
 
-def use_packed_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """Switch an HF model (and its sub-models) to the packed attention, in place; returns the model."""
+def use_packed_attention(model: PreTrainedModel) -> PreTrainedModel:
+    """Switch an HF model (and its sub-models) to the packed attention, in place; returns the model.
+
+    ConfigError for a model whose attention does not go through AttentionInterface (Falcon, GPT-J, ...):
+    transformers only warns and keeps its own attention, under which packed examples would attend to each other.
+    """
     register_packed_attention()
-    model.set_attn_implementation(ATTN_NAME)
+    models = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    fixed = sorted({type(m).__name__ for m in models if not m._can_set_attn_implementation()})
+    if not fixed:
+        model.set_attn_implementation(ATTN_NAME)
+        fixed = sorted({type(m).__name__ for m in models if m.config._attn_implementation != ATTN_NAME})
+    if fixed:
+        raise ConfigError(
+            f"{', '.join(fixed)}: its attention does not take a function from transformers' AttentionInterface, so "
+            "packed examples would attend to each other; models whose attention does (Llama, Qwen, Gemma, Mistral, "
+            "Phi-3, GPT-2, GPT-NeoX, OLMo, ...) are supported"
+        )
     return model
 
 

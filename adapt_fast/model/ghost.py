@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 from torch.func import jvp
+from transformers.pytorch_utils import Conv1D
 
 from adapt_fast.data.batch import IGNORE_INDEX, MicroBatch
 from adapt_fast.kernels import PerTaskLoss, per_task_ghost_dot, per_task_weight_grad, reference_kernels
@@ -57,9 +58,12 @@ def head_parameter_name(model: nn.Module) -> str | None:
 
 
 def _kind(module: nn.Module) -> str | None:
-    """How a module's own parameters are dotted: "linear", "embedding", "jvp", or None (unsupported)."""
+    """How a module's own parameters are dotted: "linear", "conv1d" (GPT-2's Conv1D: a linear layer with its weight
+    stored (in, out)), "embedding", "jvp", or None (unsupported)."""
     if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
         return "linear"
+    if isinstance(module, Conv1D) and type(module).forward is Conv1D.forward:
+        return "conv1d"
     if isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward:
         return "embedding"
     if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm)):
@@ -67,6 +71,43 @@ def _kind(module: nn.Module) -> str | None:
     if TOKENWISE_NORM.search(type(module).__name__) and not any(True for _ in module.children()):
         return "jvp"
     return None
+
+
+def hooked_modules(model: nn.Module) -> tuple[list[tuple[nn.Module, str, dict[str, nn.Parameter]]], list[str]]:
+    """The modules GhostDots hooks, as (module, kind, {local name: trainable parameter}) for every module that owns
+    trainable parameters directly (the LM head left to the fused kernel), and the trainable parameters outside any
+    module it can dot, as "name (module class)" (empty when the model is fully supported)."""
+    module = unwrap(model)
+    head = module.get_output_embeddings()
+    head_weight = head.weight if head is not None else None
+    hooked, covered, unsupported = [], set(), {}
+    for mod in module.modules():
+        if mod is head:  # the fused kernel covers the head (per_task_loss never calls it)
+            continue
+        own = {n: p for n, p in mod.named_parameters(recurse=False) if p.requires_grad}
+        if not own:
+            continue
+        kind = _kind(mod)
+        if kind is None:
+            unsupported.update({id(p): type(mod).__name__ for p in own.values()})
+            continue
+        hooked.append((mod, kind, own))
+        covered |= {id(p) for p in own.values()}
+    uncovered = [
+        f"{n} ({unsupported.get(id(p), 'not token-wise')})"
+        for n, p in trainable_parameters(module).items()
+        if id(p) not in covered and p is not head_weight
+    ]
+    return hooked, uncovered
+
+
+def uncovered_message(uncovered: list[str], most: int = 4) -> str:
+    """One line naming (the first few of) the parameters whose per-task dots cannot be taken."""
+    named = ", ".join(uncovered[:most]) + (f" and {len(uncovered) - most} more" if len(uncovered) > most else "")
+    return (
+        "these trainable parameters are not in a module known to act token-wise (Linear, Conv1D, Embedding, "
+        f"*RMSNorm / *LayerNorm), so their per-task dots cannot be taken in one pass: {named}"
+    )
 
 
 def _token_dim(x: torch.Tensor, T: int) -> int:
@@ -226,31 +267,12 @@ class GhostDots:
             raise ValueError(f"GhostDots: G has the wrong shape for {', '.join(wrong)}")
 
         # (module, kind, {local name: (parameter, G)}) for every module that owns trainable parameters directly.
-        self.plan: list[tuple[nn.Module, str, dict[str, tuple[nn.Parameter, torch.Tensor]]]] = []
-        covered, unsupported = set(), {}
-        for mod in module.modules():
-            if mod is head:  # the fused kernel covers the head (per_task_loss never calls it)
-                continue
-            own = {n: p for n, p in mod.named_parameters(recurse=False) if p.requires_grad}
-            if not own:
-                continue
-            kind = _kind(mod)
-            if kind is None:
-                unsupported.update({id(p): type(mod).__name__ for p in own.values()})
-                continue
-            self.plan.append((mod, kind, {n: (p, G[name_of[id(p)]]) for n, p in own.items()}))
-            covered |= {id(p) for p in own.values()}
-        uncovered = [
-            f"{n} ({unsupported.get(id(p), 'not token-wise')})"
-            for n, p in params.items()
-            if id(p) not in covered and p is not head_weight
-        ]
+        hooked, uncovered = hooked_modules(module)
         if uncovered:
-            raise ValueError(
-                "GhostDots: these trainable parameters are not in a module known to act token-wise "
-                f"(Linear, Embedding, *RMSNorm / *LayerNorm), so their per-task dots cannot be taken: "
-                f"{', '.join(uncovered)}"
-            )
+            raise ValueError(f"GhostDots: {uncovered_message(uncovered)}")
+        self.plan: list[tuple[nn.Module, str, dict[str, tuple[nn.Parameter, torch.Tensor]]]] = [
+            (mod, kind, {n: (p, G[name_of[id(p)]]) for n, p in own.items()}) for mod, kind, own in hooked
+        ]
 
         device = next(iter(params.values())).device if params else torch.device("cpu")
         self.task_ids = task_ids.reshape(-1).to(device=device, dtype=torch.int64, non_blocking=True)
@@ -338,10 +360,11 @@ class GhostDots:
         d = _rows(delta, dim, T)
         total = torch.zeros(K, dtype=torch.float64, device=delta.device)
         row = None  # (T,) per-token dots in `compute`
-        if kind == "linear":
+        if kind in ("linear", "conv1d"):
             x = _rows(args[0], dim, T)
             if "weight" in params:
-                total += self._linear_dots(x, d, _whole(params["weight"]), ids, K)
+                G = _whole(params["weight"])  # (out, in); Conv1D stores (in, out)
+                total += self._linear_dots(x, d, G.T.contiguous() if kind == "conv1d" else G, ids, K)
             if "bias" in params:
                 row = d.to(compute) @ _whole(params["bias"]).to(compute)
         elif kind == "embedding":

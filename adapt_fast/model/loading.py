@@ -2,7 +2,7 @@
 
     model, tokenizer = load_model_and_tokenizer("tiny-llama")          # or "llama-3.2-1b", or "/path/to/folder"
     decoder = base_model(model)                                         # hidden states (1, T, H)
-    weight, softcap = lm_head_and_softcap(model)                        # (V, H), final logit soft-cap or None
+    weight, scale, softcap = lm_head(model)                             # (V, H), logit scale and soft-cap or None
 
 Presets are the real models' configs written out (Llama 3.2 1B, Qwen3 0.6B, Gemma 3 1B) plus tiny
 versions of the same architectures for tests. All use the byte tokenizer (adapt_fast.data.tokenizer):
@@ -23,6 +23,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import (
@@ -271,7 +272,12 @@ def load_model_and_tokenizer(
     vocab = full_shape(model.get_input_embeddings().weight)[0]
     if len(tokenizer) > vocab:
         raise ConfigError(f"tokenizer of {name!r} has {len(tokenizer)} tokens but the model's vocabulary is {vocab}")
-    return use_packed_attention(model), tokenizer
+    use_packed_attention(model)
+    if is_partitioned(next(model.parameters())):
+        lm_head(model)  # a head with a bias: one line now (the forward of check_head needs the engine's gathering)
+    else:
+        check_head(model, name)
+    return model, tokenizer
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel, reentrant: bool = False) -> None:
@@ -303,14 +309,53 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
     return decoder if decoder is not None else model.get_decoder()
 
 
-def lm_head_and_softcap(model: torch.nn.Module) -> tuple[torch.nn.Parameter, float | None]:
-    """The head weight (V, H) (the embedding weight itself when tied) and the final logit soft-cap or None.
+class LMHead(NamedTuple):
+    """What the fused loss needs of a model's LM head: logits = softcap · tanh(scale · hidden @ weight.T / softcap)."""
 
-    logits = softcap * tanh(hidden @ weight.T / softcap) when a soft-cap is set (Gemma 2/3), else hidden @ weight.T.
-    """
+    weight: torch.nn.Parameter  # (V, H), the embedding weight itself when tied
+    scale: float | None  # logits multiplied by this (Cohere's logit_scale, 1 / Granite's logits_scaling), or None
+    softcap: float | None  # final logit soft-cap (Gemma 2/3), or None
+
+
+def lm_head(model: torch.nn.Module) -> LMHead:
+    """The model's LM head as the fused loss computes it (ConfigError for a head with a bias)."""
     model = unwrap(model)
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
         raise ConfigError(f"{type(model).__name__}: need a bias-free linear LM head")
-    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    return head.weight, softcap
+    config = model.config.get_text_config()
+    scale = 1.0
+    if isinstance(divisor := getattr(config, "logits_scaling", None), (int, float)):  # Granite: logits / this
+        scale /= divisor
+    if isinstance(factor := getattr(config, "logit_scale", None), (int, float)):  # Cohere: logits * this
+        scale *= factor
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return LMHead(head.weight, None if scale == 1.0 else scale, softcap)
+
+
+@torch.no_grad()
+def check_head(model: PreTrainedModel, name: str) -> None:
+    """ConfigError unless the model's own logits on a few tokens are what the fused loss computes from its head
+    (`lm_head`): a transform after the head that this trainer does not apply (a bias, another scale, a model
+    folder's own code) would otherwise train silently on other logits than the model's."""
+    head = lm_head(model)
+    vocab = head.weight.shape[0]
+    ids = (torch.arange(8, device=head.weight.device) * 7 + 3)[None] % vocab
+    was_training = model.training
+    model.eval()
+    try:
+        theirs = model(input_ids=ids).logits[0].double()
+        ours = base_model(model)(input_ids=ids).last_hidden_state[0].double() @ head.weight.double().T
+    finally:
+        model.train(was_training)
+    if head.scale is not None:
+        ours = ours * head.scale
+    if head.softcap is not None:
+        ours = head.softcap * torch.tanh(ours / head.softcap)
+    error = float((ours - theirs).norm() / theirs.norm().clamp_min(1e-30))
+    tolerance = 1e-4 if head.weight.dtype in (torch.float32, torch.float64) else 3e-2
+    if not error <= tolerance:
+        raise ConfigError(
+            f"{name}: the model's logits are not its LM head's output (relative difference {error:.2g}): a "
+            "transform after the head that the fused loss does not apply; not supported"
+        )

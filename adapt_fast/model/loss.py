@@ -16,7 +16,7 @@ import torch
 
 from adapt_fast.data.batch import MicroBatch
 from adapt_fast.kernels import PerTaskLoss, per_task_linear_cross_entropy
-from adapt_fast.model.loading import base_model, lm_head_and_softcap, unwrap
+from adapt_fast.model.loading import base_model, lm_head, unwrap
 
 HEAD_LOSS_MODULE = "adapt_fast_head_loss"  # name of the HeadLoss child under ZeRO-3
 
@@ -35,7 +35,7 @@ def attach_zero3_head_loss(model: torch.nn.Module) -> None:
     gathers the head weight (tied or not) under ZeRO-3."""
     import deepspeed
 
-    weight, _ = lm_head_and_softcap(model)
+    weight = lm_head(model).weight
     module = HeadLoss()
     unwrap(model).add_module(HEAD_LOSS_MODULE, module)
     deepspeed.zero.register_external_parameter(module, weight)
@@ -59,7 +59,9 @@ def per_task_loss(
     the validation objective. ghost_weight (V, H): G of the head weight (tied or not) on meta steps.
     """
     hidden = hidden_states(model, batch)
-    weight, softcap = lm_head_and_softcap(model)
+    weight, scale, softcap = lm_head(model)
+    if scale is not None:  # scale · (hidden @ weight.T) = (scale · hidden) @ weight.T
+        hidden = hidden * scale
     kwargs = dict(
         weight=weight,
         labels=batch.shift_labels(),
