@@ -81,7 +81,14 @@ from adapt_fast.config import (
 )
 from adapt_fast.data.batch import MicroBatch
 from adapt_fast.data.loader import PackedLoader, pack_examples, pack_items
-from adapt_fast.data.prepare import check_task_names, load_data, load_tokenizer, make_loader, resolve_budget
+from adapt_fast.data.prepare import (
+    check_task_names,
+    load_data,
+    load_tokenizer,
+    make_loader,
+    max_len_losses,
+    resolve_budget,
+)
 from adapt_fast.errors import (
     EXIT_DIVERGED,
     EXIT_SIGINT,
@@ -400,9 +407,11 @@ class Trainer:
         self.objective = check_task_names(cfg.meta.val_tasks, self.data, "meta.val_tasks") or list(range(self.K))
         unmeasured = [self.task_names[k] for k in self.objective if self.data.validation.examples_per_task()[k] == 0]
         if unmeasured and cfg.mixture.method == "adapt":
+            lost = set(max_len_losses(self.data)[2])
+            why = "all its examples were longer than data.max_len, or it has" if set(unmeasured) & lost else "has"
             raise ConfigError(
-                f"mixture.method adapt: no validation examples for {', '.join(unmeasured)} (a task needs two or "
-                "more examples to be split; leave it out with data.tasks, or out of the objective with meta.val_tasks)"
+                f"mixture.method adapt: no validation examples for {', '.join(unmeasured)} ({why} fewer than the two "
+                "examples a split needs; leave it out with data.tasks, or out of the objective with meta.val_tasks)"
             )
         self.budget = resolve_budget(cfg, self.data.train)
 
@@ -1248,6 +1257,8 @@ class Trainer:
             "validation_tokens": self.validation_tokens,
             "padding_fraction": stats.padding_fraction,
             "examples_reused": stats.reused,
+            "examples_cut_to_max_len": max_len_losses(self.data)[0],
+            "examples_dropped_by_max_len": max_len_losses(self.data)[1],
             "steps": self.step,
             "mixture_final": {n: float(p) for n, p in zip(self.task_names, self.mixture, strict=True)},
             "mixture_entropy_final": mixture_entropy(self.mixture),

@@ -144,6 +144,140 @@ def test_data_splits_map_like_hf_and_a_task_without_validation_gets_one(tmp_path
         formats.load_records(tmp_path / "s.jsonl")
 
 
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _splits(records: list[dict]) -> dict:
+    from collections import Counter
+
+    return dict(Counter((r["task"], r["split"]) for r in records))
+
+
+def test_a_data_folder_takes_splits_from_file_names_as_hf_does(tmp_path):
+    """A Hub download (data/train-0000x-of-00002.parquet, data/test-00000-of-00001.parquet, README.md) is one dataset:
+    its shards are not tasks, and its test shard is neither trained on nor read (unless evaluate --split test asks);
+    train.jsonl / validation.jsonl / test.jsonl beside each other are splits, not three tasks."""
+    import datasets
+
+    def shard(name, n, response="r"):
+        rows = [{"prompt": f"{name}{i}", "response": response} for i in range(n)]
+        datasets.Dataset.from_list(rows).to_parquet(tmp_path / "hub" / "data" / f"{name}.parquet")
+
+    shard("train-00000-of-00002", 6)
+    shard("train-00001-of-00002", 4)
+    shard("test-00000-of-00001", 3, response=None)  # a test split without answers
+    (tmp_path / "hub" / "README.md").write_text("# card")
+    (tmp_path / "hub" / ".gitattributes").write_text("*.parquet filter=lfs")
+    for root in (tmp_path / "hub", tmp_path / "hub" / "data"):
+        assert _splits(formats.load_records(root)) == {("hub", "train"): 10}
+    with pytest.raises(DataError, match="test-00000-of-00001.parquet row 0: 'response' is null"):
+        formats.load_records(tmp_path / "hub", keep_test=True)  # read only when asked for
+
+    rows = [{"task": t, "prompt": f"{t}{i}", "response": "r"} for t in "ab" for i in range(4)]
+    for name in ("train", "validation", "test"):
+        _write_rows(tmp_path / "files" / f"{name}.jsonl", rows)
+    assert _splits(formats.load_records(tmp_path / "files")) == {
+        ("a", "train"): 4, ("b", "train"): 4, ("a", "validation"): 4, ("b", "validation"): 4,
+    }  # fmt: skip
+    assert _splits(formats.load_records(tmp_path / "files", keep_test=True))[("a", "test")] == 4
+    _write_rows(tmp_path / "files_no_task" / "dev.jsonl", [{"prompt": "p", "response": "r"}])
+    _write_rows(tmp_path / "files_no_task" / "train.jsonl", [{"prompt": "p", "response": "r"}] * 2)
+    assert _splits(formats.load_records(tmp_path / "files_no_task")) == {
+        ("files_no_task", "validation"): 1, ("files_no_task", "train"): 2,
+    }  # fmt: skip
+    _write_rows(tmp_path / "clash" / "test.jsonl", [{"prompt": "p", "response": "r", "split": "train"}])
+    with pytest.raises(DataError, match="clash/test.jsonl:1: split 'train' in a file of the test split"):
+        formats.load_records(tmp_path / "clash", keep_test=True)
+    # a task named like a split only after its first word is a task: copy_test.jsonl, devops.jsonl
+    _write_rows(tmp_path / "tasks" / "copy_test.jsonl", [{"prompt": "p", "response": "r"}])
+    _write_rows(tmp_path / "tasks" / "devops.jsonl", [{"prompt": "p", "response": "r"}])
+    assert _splits(formats.load_records(tmp_path / "tasks")) == {("copy_test", ""): 1, ("devops", ""): 1}
+
+
+def test_every_data_file_of_a_folder_is_read_or_refused_never_skipped(tmp_path):
+    """Subfolders, upper-case suffixes and gzip-compressed JSONL are read; a file it cannot read (CSV) stops the run
+    in one line naming it, rather than training on part of the data; hidden files and documentation are skipped."""
+    import gzip
+
+    folder = tmp_path / "d"
+    _write_rows(folder / "top.jsonl", [{"prompt": "p", "response": "r"}] * 2)
+    _write_rows(folder / "sub" / "more.JSONL", [{"prompt": "p", "response": "r"}] * 3)
+    with gzip.open(folder / "packed.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    (folder / "LICENSE").write_text("MIT")
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "x.lock").write_text("")
+    assert _splits(formats.load_records(folder)) == {("top", ""): 2, ("more", ""): 3, ("packed", ""): 1}
+    assert formats.data_files(folder) == sorted([folder / "packed.jsonl.gz", folder / "sub/more.JSONL",
+                                                 folder / "top.jsonl"])  # fmt: skip
+    (folder / "extra.csv").write_text("prompt,response\np,r\n")
+    with pytest.raises(DataError, match=r"d: files that are not data it reads: extra.csv \(data files are"):
+        formats.load_records(folder)
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(DataError, match="bad.jsonl.gz: cannot read"):
+        formats.load_records(tmp_path / "bad.jsonl.gz")
+
+
+def test_json_files_are_read_by_what_they_hold(tmp_path):
+    """As datasets' json loader: a list of rows (LLaMA-Factory's files), JSON Lines in a .json (Dataset.to_json's
+    output), an NI task object (a byte-order mark allowed); an object that is no NI task is named in the error."""
+    rows = [
+        {"task": "a", "instruction": "Add", "input": "1 1", "output": "2"},
+        {"task": "b", "prompt": "p", "response": "r"},
+    ]
+    (tmp_path / "list.json").write_text(json.dumps(rows))
+    assert [(r["task"], r["output"]) for r in formats.load_records(tmp_path / "list.json")] == [("a", "2"), ("b", "r")]
+    _write_rows(tmp_path / "lines.json", rows)
+    assert [r["task"] for r in formats.load_records(tmp_path / "lines.json")] == ["a", "b"]
+    ni = {"Definition": ["Copy."], "Instances": [{"input": "x", "output": ["x"]}]}
+    (tmp_path / "ni" / "task1_copy.json").parent.mkdir()
+    (tmp_path / "ni" / "task1_copy.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(ni).encode())
+    assert [r["task"] for r in formats.load_records(tmp_path / "ni")] == ["task1_copy"]
+    (tmp_path / "ni" / "stats.json").write_text(json.dumps({"rows": 3}))
+    with pytest.raises(DataError, match=r"stats.json: task has no instances \(a JSON object that is not an NI task"):
+        formats.load_records(tmp_path / "ni")
+
+
+def test_sharegpt_conversations_load_as_chat_messages(tmp_path):
+    """Axolotl's and LLaMA-Factory's ShareGPT rows (from/value; human, gpt, system) are chat messages; so are
+    role/content messages that kept ShareGPT's role names. A conversation must end with the assistant's turn."""
+    turns = [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "2+2?"},
+        {"from": "gpt", "value": "4"},
+    ]
+    kept_names = [{"role": "human", "content": "hi"}, {"role": "gpt", "content": "hello"}]
+    _write_rows(
+        tmp_path / "sg.jsonl", [{"task": "math", "conversations": turns}, {"task": "math", "messages": kept_names}]
+    )
+    first, second = formats.load_records(tmp_path / "sg.jsonl")
+    assert [m["role"] for m in json.loads(first["messages"])] == ["system", "user", "assistant"]
+    assert (first["output"], second["output"]) == ("4", "hello")
+    assert [m["role"] for m in json.loads(second["messages"])] == ["user", "assistant"]
+    _write_rows(tmp_path / "ends.jsonl", [{"conversations": turns[:2]}])
+    with pytest.raises(
+        DataError, match=r"ends.jsonl:1: 'conversations' must end with an assistant turn \(its last is 'user'\)"
+    ):
+        formats.load_records(tmp_path / "ends.jsonl")
+    _write_rows(tmp_path / "odd.jsonl", [{"conversations": [{"from": "narrator", "value": "x"}, *turns[2:]]}])
+    with pytest.raises(DataError, match="odd.jsonl:1: 'conversations': unknown ShareGPT role 'narrator'"):
+        formats.load_records(tmp_path / "odd.jsonl")
+
+
+def test_a_row_without_the_task_column_that_other_rows_have_is_an_error(tmp_path):
+    """It would silently form a task named after the file; eval is a validation split name (TRL's, Axolotl's)."""
+    _write_rows(
+        tmp_path / "part.jsonl", [{"task": "a", "prompt": "p", "response": "r"}, {"prompt": "q", "response": "r"}]
+    )
+    with pytest.raises(DataError, match=r"part.jsonl:2: no 'task' key, which other rows of the file have"):
+        formats.load_records(tmp_path / "part.jsonl")
+    _write_rows(tmp_path / "ev.jsonl", [{"prompt": "p", "response": "r", "split": s} for s in ("train", "eval")])
+    assert [r["split"] for r in formats.load_records(tmp_path / "ev.jsonl")] == ["train", "validation"]
+
+
 def test_values_that_are_not_text_are_refused_and_trl_conversations_load(tmp_path):
     """null, objects and lone surrogates never become training text ("None", a Python printout); TRL's
     conversational prompt/completion (message lists) becomes chat messages."""
@@ -382,7 +516,7 @@ def test_a_tokenising_batch_that_drops_every_row(tmp_path, tokenizer):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = build_or_load(tmp_path / "d.jsonl", tokenizer, cache_dir=tmp_path / "c", max_len=64, truncate=False,
                          val_fraction=0, progress=False)  # fmt: skip
-    assert data.meta["train"] == {"examples": 300, "truncated": 0, "dropped": 300}
+    assert data.meta["train"] == {"examples": 300, "truncated": 0, "dropped": 300, "dropped_per_task": {"d": 300}}
 
 
 # ----------------------------------------------------------------------------- budget and shares
@@ -731,7 +865,9 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
 
 
 def test_too_long_examples_are_dropped_and_counted(tmp_path):
+    """Counted in the report, and said in one warning line, naming a task that lost every example."""
     rows = [{"task": "a", "prompt": "p" * n, "response": "r"} for n in (10, 20, 500, 30, 600)]
+    rows += [{"task": "b", "prompt": "p" * 300, "response": "r"}]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     result = run_inspect(
         "--data.path",
@@ -751,8 +887,13 @@ def test_too_long_examples_are_dropped_and_counted(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["dropped_by_max_len"] == 2
+    assert report["dropped_by_max_len"] == 3
     assert report["tasks"]["a"]["train_examples"] == 3
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warned[0] == (
+        "warning: 3 example(s) longer than data.max_len (100 tokens): 0 cut to it, 3 dropped (data.truncate false); "
+        "every example of b was dropped (raise data.max_len to keep them whole)"
+    ), result.stderr
     assert report["tokens_consumed"] == 50
 
 

@@ -23,6 +23,7 @@ import os
 import shutil
 import socket
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,8 @@ from adapt_fast.data import formats
 from adapt_fast.data.render import fit_to_max_len, resolve_template, tokenize_record
 from adapt_fast.errors import DataError
 
-CACHE_VERSION = 3  # 2: splits seeded by task name; test splits left out; 3: chat messages under ni as a transcript
+CACHE_VERSION = 4  # 2: splits seeded by task name; test splits left out; 3: chat messages under ni as a transcript;
+# 4: a data folder's split-named files (train-*.parquet, test.jsonl) give their split; ShareGPT; dropped per task
 SPLITS = ("train", "validation")
 OWNER = "owner.json"  # in a build's temporary folder: {"host", "pid_namespace", "pid"}
 
@@ -163,6 +165,7 @@ def _tokenize_batch(
 def _write_split(folder: Path, dataset, task_index: dict[str, int]) -> dict:
     """Stream the tokenised dataset into the split's .npy files: two passes over Arrow record batches
     (column-wise, no per-row Python objects: a million examples take seconds, not minutes)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     folder.mkdir(parents=True)
@@ -206,7 +209,13 @@ def _write_split(folder: Path, dataset, task_index: dict[str, int]) -> dict:
     mask.flush()
     for name, arr in (("offsets", offsets), ("lengths", lengths), ("loss_tokens", loss_tokens), ("task_ids", task_ids)):
         np.save(folder / f"{name}.npy", arr)
-    return {"examples": len(lengths), "truncated": truncated, "dropped": int((~kept).sum())}
+    dropped = Counter(arrow["task"].filter(pc.invert(pa.array(kept))).to_pylist()) if n else Counter()
+    return {
+        "examples": len(lengths),
+        "truncated": truncated,
+        "dropped": int((~kept).sum()),
+        "dropped_per_task": dict(sorted(dropped.items())),
+    }
 
 
 def build_or_load(
@@ -248,6 +257,8 @@ def build_or_load(
         raise DataError(f"{path}: no such file or folder")
     if formats.is_hf_folder(path):
         settings["default_task"] = path.name  # the task of rows without a task column
+    elif path.is_dir():  # a split-named file's default task may be the folder's name, or its parent's
+        settings["folder"] = [path.resolve().parent.name, path.resolve().name]
     files = formats.data_files(path)
     key = cache_key(files, settings, tokenizer, path)
     root = Path(cache_dir) if cache_dir else default_cache_dir()

@@ -35,6 +35,32 @@ def data_path(cfg: Config) -> Path:
     return folder
 
 
+def max_len_losses(data: TokenizedData) -> tuple[int, int, list[str]]:
+    """(examples cut to data.max_len, examples dropped by it, tasks it left with no example at all)."""
+    meta = [data.meta[split] for split in ("train", "validation")]
+    truncated, dropped = (sum(m[key] for m in meta) for key in ("truncated", "dropped"))
+    dropped_tasks = {t for m in meta for t in m.get("dropped_per_task", {})}
+    examples = data.train.examples_per_task() + data.validation.examples_per_task()
+    present = {name for k, name in enumerate(data.task_names) if examples[k] > 0}
+    return truncated, dropped, sorted(dropped_tasks - present)
+
+
+def warn_max_len(data: TokenizedData, max_len: int, truncate: bool) -> None:
+    """One warning when data.max_len cut or dropped examples (report.json counts them too)."""
+    truncated, dropped, lost = max_len_losses(data)
+    if not truncated and not dropped:
+        return
+    why = "data.truncate false" if not truncate else "the prompt alone too long"
+    warnings.warn(
+        f"{truncated + dropped} example(s) longer than data.max_len ({max_len} tokens): {truncated} cut to it, "
+        f"{dropped} dropped ({why})"
+        + (f"; every example of {', '.join(lost[:5])}{', ...' if len(lost) > 5 else ''} was dropped" if lost else "")
+        + " (raise data.max_len to keep them whole)",
+        DataWarning,
+        stacklevel=3,
+    )
+
+
 def load_data(cfg: Config, tokenizer, progress: bool = True) -> TokenizedData:
     """Tokenise (through the cache) the data named by the config."""
     d = cfg.data
@@ -64,6 +90,7 @@ def load_data(cfg: Config, tokenizer, progress: bool = True) -> TokenizedData:
             f"no training examples left: all {dropped} were longer than data.max_len ({d.max_len})"
             + (" with data.truncate false" if not d.truncate else " or kept no response token once truncated")
         )
+    warn_max_len(data, d.max_len, d.truncate)
     if d.val_examples > 0:  # a val_examples as large as a task takes all of it but one example
         train_n, val_n = data.train.examples_per_task(), data.validation.examples_per_task()
         starved = [name for k, name in enumerate(data.task_names) if train_n[k] <= 1 and val_n[k] >= 1]
