@@ -267,6 +267,38 @@ def test_sharegpt_conversations_load_as_chat_messages(tmp_path):
         formats.load_records(tmp_path / "odd.jsonl")
 
 
+def test_llama_factory_alpaca_dolly_and_axolotl_turn_weights(tmp_path, tokenizer):
+    """LLaMA-Factory's Alpaca `system` and `history` become the conversation before the question (they were
+    dropped); Dolly's instruction/context/response load; Axolotl's per-turn `weight` 0 keeps a turn out of the loss
+    (under assistant_turns all), and turns after the last of weight 1 are not trained on."""
+    from adapt_fast.data.render import tokenize_record
+
+    rows = [
+        {"task": "t", "instruction": "Add", "input": "1 2", "output": "3", "system": "Be exact.",
+         "history": [["2 2?", "4"]]},
+        {"task": "t", "instruction": "Say", "context": "hi", "response": "hi", "category": "open_qa"},
+        {"task": "t", "messages": [
+            {"role": "user", "content": "a"}, {"role": "assistant", "content": "x", "weight": 0},
+            {"role": "user", "content": "b"}, {"role": "assistant", "content": "y"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "z", "weight": 0},
+        ]},
+    ]  # fmt: skip
+    alpaca, dolly, weighted = formats.load_records(_write_rows(tmp_path / "d.jsonl", rows))
+    assert [(m["role"], m["content"]) for m in json.loads(alpaca["messages"])] == [
+        ("system", "Be exact."), ("user", "2 2?"), ("assistant", "4"), ("user", "Add\n1 2"), ("assistant", "3"),
+    ]  # fmt: skip
+    assert (dolly["definition"], dolly["input"], dolly["output"]) == ("Say", "hi", "hi")
+    assert [m["content"] for m in json.loads(weighted["messages"])] == ["a", "x", "b", "y"] and weighted[
+        "output"
+    ] == "y"
+    ids, mask = tokenize_record(weighted, tokenizer, "ni", assistant_turns="all")
+    trained = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert trained == "y" + tokenizer.eos_token, trained  # x has weight 0
+    rows[2]["messages"][3]["weight"] = 0
+    with pytest.raises(DataError, match="d.jsonl:3: 'messages': every assistant turn has weight 0"):
+        formats.load_records(_write_rows(tmp_path / "d.jsonl", rows))
+
+
 def test_a_row_without_the_task_column_that_other_rows_have_is_an_error(tmp_path):
     """It would silently form a task named after the file; eval is a validation split name (TRL's, Axolotl's)."""
     _write_rows(

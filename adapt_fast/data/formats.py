@@ -256,10 +256,33 @@ def _messages(value, where: str, column: str) -> list[dict]:
     for m in value:
         role = _text(m["role"], where, "role")
         role = {"human": "user", "gpt": "assistant"}.get(role, role)
+        weight = m.get("weight", 1)  # Axolotl's per-turn weight: a turn of weight 0 carries no loss
+        if isinstance(weight, bool) or weight not in (0, 1):
+            raise DataError(f"{where}: {column!r}: a turn's 'weight' is {weight!r}, expected 0 or 1")
         messages.append({**m, "role": role, "content": _text(m["content"], where, "content")})
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: {column!r} must end with an assistant turn (its last is {messages[-1]['role']!r})")
-    return messages
+    trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
+    if not trained:
+        raise DataError(f"{where}: {column!r}: every assistant turn has weight 0 (nothing to train on)")
+    return messages[: trained[-1] + 1]  # the turns after the last one of weight 1 carry no loss: not trained on
+
+
+def _alpaca_messages(row: dict, where: str, instruction: str, text: str) -> list[dict] | None:
+    """LLaMA-Factory's Alpaca rows with a `system` prompt or a `history` of [query, answer] pairs as chat messages
+    (its user turn: the instruction, then the input on a new line), or None for a plain Alpaca row."""
+    system, history = _text(row.get("system"), where, "system", optional=True), row.get("history") or []
+    if not system and not history:
+        return None
+    pairs = history if isinstance(history, (list, tuple, np.ndarray)) else None
+    if pairs is None or not all(isinstance(p, (list, tuple, np.ndarray)) and len(p) == 2 for p in pairs):
+        raise DataError(f"{where}: 'history' must be a list of [query, answer] pairs")
+    messages = [{"role": "system", "content": system}] if system else []
+    for query, answer in pairs:
+        messages += [{"role": "user", "content": _text(query, where, "history")},
+                     {"role": "assistant", "content": _text(answer, where, "history")}]  # fmt: skip
+    user = instruction + (f"\n{text}" if text else "")
+    return [*messages, {"role": "user", "content": user}]
 
 
 def _tabular_record(
@@ -303,9 +326,15 @@ def _tabular_record(
         response_key, definition, text = "response", "", _text(row["prompt"], where, "prompt")
         if response_key not in row:
             response_key = "completion" if "completion" in row else response_key
-    elif "instruction" in row:  # Alpaca: the input may be empty or null
+    elif "instruction" in row:  # Alpaca (the input may be empty or null), Dolly (context, response)
         definition = _text(row["instruction"], where, "instruction")
-        response_key, text = "output", _text(row.get("input"), where, "input", optional=True)
+        context = "input" if "input" in row or "context" not in row else "context"
+        response_key = "output" if "output" in row or "response" not in row else "response"
+        text = _text(row.get(context), where, context, optional=True)
+        if (conversation := _alpaca_messages(row, where, definition, text)) is not None:
+            answer = {"role": "assistant", "content": _text(row.get(response_key), where, response_key)}
+            as_chat = {**row, "messages": [*conversation, answer]}
+            return _tabular_record(as_chat, where, task_column, default_task, null_task_missing, keep_test, file_split)
     elif "input" in row:
         response_key, definition, text = "output", "", _text(row["input"], where, "input")
     else:
