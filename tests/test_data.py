@@ -299,6 +299,32 @@ def test_llama_factory_alpaca_dolly_and_axolotl_turn_weights(tmp_path, tokenizer
         formats.load_records(_write_rows(tmp_path / "d.jsonl", rows))
 
 
+def test_tool_calls_nan_and_preference_rows(tmp_path, tokenizer):
+    """OpenAI tool calling: an assistant turn of tool_calls has content null; under the ni transcript its calls are
+    written out as JSON (they were refused). A NaN where text belongs (pandas' missing value) is an error, not the
+    text "nan"; preference (DPO) rows are named as such."""
+    from adapt_fast.data.render import tokenize_record
+
+    call = [{"id": "c1", "type": "function", "function": {"name": "calc", "arguments": '{"q": "1+1"}'}}]
+    messages = [
+        {"role": "user", "content": "1+1?"}, {"role": "assistant", "content": None, "tool_calls": call},
+        {"role": "tool", "content": "2", "tool_call_id": "c1"}, {"role": "assistant", "content": "2"},
+    ]  # fmt: skip
+    (record,) = formats.load_records(_write_rows(tmp_path / "tools.jsonl", [{"messages": messages}]))
+    ids, mask = tokenize_record(record, tokenizer, "ni", assistant_turns="all")
+    trained = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert trained == json.dumps(call) + "2" + tokenizer.eos_token
+    messages[1]["tool_calls"] = None
+    with pytest.raises(DataError, match="tools.jsonl:1: 'content' is null, expected text"):
+        formats.load_records(_write_rows(tmp_path / "tools.jsonl", [{"messages": messages}]))
+    (tmp_path / "nan.jsonl").write_text('{"prompt": "p", "response": NaN}\n')
+    with pytest.raises(DataError, match="nan.jsonl:1: 'response' is null, expected text"):
+        formats.load_records(tmp_path / "nan.jsonl")
+    _write_rows(tmp_path / "dpo.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match=r"response' missing \(prompt/chosen/rejected is preference \(DPO\) data"):
+        formats.load_records(tmp_path / "dpo.jsonl")
+
+
 def test_a_row_without_the_task_column_that_other_rows_have_is_an_error(tmp_path):
     """It would silently form a task named after the file; eval is a validation split name (TRL's, Axolotl's)."""
     _write_rows(

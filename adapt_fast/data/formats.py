@@ -59,6 +59,8 @@ def _text(value, where: str, field: str, *, optional: bool = False) -> str:
     """A text field of an example as a string: numbers are written out; null (unless `optional`),
     lists, objects and strings that are not valid Unicode (lone surrogates) are refused, so that no
     example trains on the text "None" or on a Python printout."""
+    if isinstance(value, float) and not np.isfinite(value):  # NaN: how pandas writes a missing value
+        value = None
     if value is None and optional:
         return ""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
@@ -259,13 +261,23 @@ def _messages(value, where: str, column: str) -> list[dict]:
         weight = m.get("weight", 1)  # Axolotl's per-turn weight: a turn of weight 0 carries no loss
         if isinstance(weight, bool) or weight not in (0, 1):
             raise DataError(f"{where}: {column!r}: a turn's 'weight' is {weight!r}, expected 0 or 1")
-        messages.append({**m, "role": role, "content": _text(m["content"], where, "content")})
+        calls = m.get("tool_calls")  # OpenAI's tool calling: an assistant turn of calls has content null
+        content = _text(m["content"], where, "content", optional=bool(calls))
+        messages.append({**m, "role": role, "content": content})
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: {column!r} must end with an assistant turn (its last is {messages[-1]['role']!r})")
     trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
     if not trained:
         raise DataError(f"{where}: {column!r}: every assistant turn has weight 0 (nothing to train on)")
     return messages[: trained[-1] + 1]  # the turns after the last one of weight 1 carry no loss: not trained on
+
+
+def turn_text(message: dict) -> str:
+    """A chat turn as text: its content, then its tool calls (OpenAI's `tool_calls`) as JSON, if any."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message["content"]
+    return "\n".join(filter(None, [message["content"], json.dumps(calls, ensure_ascii=False)]))
 
 
 def _alpaca_messages(row: dict, where: str, instruction: str, text: str) -> list[dict] | None:
@@ -312,12 +324,12 @@ def _tabular_record(
         messages = _messages(list(row["prompt"]) + list(completion if _is_message_list(completion) else []),
                              where, "prompt + completion")  # fmt: skip
     if messages is not None:
-        out = messages[-1]["content"]
+        out = turn_text(messages[-1])
         return _record(
             task=task,
             split=split,
             source=where,
-            input="\n".join(m["content"] for m in messages[:-1]),
+            input="\n".join(turn_text(m) for m in messages[:-1]),
             output=out,
             references=json.dumps([out], ensure_ascii=False),
             messages=json.dumps(messages, ensure_ascii=False),
@@ -343,7 +355,10 @@ def _tabular_record(
             f"conversations; the row has {', '.join(sorted(map(str, row))[:8])})"
         )
     if response_key not in row:
-        raise DataError(f"{where}: response column {response_key!r} missing")
+        hint = ""
+        if "chosen" in row:
+            hint = " (prompt/chosen/rejected is preference (DPO) data: rename chosen to response)"
+        raise DataError(f"{where}: response column {response_key!r} missing{hint}")
     if row[response_key] is None:
         raise DataError(f"{where}: {response_key!r} is null, expected text")
     outputs = row[response_key]

@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 
+from adapt_fast.data.formats import turn_text
 from adapt_fast.errors import ConfigError
 
 NI_TEMPLATES = ("ni", "chat")
@@ -38,7 +39,7 @@ def transcript_pieces(messages: list[dict]) -> list[tuple[str, bool]]:
     'Role: content', then the 'Assistant: ' cue the answer follows. -> (text, is an assistant turn's content)."""
     pieces = []
     for m in messages[:-1]:
-        pieces += [(f"{m['role'].capitalize()}: ", False), (m["content"], _trained(m)), ("\n\n", False)]
+        pieces += [(f"{m['role'].capitalize()}: ", False), (turn_text(m), _trained(m)), ("\n\n", False)]
     return pieces + [(f"{messages[-1]['role'].capitalize()}: ", False)]
 
 
