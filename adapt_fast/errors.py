@@ -44,7 +44,9 @@ def _show_user_warning(previous):
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, DataWarning):
             if os.environ.get("RANK", "0") == "0":  # every rank finds the same thing: rank 0 says it
-                print(f"warning: {message}", file=sys.stderr, flush=True)
+                from tqdm import tqdm
+
+                tqdm.write(f"warning: {message}", file=sys.stderr)  # on a line of its own, above a progress bar
         else:
             previous(message, category, filename, lineno, file, line)
 
