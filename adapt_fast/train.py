@@ -408,7 +408,7 @@ class Trainer:
         unmeasured = [self.task_names[k] for k in self.objective if self.data.validation.examples_per_task()[k] == 0]
         if unmeasured and cfg.mixture.method == "adapt":
             lost = set(max_len_losses(self.data)[2])
-            why = "all its examples were longer than data.max_len, or it has" if set(unmeasured) & lost else "has"
+            why = "all its examples were longer than data.max_len, or it has" if set(unmeasured) & lost else "it has"
             raise ConfigError(
                 f"mixture.method adapt: no validation examples for {', '.join(unmeasured)} ({why} fewer than the two "
                 "examples a split needs; leave it out with data.tasks, or out of the objective with meta.val_tasks)"
