@@ -101,6 +101,8 @@ from adapt_fast.errors import (
 )
 from adapt_fast.mixture import AdaptMixture, AdaptSettings, mixture_entropy, static_mixture
 
+TB_QUEUE = 4096  # TensorBoard events queued for its writer thread before add_scalar blocks (its default: 10)
+TB_PER_TASK_SCALARS = 64  # more tasks than this: per-task values go to TensorBoard as histograms, not scalars
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -460,6 +462,8 @@ class Trainer:
         t = cfg.training
         dtype = DTYPES[cfg.model.dtype] if cfg.model.dtype != "auto" else default_dtype(self.device)
         self.total_steps = self._estimate_steps()
+        if self.is_main and self.adapt is not None:
+            self._warn_validation_cost()
         if self.is_main and self.adapt is not None and cfg.meta.warmup >= self.total_steps:
             warnings.warn(
                 f"meta.warmup ({cfg.meta.warmup} steps) is not shorter than the run (about {self.total_steps} "
@@ -561,6 +565,25 @@ class Trainer:
         self._barrier()
 
     # ------------------------------------------------------------------ checkpoints
+
+    def _warn_validation_cost(self) -> None:
+        """One warning when ADAPT's validation batch (its losses, then G: about 4/3 of a training pass over it, every
+        meta.val_every steps) costs more than the training steps between two of them, as with many tasks."""
+        meta, val = self.cfg.meta, self.data.validation
+        n = val.examples_per_task()
+        mean_length = val.tokens_per_task() / np.maximum(n, 1)
+        val_tokens = float((np.minimum(n, meta.val_examples_per_task) * mean_length).sum())
+        train_tokens = meta.val_every * self.cfg.tokens_per_micro_batch * self.world_size * self.cfg.training.grad_accum
+        ratio = 4 / 3 * val_tokens / train_tokens
+        if ratio > 1:
+            warnings.warn(
+                f"ADAPT's validation batch ({val_tokens:,.0f} tokens: meta.val_examples_per_task "
+                f"{meta.val_examples_per_task} of {self.K} tasks) costs about {ratio:.2g}x the training between two "
+                f"of them (meta.val_every {meta.val_every} steps): lower meta.val_examples_per_task or raise "
+                "meta.val_every to spend the time on training",
+                DataWarning,
+                stacklevel=2,
+            )
 
     def _barrier(self) -> None:
         if self.world_size > 1:
@@ -794,9 +817,10 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
 
         path = self.out / "metrics.jsonl"
+        self._tb_mixture: tuple | None = None  # the mixture last written to TensorBoard
         if self.resumed_from is None:
             self.metrics_file = open(path, "w")  # noqa: SIM115 (closed in close_writers)
-            self.tb = SummaryWriter(str(self.out / "tensorboard"))
+            self.tb = SummaryWriter(str(self.out / "tensorboard"), max_queue=TB_QUEUE)
             return
         source = path
         run_dir = self.resumed_from.parent.parent
@@ -815,7 +839,7 @@ class Trainer:
         tmp.write_text("".join(kept), encoding="utf-8")
         tmp.replace(path)
         self.metrics_file = open(path, "a")  # noqa: SIM115 (closed in close_writers)
-        self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1)
+        self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1, max_queue=TB_QUEUE)
 
     def close_writers(self) -> None:
         if self.is_main and not self.metrics_file.closed:
@@ -993,14 +1017,17 @@ class Trainer:
             dtype=torch.float64,
             device=self.device,
         )
-        reduced = all_reduce(torch.cat([loss_sum, count, flags])).cpu()
+        # One reduction and one device-to-host copy, before the optimizer step is queued (the dots too: read after it,
+        # they would wait for the optimizer's kernels).
+        parts = [loss_sum, count, flags, *([dots] if update_mixture else [])]
+        reduced = all_reduce(torch.cat(parts)).cpu()
         loss_sum, count = reduced[:K].numpy(), reduced[K : 2 * K].numpy()
         bad = "non-finite loss" if reduced[2 * K] > 0 else "non-finite gradient" if reduced[2 * K + 1] > 0 else None
         if self._optimizer_step(skip=bad is not None) and bad is None:
             bad = "non-finite gradient"  # DeepSpeed's own overflow check skipped it
         d = None
         if update_mixture and bad is None:
-            D = all_reduce(dots).cpu().numpy() / W  # <G, ∇ task k's share of the global token-mean loss>
+            D = reduced[2 * K + 2 :].numpy() / W  # <G, ∇ task k's share of the global token-mean loss>
             with np.errstate(invalid="ignore", divide="ignore"):
                 d = np.where(count > 0, D * count.sum() / np.maximum(count, 1), np.nan)
         loss = float(loss_sum.sum() / count.sum()) if count.sum() > 0 else math.nan  # no loss token: no loss
@@ -1070,7 +1097,8 @@ class Trainer:
         )
         eval_every = cfg.training.eval_every
         row: dict = {}
-        due_G = is_val or (update and self.G is None)
+        # G only for ADAPT: a static mixture validates every training.eval_every steps (if set) and at the end
+        due_G = self.adapt is not None and (is_val or (update and self.G is None))
         if due_G or (eval_every and self.step % eval_every == 0):
             val_batches = self._validation_batches(meta.val_examples_per_task)
             losses, counts = self.validation_losses(val_batches)
@@ -1174,6 +1202,8 @@ class Trainer:
 
     def _agreed_signal(self, signals: StopSignals) -> int | None:
         """The stop signal any rank received (SIGTERM before SIGINT), the same on every rank."""
+        if self.world_size == 1:  # no collective, no device tensor: no host-device sync every step
+            return signals.received if signals.received in (signal.SIGTERM, signal.SIGINT) else None
         mine = torch.tensor(
             [float(signals.received == signal.SIGTERM), float(signals.received == signal.SIGINT)],
             dtype=torch.float64,
@@ -1225,12 +1255,30 @@ class Trainer:
             self.tb.add_scalar("train/bad_steps", self.bad_steps, step)
         self.tb.add_scalar("train/lr", row["lr"], step)
         self.tb.add_scalar("train/tokens_consumed", row["tokens_consumed"], step)
-        for name, p in row["mixture"].items():
-            self.tb.add_scalar(f"mixture/{name}", p, step)
-        for name, v in row.get("val_loss", {}).items():
-            self.tb.add_scalar(f"val_loss/{name}", v, step)
-        for name, v in row.get("meta_dots", {}).items():
-            self.tb.add_scalar(f"meta_dots/{name}", v, step)
+        # Per-task values: a scalar per task (its own curve) up to TB_PER_TASK_SCALARS tasks, else one histogram per
+        # kind (a scalar costs ~40 us of the step: 1,600 tasks' would add ~100 ms a step, and no one reads 1,600
+        # curves; metrics.jsonl and mixture.csv keep every value). The mixture only when it changed.
+        mixture = tuple(row["mixture"].values())
+        if mixture != self._tb_mixture:
+            self._tb_mixture = mixture
+            self.tb.add_scalar("mixture/entropy", mixture_entropy(np.array(mixture)), step)
+            self._tb_per_task("mixture", row["mixture"], step)
+        if row.get("val_loss"):
+            values = list(row["val_loss"].values())
+            self.tb.add_scalar("val_loss/mean", float(np.mean(values)), step)
+            self.tb.add_scalar("val_loss/worst", float(np.max(values)), step)
+            self._tb_per_task("val_loss", row["val_loss"], step)
+        if "meta_dots" in row:
+            self._tb_per_task("meta_dots", row["meta_dots"], step)
+
+    def _tb_per_task(self, kind: str, values: dict[str, float | None], step: int) -> None:
+        if len(values) <= TB_PER_TASK_SCALARS:
+            for name, v in values.items():
+                self.tb.add_scalar(f"{kind}/{name}", v if v is not None else float("nan"), step)
+            return
+        finite = np.array([v for v in values.values() if v is not None and math.isfinite(v)], dtype=np.float64)
+        if finite.size:
+            self.tb.add_histogram(kind, finite, step)
 
     # ------------------------------------------------------------------ the end
 

@@ -950,7 +950,7 @@ def test_too_long_examples_are_dropped_and_counted(tmp_path):
     warned = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert warned[0] == (
         "warning: 3 example(s) longer than data.max_len (100 tokens): 0 cut to it, 3 dropped (data.truncate false); "
-        "every example of b was dropped (raise data.max_len to keep them whole)"
+        "every example of b was dropped; raise data.max_len to keep them whole"
     ), result.stderr
     assert report["tokens_consumed"] == 50
 

@@ -560,3 +560,40 @@ def test_a_model_adapt_cannot_dot_in_one_pass_is_refused_before_training(tmp_pat
     report, _ = train(tmp_path, "uniform", "--model.name", str(tmp_path / "moe"), "--budget.tokens", "3000",
                       "--mixture.method", "uniform")  # fmt: skip
     assert report["tokens_consumed"] == 3000
+
+
+def test_tensorboard_per_task_values_stay_cheap(tmp_path, monkeypatch):
+    """The mixture goes to TensorBoard only when it changes (a static one once), with its entropy; validation as
+    mean and worst plus a scalar per task, or, past TB_PER_TASK_SCALARS tasks, one histogram per kind instead of a
+    scalar per task (each costs the step ~40 us: 1,600 tasks' would add ~100 ms a step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import adapt_fast.train as train_module
+
+    _, rows = train(tmp_path, "static", "--budget.tokens", "6000", "--mixture.method", "uniform",
+                    "--training.eval_every", "2")  # fmt: skip
+    events = EventAccumulator(str(tmp_path / "static" / "tensorboard")).Reload()
+    names = list(rows[0]["mixture"])
+    assert [e.step for e in events.Scalars(f"mixture/{names[0]}")] == [1] and len(rows) > 2
+    assert [e.step for e in events.Scalars("val_loss/worst")] == [r["step"] for r in rows if "val_loss" in r]
+    assert [r["step"] for r in rows if "val_loss" in r] == [1, 3, 5]  # static: before every eval_every-th step
+
+    monkeypatch.setattr(train_module, "TB_PER_TASK_SCALARS", 2)
+    _, rows = train(tmp_path, "adapt", "--budget.tokens", "6000", "--meta.warmup", "1", "--meta.val_every", "2")
+    events = EventAccumulator(str(tmp_path / "adapt" / "tensorboard"), size_guidance={"histograms": 0}).Reload()
+    scalars, histograms = set(events.Tags()["scalars"]), set(events.Tags()["histograms"])
+    assert not any(tag.startswith(("mixture/copy", "val_loss/copy", "meta_dots/")) for tag in scalars), scalars
+    assert {"mixture/entropy", "val_loss/mean", "val_loss/worst"} <= scalars
+    assert {"mixture", "val_loss", "meta_dots"} <= histograms
+    changed = [r["step"] for i, r in enumerate(rows) if i == 0 or r["mixture"] != rows[i - 1]["mixture"]]
+    assert [e.step for e in events.Histograms("mixture")] == changed and len(changed) > 1
+
+
+def test_a_validation_batch_costlier_than_the_training_between_warns(tmp_path, capsys):
+    """Every step's G over 8 examples of each of 6 tasks costs more than one 512-token step: one warning naming the
+    two settings that trade it off."""
+    train(tmp_path, "v", "--budget.tokens", "1024", "--tokens_per_micro_batch", "512", "--meta.val_every", "1")
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: ADAPT's validation batch")]
+    assert "meta.val_examples_per_task 8 of 6 tasks" in line and "lower meta.val_examples_per_task or raise" in line
+    train(tmp_path, "w", "--budget.tokens", "1024", "--meta.val_every", "10")
+    assert "validation batch" not in capsys.readouterr().err

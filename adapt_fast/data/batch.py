@@ -49,10 +49,16 @@ class MicroBatch:
         return int(self.task_offsets.numel() - 1)
 
     def to(self, device: torch.device | str) -> MicroBatch:
-        moved = {
-            f.name: (v.to(device, non_blocking=True) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
-            for f in fields(self)
-        }
+        """The batch on `device`. To CUDA through pinned memory: a copy from pageable memory waits for the GPU's
+        queued work first, so the host could not prepare the next micro-batch while the GPU runs this one."""
+        pin = torch.device(device).type == "cuda"
+
+        def move(v: torch.Tensor) -> torch.Tensor:
+            if pin and v.device.type == "cpu":
+                v = v.pin_memory()
+            return v.to(device, non_blocking=True)
+
+        moved = {f.name: (move(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v) for f in fields(self)}
         return MicroBatch(**moved)
 
     def shift_labels(self) -> torch.Tensor:

@@ -55,7 +55,7 @@ def warn_max_len(data: TokenizedData, max_len: int, truncate: bool) -> None:
         f"{truncated + dropped} example(s) longer than data.max_len ({max_len} tokens): {truncated} cut to it, "
         f"{dropped} dropped ({why})"
         + (f"; every example of {', '.join(lost[:5])}{', ...' if len(lost) > 5 else ''} was dropped" if lost else "")
-        + " (raise data.max_len to keep them whole)",
+        + "; raise data.max_len to keep them whole",
         DataWarning,
         stacklevel=3,
     )
