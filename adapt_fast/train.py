@@ -545,6 +545,7 @@ class Trainer:
         self.G: dict[str, torch.Tensor] | None = None
         self.G_step: int | None = None  # the step G was computed at
         self.validation_tokens = 0
+        self._val_examples_of_task: list[np.ndarray] | None = None  # built on first use (_validation_batches)
         self.train_seconds = 0.0
         self.bad_steps = 0  # non-finite steps (update skipped), in all
         self.bad_in_a_row = 0
@@ -890,9 +891,13 @@ class Trainer:
             chosen = np.arange(val.num_examples)
         else:
             rng = np.random.default_rng([self.cfg.seed, self.step, 31337])
-            task_ids = np.asarray(val.task_ids)
+            if self._val_examples_of_task is None:  # each task's examples, ascending: one sort, not K scans
+                task_ids = np.asarray(val.task_ids)
+                order = np.argsort(task_ids, kind="stable")
+                bounds = np.searchsorted(task_ids[order], np.arange(self.K + 1))
+                self._val_examples_of_task = np.split(order, bounds[1:-1])
             chosen = np.concatenate(
-                [rng.permutation(np.flatnonzero(task_ids == k))[:examples_per_task] for k in range(self.K)]
+                [rng.permutation(members)[:examples_per_task] for members in self._val_examples_of_task]
             )
         batches = pack_examples(val, np.sort(chosen), self.cfg.tokens_per_micro_batch)
         self.validation_tokens += sum(b.num_tokens for b in batches)

@@ -351,8 +351,10 @@ class PackedLoader:
         if meta_step:  # floors, longest-waiting task first, within meta_floor_fraction of the capacity
             room, used = self.meta_floor_fraction * self.world_size * self.capacity, 0
             ties = np.random.default_rng([self.seed, self.stats.micro_steps, 1]).permutation(self.num_tasks)
+            by_task = np.argsort(pool_tasks, kind="stable")  # pool positions grouped by task, ascending in each
+            bounds = np.searchsorted(pool_tasks[by_task], np.arange(self.num_tasks + 1))
             for k in np.lexsort((ties, -self.floor_age)):  # longest-waiting first, ties in a seeded order
-                mine = np.flatnonzero(pool_tasks == k)[: self.meta_floor_examples].tolist()
+                mine = by_task[bounds[k] : bounds[k + 1]][: self.meta_floor_examples].tolist()
                 # what the floor would draw, looked at first: nothing is drawn for a floor that cannot fit
                 more = self._peek(k, self.meta_floor_examples - len(mine))
                 size = int(self._lengths[[pool[i] for i in mine] + more].sum())
