@@ -597,3 +597,17 @@ def test_a_validation_batch_costlier_than_the_training_between_warns(tmp_path, c
     assert "meta.val_examples_per_task 8 of 6 tasks" in line and "lower meta.val_examples_per_task or raise" in line
     train(tmp_path, "w", "--budget.tokens", "1024", "--meta.val_every", "10")
     assert "validation batch" not in capsys.readouterr().err
+
+
+def test_host_overhead_bench_smoke(tmp_path):
+    """bench/host_overhead.py runs end to end (3 tasks, 12 steps): every step kind timed, host time inside the step."""
+    cmd = [sys.executable, str(REPO / "bench" / "host_overhead.py"), "--out", str(tmp_path / "out"), "--tasks", "3",
+           "--steps", "12", "--work", str(tmp_path / "work")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kinds = json.loads((tmp_path / "out" / "host_overhead.json").read_text())["results"]["3"]
+    assert set(kinds) == {"plain", "update", "val+update"}
+    for r in kinds.values():
+        assert 0 < r["model_ms"] < r["step_ms"] and 0 < r["host_ms"] < r["step_ms"]
+    assert kinds["val+update"]["parts_ms"]["validation batch"] > 0 and kinds["plain"]["parts_ms"]["loader plan"] > 0
+    assert (tmp_path / "out" / "host_overhead.md").read_text().count("\n| 3 |") == 3
