@@ -565,8 +565,6 @@ class Trainer:
             self._open_writers()
         self._barrier()
 
-    # ------------------------------------------------------------------ checkpoints
-
     def _warn_validation_cost(self) -> None:
         """One warning when ADAPT's validation batch (its losses, then G: about 4/3 of a training pass over it, every
         meta.val_every steps) costs more than the training steps between two of them, as with many tasks."""
@@ -585,6 +583,8 @@ class Trainer:
                 DataWarning,
                 stacklevel=2,
             )
+
+    # ------------------------------------------------------------------ checkpoints
 
     def _barrier(self) -> None:
         if self.world_size > 1:
