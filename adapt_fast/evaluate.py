@@ -323,14 +323,16 @@ def format_table(result: dict) -> str:
     """A plain-text table: one row per task, then the mean and the worst (per column)."""
     has_gen = any("exact_match" in t for t in result["tasks"].values())
     width = max([len("task")] + [len(n) for n in result["tasks"]])
-    head = f"{'task':<{width}}  {'examples':>8}  {'val loss':>8}" + (f"  {'EM':>6}  {'ROUGE-L':>7}" if has_gen else "")
+    split = result.get("settings", {}).get("split", "validation")  # the column says which split was scored
+    loss = {"validation": "val loss", "test": "test loss"}.get(split, "loss")
+    head = f"{'task':<{width}}  {'examples':>8}  {loss:>9}" + (f"  {'EM':>6}  {'ROUGE-L':>7}" if has_gen else "")
 
     def line(name: str, row: dict, examples: str) -> str:
         def fmt(key: str, w: int) -> str:
             value = row.get(key)
             return f"{value:>{w}.4f}" if value is not None else f"{'-':>{w}}"
 
-        text = f"{name:<{width}}  {examples:>8}  {fmt('val_loss', 8)}"
+        text = f"{name:<{width}}  {examples:>8}  {fmt('val_loss', 9)}"
         return text + (f"  {fmt('exact_match', 6)}  {fmt('rouge_l', 7)}" if has_gen else "")
 
     lines = [head, "-" * len(head)]

@@ -216,6 +216,7 @@ def test_evaluate_in_process(suite, model_dir):
     assert len(result["predictions"]) == len(records) == result["overall"]["examples"]
     table = format_table(result)
     assert all(name in table for name in SUITE_TASKS) and "mean" in table and "worst" in table
+    assert "val loss" in table.splitlines()[0]
 
     loss_only = evaluate(model, tokenizer, records, generate=False, max_new_tokens=4, batch_size=4,
                          tokens_per_micro_batch=512)  # fmt: skip
@@ -255,6 +256,7 @@ def test_split_test_scores_the_datas_test_rows_that_training_never_reads(model_d
         ["--model", str(model_dir), "--data", str(data), "--split", "test", "--tokens_per_micro_batch", "256"]
     )
     assert result["overall"]["examples"] == 6 and set(result["tasks"]) == {"a", "b"}
+    assert "test loss" in format_table(result).splitlines()[0]  # the column names the split scored
 
     hidden = tmp_path / "hidden.jsonl"
     unanswered = {"task": "", "prompt": "?", "split": "test"}  # no answer, not even a task name: never read
