@@ -1298,6 +1298,7 @@ class Trainer:
         gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
         dist.all_gather(gathered, mine)
         identical = all(torch.equal(g, gathered[0]) for g in gathered)
+        cut, dropped, _ = max_len_losses(self.data)
         report = {
             "method": self.cfg.mixture.method,
             "budget_tokens": self.budget,
@@ -1310,8 +1311,8 @@ class Trainer:
             "validation_tokens": self.validation_tokens,
             "padding_fraction": stats.padding_fraction,
             "examples_reused": stats.reused,
-            "examples_cut_to_max_len": max_len_losses(self.data)[0],
-            "examples_dropped_by_max_len": max_len_losses(self.data)[1],
+            "examples_cut_to_max_len": cut,
+            "examples_dropped_by_max_len": dropped,
             "steps": self.step,
             "mixture_final": {n: float(p) for n, p in zip(self.task_names, self.mixture, strict=True)},
             "mixture_entropy_final": mixture_entropy(self.mixture),

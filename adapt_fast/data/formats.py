@@ -266,10 +266,15 @@ def _messages(value, where: str, column: str) -> list[dict]:
         messages.append({**m, "role": role, "content": content})
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: {column!r} must end with an assistant turn (its last is {messages[-1]['role']!r})")
-    trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
+    trained = [i for i, m in enumerate(messages) if carries_loss(m)]
     if not trained:
         raise DataError(f"{where}: {column!r}: every assistant turn has weight 0 (nothing to train on)")
     return messages[: trained[-1] + 1]  # the turns after the last one of weight 1 carry no loss: not trained on
+
+
+def carries_loss(message: dict) -> bool:
+    """An assistant turn that may carry the loss (not one of Axolotl's weight 0)."""
+    return message["role"] == "assistant" and message.get("weight", 1) != 0
 
 
 def turn_text(message: dict) -> str:
@@ -283,8 +288,9 @@ def turn_text(message: dict) -> str:
 def _alpaca_messages(row: dict, where: str, instruction: str, text: str) -> list[dict] | None:
     """LLaMA-Factory's Alpaca rows with a `system` prompt or a `history` of [query, answer] pairs as chat messages
     (its user turn: the instruction, then the input on a new line), or None for a plain Alpaca row."""
-    system, history = _text(row.get("system"), where, "system", optional=True), row.get("history") or []
-    if not system and not history:
+    system, history = _text(row.get("system"), where, "system", optional=True), row.get("history")
+    history = [] if history is None else history
+    if not system and len(history) == 0:
         return None
     pairs = history if isinstance(history, (list, tuple, np.ndarray)) else None
     if pairs is None or not all(isinstance(p, (list, tuple, np.ndarray)) and len(p) == 2 for p in pairs):

@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 
-from adapt_fast.data.formats import turn_text
+from adapt_fast.data.formats import carries_loss, turn_text
 from adapt_fast.errors import ConfigError
 
 NI_TEMPLATES = ("ni", "chat")
@@ -29,17 +29,12 @@ def resolve_template(template: str, tokenizer) -> str:
     return template
 
 
-def _trained(message: dict) -> bool:
-    """An assistant turn that carries the loss under assistant_turns 'all' (not one of Axolotl's weight 0)."""
-    return message["role"] == "assistant" and message.get("weight", 1) != 0
-
-
 def transcript_pieces(messages: list[dict]) -> list[tuple[str, bool]]:
     """Chat messages but the last (the answer) as plain text for a model without a chat template: each turn as
     'Role: content', then the 'Assistant: ' cue the answer follows. -> (text, is an assistant turn's content)."""
     pieces = []
     for m in messages[:-1]:
-        pieces += [(f"{m['role'].capitalize()}: ", False), (turn_text(m), _trained(m)), ("\n\n", False)]
+        pieces += [(f"{m['role'].capitalize()}: ", False), (turn_text(m), carries_loss(m)), ("\n\n", False)]
     return pieces + [(f"{messages[-1]['role'].capitalize()}: ", False)]
 
 
@@ -77,7 +72,7 @@ def _earlier_assistant_turns(tokenizer, messages: list[dict], ids: list[int], ma
     a turn it renders otherwise (templates that rewrite earlier turns) is left as context."""
     mask = list(mask)
     for i, m in enumerate(messages[:-1]):
-        if not _trained(m):
+        if not carries_loss(m):
             continue
         before, upto = _chat_ids(tokenizer, messages[:i], True), _chat_ids(tokenizer, messages[: i + 1])
         if upto[: len(before)] == before and ids[: len(upto)] == upto:
