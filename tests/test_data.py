@@ -715,6 +715,35 @@ def test_many_tasks_on_one_rank_keep_waits_pool_and_floors_bounded():
     assert loader.stats.padding_fraction < 0.005, seed
 
 
+@pytest.mark.parametrize("allow_repeat", [True, False])
+def test_the_plans_view_of_each_task_follows_its_stream(allow_repeat):
+    """The plan reads each task's next example and whether it can still draw from per-task arrays (so a step does
+    not ask K streams); they must stay what the streams say: across epochs, tasks that run out, and a resume."""
+    seed = int(np.random.default_rng().integers(1 << 30))
+    split = lognormal_split(3_000, 60, 120, 1024, seed)
+    budget = int(np.asarray(split.lengths).sum()) * (3 if allow_repeat else 1) // 2
+    p = np.random.default_rng(seed).dirichlet(np.ones(60))
+    loader = PackedLoader(split, 2048, budget, p, seed=seed, allow_repeat=allow_repeat)
+
+    def agrees(loader: PackedLoader) -> None:
+        for k in range(loader.num_tasks):
+            ahead = loader._peek(k, 1)
+            assert loader._live_mask[k] == loader._has_data(k), (seed, k)
+            assert loader._next_length[k] == (split.lengths[ahead[0]] if ahead else -1), (seed, k)
+
+    step = 0
+    while loader.next_micro_batch(meta_step=step % 3 == 0) is not None:
+        step += 1
+        if step % 40 == 0:
+            agrees(loader)
+            resumed = PackedLoader(split, 2048, budget, p, seed=seed, allow_repeat=allow_repeat)
+            resumed.load_state_dict(json.loads(json.dumps(loader.state_dict())))
+            agrees(resumed)
+    agrees(loader)
+    assert allow_repeat == any(s.epoch > 0 for s in loader.streams), seed  # epochs crossed / tasks ran out
+    assert allow_repeat or not loader._live_mask.all(), seed
+
+
 def test_budget_above_the_data_warns_or_errors(suite):
     total = int(np.asarray(suite.train.lengths).sum())
     p = np.ones(suite.num_tasks) / suite.num_tasks

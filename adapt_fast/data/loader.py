@@ -194,7 +194,14 @@ class PackedLoader:
         self.seed = seed
         self.task_names = list(task_names) if task_names is not None else [str(k) for k in range(split.num_tasks)]
         self._ran_out = np.zeros(split.num_tasks, dtype=bool)  # tasks already reported as out of examples
-        self.streams = [TaskStream(split.examples_of_task(k), seed, k) for k in range(self.num_tasks)]
+        by_task = np.argsort(np.asarray(split.task_ids), kind="stable")  # example indices grouped by task, ascending
+        bounds = np.searchsorted(np.asarray(split.task_ids)[by_task], np.arange(self.num_tasks + 1))
+        self.streams = [TaskStream(by_task[bounds[k] : bounds[k + 1]], seed, k) for k in range(self.num_tasks)]
+        # What each task would give next, kept per task and refreshed when it draws, so that a step's plan
+        # does not ask K streams: (K,) bool, can still draw (_has_data), and (K,) its next example's length (-1: none)
+        self._live_mask = np.zeros(self.num_tasks, dtype=bool)
+        self._next_length = np.full(self.num_tasks, -1, dtype=np.int64)
+        self._refresh(range(self.num_tasks))
         self.leftovers: list[int] = []
         self.leftover_waits: list[int] = []  # steps each leftover has waited (parallel to leftovers)
         self.stats = LoaderStats(
@@ -268,6 +275,7 @@ class PackedLoader:
     def load_state_dict(self, state: dict) -> None:
         for stream, s in zip(self.streams, state["streams"], strict=True):
             stream.load_state_dict(s)
+        self._refresh(range(self.num_tasks))
         self.leftovers = [int(i) for i in state["leftovers"]]
         # absent in checkpoints from before subset-sum placement: count those leftovers as waiting one step
         self.leftover_waits = [int(w) for w in state.get("leftover_waits", [1] * len(self.leftovers))]
@@ -294,15 +302,24 @@ class PackedLoader:
         stream = self.streams[task]
         return len(stream) > 0 and (self.allow_repeat or not stream.exhausted_once)
 
+    def _refresh(self, tasks) -> None:
+        """Recompute _live_mask and _next_length of these tasks from their streams."""
+        for k in tasks:
+            self._live_mask[k] = self._has_data(k)
+            ahead = self._peek(k, 1)
+            self._next_length[k] = self._lengths[ahead[0]] if ahead else -1
+
     def _live(self) -> np.ndarray:
         """(K,) bool: _has_data of every task."""
-        return np.array([self._has_data(k) for k in range(self.num_tasks)], dtype=bool)
+        return self._live_mask.copy()
 
     def _draw(self, task: int) -> int | None:
         stream = self.streams[task]
         if not self._has_data(task):
             return None
-        return stream.next()
+        example = stream.next()
+        self._refresh((task,))
+        return example
 
     def _peek(self, task: int, n: int) -> list[int]:
         """The next (at most) n examples _draw(task) would return, not drawn."""
@@ -348,12 +365,28 @@ class PackedLoader:
         desired = np.where(live, desired, 0.0)
         quota = largest_remainder(int(round(desired.sum())), desired) - per_task_pool.astype(np.int64)
         floors: dict[int, list[int]] = {}  # task -> pool positions of its floor examples this step
-        if meta_step:  # floors, longest-waiting task first, within meta_floor_fraction of the capacity
+        if meta_step and self.meta_floor_examples > 0:  # floors, longest-waiting task first, within the room
             room, used = self.meta_floor_fraction * self.world_size * self.capacity, 0
             ties = np.random.default_rng([self.seed, self.stats.micro_steps, 1]).permutation(self.num_tasks)
             by_task = np.argsort(pool_tasks, kind="stable")  # pool positions grouped by task, ascending in each
             bounds = np.searchsorted(pool_tasks[by_task], np.arange(self.num_tasks + 1))
-            for k in np.lexsort((ties, -self.floor_age)):  # longest-waiting first, ties in a seeded order
+            # a lower bound on each task's floor size (its pool part, plus its next example if it must draw),
+            # so that the K tasks are not each asked what they would draw once the room is nearly full
+            in_pool = np.diff(bounds)
+            rank = np.arange(len(pool)) - np.repeat(bounds[:-1], in_pool)
+            first = by_task[rank < self.meta_floor_examples]
+            least = np.bincount(pool_tasks[first], weights=self._lengths[pool][first], minlength=self.num_tasks)
+            draws = (in_pool < self.meta_floor_examples) & (self._next_length >= 0)
+            least += np.where(draws, self._next_length, 0)
+            order = np.lexsort((ties, -self.floor_age))  # longest-waiting first, ties in a seeded order
+            order = order[(in_pool > 0)[order] | draws[order]]  # the tasks with a floor to give
+            least_after = np.minimum.accumulate(least[order][::-1])[::-1].tolist()  # smallest from here on
+            least = least.tolist()
+            for n, k in enumerate(order.tolist()):
+                if used and used + least_after[n] > room:
+                    break  # no floor left fits
+                if used and used + least[k] > room:
+                    continue
                 mine = by_task[bounds[k] : bounds[k + 1]][: self.meta_floor_examples].tolist()
                 # what the floor would draw, looked at first: nothing is drawn for a floor that cannot fit
                 more = self._peek(k, self.meta_floor_examples - len(mine))
@@ -396,12 +429,11 @@ class PackedLoader:
             quota += largest_remainder(short, p)  # on top of what each task overshot
             self._draw_quotas(quota, pool, half=True)
             if len(pool) == before:  # every part a sliver of an example (many tasks): the most owed tasks draw
-                for k in np.argsort(-(quota / np.maximum(p, 1e-300)), kind="stable"):
+                for k in np.argsort(-(quota / np.maximum(p, 1e-300)), kind="stable").tolist():
                     if short <= 0:
                         break
-                    ahead = self._peek(k, 1) if p[k] > 0 else []
-                    if ahead:
-                        short -= self._take(k, ahead[0], pool, quota)
+                    if p[k] > 0 and self._next_length[k] >= 0:
+                        short -= self._take(k, self._peek(k, 1)[0], pool, quota)
             if len(pool) == before:
                 break
             lengths = self._lengths[np.asarray(pool, dtype=np.int64)].astype(np.int64)
@@ -441,7 +473,10 @@ class PackedLoader:
         """Draw from each task k while its quota[k] (tokens) is positive (the last example may overshoot) or, with
         `half`, covers at least half of its next example; appends to pool and lowers quota in place. The top-up
         draws with `half`: a task whose part of it is a sliver of one example does not get a whole one each round."""
-        for k in range(self.num_tasks):
+        can = (quota > 0) & (self._next_length >= 0)
+        if half:
+            can &= 2 * quota >= self._next_length
+        for k in np.flatnonzero(can).tolist():  # a draw from k changes only k's quota and next example
             while quota[k] > 0:
                 ahead = self._peek(k, 1)
                 if not ahead or (half and 2 * quota[k] < self._lengths[ahead[0]]):
