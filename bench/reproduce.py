@@ -43,6 +43,7 @@ Scratch (trainer outputs, tokenised cache, models) lives in <out>/work, removed 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import gzip
 import hashlib
@@ -51,6 +52,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -325,9 +327,28 @@ def trainer_args(spec: RunSpec, scale: Scale, paths: Paths, work: Path) -> list[
     return args
 
 
-def settings_hash(spec: RunSpec, scale: Scale, paths: Paths) -> str:
+def code_version() -> dict:
+    """What code a run used: a hash of the trainer's and this script's sources (`code`), and the git commit they
+    were checked out at, `-dirty` when they differ from it (`commit`, for the reader). A run whose code differs
+    is redone, and the tables say when their runs come from more than one version."""
+    sources = sorted([*REPO.glob("adapt_fast/**/*.py"), *REPO.glob("kernels/**/*.py"), Path(__file__).resolve()])
+    digest = hashlib.sha256()
+    for f in sources:
+        digest.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    try:
+        git = ["git", "-C", str(REPO)]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        changed = subprocess.run([*git, "status", "--porcelain", "--", "adapt_fast", "kernels", "bench/reproduce.py"],
+                                 capture_output=True, text=True, check=True)  # fmt: skip
+        label = commit.stdout.strip() + ("-dirty" if changed.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        label = "unknown (no git)"
+    return {"code": digest.hexdigest()[:12], "commit": label}
+
+
+def settings_hash(spec: RunSpec, scale: Scale, paths: Paths, code: str) -> str:
     args = trainer_args(spec, scale, paths, Path("-"))
-    parts = [args, dataclasses.asdict(scale), SIZES, HELDOUT_TASKS]
+    parts = [args, dataclasses.asdict(scale), SIZES, HELDOUT_TASKS, code]
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.replace(str(paths.out), "<out>").encode()).hexdigest()[:16]
 
@@ -356,6 +377,7 @@ def run_one(spec: RunSpec, scale: Scale, paths: Paths) -> dict:
 
     work = paths.work / "runs" / spec.id.replace("/", "_")
     shutil.rmtree(work, ignore_errors=True)
+    version = code_version()  # as the run starts: an edit to the checkout during a study shows in its tables
     t0, cpu0 = time.time(), time.process_time()
     report = main(trainer_args(spec, scale, paths, work))
     train_wall = time.time() - t0
@@ -384,7 +406,8 @@ def run_one(spec: RunSpec, scale: Scale, paths: Paths) -> dict:
     mixture = _downsample([{"tokens": t, "p": r["mixture"]} for t, r in zip(starts, rows, strict=True)], 120)
     result = {
         "id": spec.id, "suite": spec.suite, "budget_fraction": spec.budget, "variant": spec.variant.name,
-        "seed": spec.seed, "settings": settings_hash(spec, scale, paths), "scale": scale.name,
+        "seed": spec.seed, "settings": settings_hash(spec, scale, paths, version["code"]),
+        "code": version["code"], "commit": version["commit"], "scale": scale.name,
         "args": trainer_args(spec, scale, paths, Path("<work>")),
         "budget_tokens": report["budget_tokens"], "tokens_consumed": report["tokens_consumed"],
         "steps": report["steps"], "tokens_per_task": report["tokens_per_task"],
@@ -494,12 +517,14 @@ def cost(spec: RunSpec) -> float:
 
 
 def run_study(scale: Scale, paths: Paths, specs: list[RunSpec], workers: int, threads: int) -> None:
+    version = code_version()
+    print(f"code: commit {version['commit']}, sources {version['code']}", flush=True)
     todo = []
     for spec in specs:
         f = paths.result(spec)
         if f.is_file():
             try:
-                if json.loads(f.read_text()).get("settings") == settings_hash(spec, scale, paths):
+                if json.loads(f.read_text()).get("settings") == settings_hash(spec, scale, paths, version["code"]):
                     continue
             except (OSError, json.JSONDecodeError):
                 pass
@@ -807,6 +832,13 @@ def markdown(summary: dict, scale: Scale, results: list[dict]) -> str:
         "over the seeds that reach it; reached/total).",
         "",
     ]
+    versions = collections.Counter((r.get("commit", "unknown"), r.get("code", "unknown")) for r in results)
+    if len(versions) == 1:
+        (commit, code), _ = versions.most_common(1)[0]
+        lines += [f"Code: commit `{commit}` (sources `{code}`).", ""]
+    else:
+        listed = ", ".join(f"`{c}` (sources `{h}`): {n} runs" for (c, h), n in sorted(versions.items()))
+        lines += [f"**These runs come from {len(versions)} versions of the code**, not comparable: {listed}.", ""]
     for suite in ("synthetic", "ni"):
         if suite not in summary:
             continue

@@ -34,6 +34,8 @@ def test_reproduce_quick(tmp_path):
 
     text = (out / "results.md").read_text()
     assert "| method |" in text and "## Findings" in text
+    codes = {json.loads(f.read_text())["code"] for f in runs}  # every run names the sources it ran
+    assert len(codes) == 1 and f"(sources `{codes.pop()}`)" in text and "Code: commit `" in text
     assert list((out / "plots").glob("synthetic_b*.png"))
     assert not (out / "work" / "runs").exists() or not list((out / "work" / "runs").iterdir())
 
