@@ -35,6 +35,12 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def some_of(names: list[str], most: int = 5) -> str:
+    """The first `most` names, comma-separated, then how many more: a line that stays one line for 1,600 tasks."""
+    more = len(names) - most
+    return ", ".join(names[:most]) + (f" and {more:,} more" if more > 0 else "")
+
+
 class DataWarning(UserWarning):
     """Something the user should know that is not an error (examples reused, a task ran out, a setting that has no
     effect). The commands print it as one `warning:` line."""

@@ -319,10 +319,18 @@ def evaluate(
     return result
 
 
-def format_table(result: dict) -> str:
-    """A plain-text table: one row per task, then the mean and the worst (per column)."""
+TABLE_MAX_TASKS = 50  # more tasks than this: the table shows the highest-loss ones (the JSON has every task)
+
+
+def format_table(result: dict, most: int = TABLE_MAX_TASKS) -> str:
+    """A plain-text table: one row per task (past `most` tasks, the `most` // 2 with the highest loss), then the mean
+    and the worst (per column)."""
     has_gen = any("exact_match" in t for t in result["tasks"].values())
-    width = max([len("task")] + [len(n) for n in result["tasks"]])
+    shown = result["tasks"]
+    if len(shown) > most:
+        order = sorted(shown, key=lambda n: -math.inf if shown[n].get("val_loss") is None else shown[n]["val_loss"])
+        shown = {name: shown[name] for name in order[::-1][: most // 2]}
+    width = max([len("task")] + [len(n) for n in shown])
     split = result.get("settings", {}).get("split", "validation")  # the column says which split was scored
     loss = {"validation": "val loss", "test": "test loss"}.get(split, "loss")
     head = f"{'task':<{width}}  {'examples':>8}  {loss:>9}" + (f"  {'EM':>6}  {'ROUGE-L':>7}" if has_gen else "")
@@ -336,7 +344,9 @@ def format_table(result: dict) -> str:
         return text + (f"  {fmt('exact_match', 6)}  {fmt('rouge_l', 7)}" if has_gen else "")
 
     lines = [head, "-" * len(head)]
-    lines += [line(name, row, str(row["examples"])) for name, row in result["tasks"].items()]
+    lines += [line(name, row, str(row["examples"])) for name, row in shown.items()]
+    if len(shown) < len(result["tasks"]):
+        lines.append(f"... the {len(shown)} of {len(result['tasks']):,} tasks with the highest loss; the JSON has all")
     lines.append("-" * len(head))
     lines.append(line("mean", result["mean"], str(result["overall"]["examples"])))
     lines.append(line("worst", result["worst"], ""))

@@ -98,6 +98,7 @@ from adapt_fast.errors import (
     RunStopped,
     UserError,
     exit_on_user_error,
+    some_of,
 )
 from adapt_fast.mixture import AdaptMixture, AdaptSettings, mixture_entropy, static_mixture
 
@@ -406,15 +407,29 @@ class Trainer:
         self.K = len(self.task_names)
         if self.data.validation.num_examples == 0 and cfg.mixture.method == "adapt":
             raise ConfigError("mixture.method adapt needs validation examples (data.val_fraction or data.val_examples)")
-        self.objective = check_task_names(cfg.meta.val_tasks, self.data, "meta.val_tasks") or list(range(self.K))
-        unmeasured = [self.task_names[k] for k in self.objective if self.data.validation.examples_per_task()[k] == 0]
+        named = check_task_names(cfg.meta.val_tasks, self.data, "meta.val_tasks")
+        self.objective = named or list(range(self.K))
+        val_examples = self.data.validation.examples_per_task()
+        unmeasured = [self.task_names[k] for k in self.objective if val_examples[k] == 0]
         if unmeasured and cfg.mixture.method == "adapt":
             lost = set(max_len_losses(self.data)[2])
-            why = "all its examples were longer than data.max_len, or it has" if set(unmeasured) & lost else "it has"
-            raise ConfigError(
-                f"mixture.method adapt: no validation examples for {', '.join(unmeasured)} ({why} fewer than the two "
-                "examples a split needs; leave it out with data.tasks, or out of the objective with meta.val_tasks)"
-            )
+            why = "every example longer than data.max_len, or fewer" if set(unmeasured) & lost else "fewer"
+            why += " than the two examples a split needs"
+            if named or len(unmeasured) == len(self.objective):  # tasks the user named, or nothing left to measure
+                raise ConfigError(
+                    f"mixture.method adapt: no validation examples for {some_of(unmeasured)} ({why}; leave them out "
+                    "with data.tasks, or out of the objective with meta.val_tasks)"
+                )
+            # All tasks by default: the ones with nothing to validate on stay out of the objective Φ (and train).
+            self.objective = [k for k in self.objective if val_examples[k] > 0]
+            if self.is_main:
+                warnings.warn(
+                    f"{len(unmeasured):,} task(s) have no validation examples ({some_of(unmeasured)}: {why}): "
+                    "ADAPT's objective leaves them out; they still train, their share steered by the other tasks' "
+                    "validation losses (meta.val_tasks names the objective's tasks)",
+                    DataWarning,
+                    stacklevel=2,
+                )
         self.budget = resolve_budget(cfg, self.data.train)
 
         # Mixture.
@@ -1362,8 +1377,7 @@ class Trainer:
                     return
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # no earlier report of this run: log
-        for name, v in report["val_loss_per_task"].items():
-            self.tb.add_scalar(f"final_val_loss/{name}", v, self.step)
+        self._tb_per_task("final_val_loss", report["val_loss_per_task"], self.step)
         for key in ("mean", "worst"):
             if report[f"val_loss_{key}"] is not None:
                 self.tb.add_scalar(f"final_val_loss/{key}", report[f"val_loss_{key}"], self.step)

@@ -217,6 +217,9 @@ def test_evaluate_in_process(suite, model_dir):
     table = format_table(result)
     assert all(name in table for name in SUITE_TASKS) and "mean" in table and "worst" in table
     assert "val loss" in table.splitlines()[0]
+    short = format_table(result, most=3).splitlines()  # more tasks than `most`: the highest-loss one, then a note
+    assert short[2].split()[0] == max(result["tasks"], key=lambda n: result["tasks"][n]["val_loss"]), short
+    assert f"the 1 of {len(SUITE_TASKS)} tasks with the highest loss" in short[3] and short[-1].startswith("worst")
 
     loss_only = evaluate(model, tokenizer, records, generate=False, max_new_tokens=4, batch_size=4,
                          tokens_per_micro_batch=512)  # fmt: skip

@@ -422,7 +422,7 @@ def test_non_finite_meta_gradient_skips_only_the_mixture_update(workdir, monkeyp
         (["--resume", "/no/such/checkpoint"], "--resume: no such checkpoint"),
         (["UNWRITABLE"], "output_dir is not writable"),
         (["A_FILE"], "is a file, not a folder"),
-        (["ONE_EXAMPLE_TASK"], "mixture.method adapt: no validation examples for b (it has fewer than the two"),
+        (["ONE_EXAMPLE_TASK"], "mixture.method adapt: no validation examples for b (fewer than the two"),
         (["NOT_A_MODEL"], "not a model folder"),
         (["A_CHECKPOINT"], "a training checkpoint (DeepSpeed state), not a model folder; the model folder is"),
         (["DEEPSPEED_SECTION"], "zero_optimization must be a JSON object"),
@@ -448,10 +448,8 @@ def test_bad_configuration_is_one_line_exit_2(workdir, capsys, extra, needle):
     if extra == ["DEEPSPEED_SECTION"]:
         (workdir / "section.json").write_text(json.dumps({"zero_optimization": 5}))
         extra = ["--training.deepspeed_config", str(workdir / "section.json")]
-    if extra == ["ONE_EXAMPLE_TASK"]:  # task b cannot be split: ADAPT would never measure its validation loss
-        rows = [{"task": "a" if i else "b", "prompt": f"q{i}", "response": "r"} for i in range(11)]
-        (workdir / "one.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        extra = ["--data.path", str(workdir / "one.jsonl")]
+    if extra == ["ONE_EXAMPLE_TASK"]:  # task b cannot be split, and the objective is named to be b alone
+        extra = ["--data.path", str(one_example_task(workdir)), "--meta.val_tasks", "b"]
     with pytest.raises(SystemExit) as exc:
         main(args(workdir, out, *extra))
     assert exc.value.code == 2
@@ -460,6 +458,24 @@ def test_bad_configuration_is_one_line_exit_2(workdir, capsys, extra, needle):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], err[-1000:]
     assert not (workdir / "bad" / "metrics.jsonl").exists()  # stopped before any training
+
+
+def one_example_task(workdir: Path) -> Path:
+    """Tasks a (10 examples) and b (1: too few to split, so no validation example)."""
+    rows = [{"task": "a" if i else "b", "prompt": f"q{i}", "response": "r"} for i in range(11)]
+    (workdir / "one.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return workdir / "one.jsonl"
+
+
+def test_tasks_without_validation_examples_stay_out_of_the_objective(workdir, capsys):
+    """By default every task is in ADAPT's objective; one with nothing to validate on is left out of it with one
+    warning (it used to stop the run, naming every such task: a 3,000-character line at 1,600 SNI tasks)."""
+    out = workdir / "no_val_task"
+    report = main(args(workdir, out, "--data.path", str(one_example_task(workdir)), "--budget.tokens", "600"))
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert any("1 task(s) have no validation examples (b:" in line for line in warned), warned
+    assert report["tokens_per_task"]["b"] > 0  # it still trains
+    assert set(report["val_loss_per_task"]) == {"a"}
 
 
 # ----------------------------------------------------------------------------- 2 ranks, SIGTERM

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adapt_fast.errors import DataError, first_line
+from adapt_fast.errors import DataError, first_line, some_of
 
 RECORD_KEYS = (
     "task",
@@ -536,9 +536,8 @@ def data_files(path: Path) -> list[Path]:
         elif suffix_of(file) not in DOC_SUFFIXES and not file.name.upper().startswith(("LICENSE", "README")):
             unread.append(str(rel))
     if unread:
-        listed = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
         raise DataError(
-            f"{path}: files that are not data it reads: {listed} (data files are .jsonl, .jsonl.gz, .json and "
+            f"{path}: files that are not data it reads: {some_of(unread)} (data files are .jsonl, .jsonl.gz, .json and "
             ".parquet, in any subfolder; convert or move the others)"
         )
     if not files:

@@ -42,7 +42,7 @@ import torch
 from adapt_fast.data.batch import IGNORE_INDEX, PAD_TASK, MicroBatch
 from adapt_fast.data.cache import TokenizedSplit
 from adapt_fast.data.pack import best_fit_pack, cut_to_budget, place_pool
-from adapt_fast.errors import DataError, DataWarning
+from adapt_fast.errors import DataError, DataWarning, some_of
 
 
 def largest_remainder(total: int, p: np.ndarray) -> np.ndarray:
@@ -346,7 +346,7 @@ class PackedLoader:
                                f"examples left after {self.consumed} of the budget's {self.budget} {self.unit} "
                                "(budget.allow_repeat false)")):  # fmt: skip
                 if which.any():
-                    names = ", ".join(self.task_names[k] for k in np.flatnonzero(which))
+                    names = some_of([self.task_names[k] for k in np.flatnonzero(which)])
                     warnings.warn(
                         f"task(s) {names} {why}: the other tasks take their share of the mixture",
                         DataWarning,

@@ -11,7 +11,7 @@ from adapt_fast.config import Config, check_no_repeats
 from adapt_fast.data.cache import TokenizedData, TokenizedSplit, build_or_load, default_cache_dir
 from adapt_fast.data.loader import PackedLoader
 from adapt_fast.data.synthetic import write_synthetic_suite
-from adapt_fast.errors import ConfigError, DataError, DataWarning
+from adapt_fast.errors import ConfigError, DataError, DataWarning, some_of
 
 
 def cache_root(cfg: Config) -> Path:
@@ -54,7 +54,7 @@ def warn_max_len(data: TokenizedData, max_len: int, truncate: bool) -> None:
     warnings.warn(
         f"{truncated + dropped} example(s) longer than data.max_len ({max_len} tokens): {truncated} cut to it, "
         f"{dropped} dropped ({why})"
-        + (f"; every example of {', '.join(lost[:5])}{', ...' if len(lost) > 5 else ''} was dropped" if lost else "")
+        + (f"; every example of {some_of(lost)} was dropped" if lost else "")
         + "; raise data.max_len to keep them whole",
         DataWarning,
         stacklevel=3,

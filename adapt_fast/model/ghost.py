@@ -34,6 +34,7 @@ from torch.func import jvp
 from transformers.pytorch_utils import Conv1D
 
 from adapt_fast.data.batch import IGNORE_INDEX, MicroBatch
+from adapt_fast.errors import some_of
 from adapt_fast.kernels import PerTaskLoss, per_task_ghost_dot, per_task_weight_grad, reference_kernels
 from adapt_fast.model import zero3
 from adapt_fast.model.loading import unwrap
@@ -103,10 +104,9 @@ def hooked_modules(model: nn.Module) -> tuple[list[tuple[nn.Module, str, dict[st
 
 def uncovered_message(uncovered: list[str], most: int = 4) -> str:
     """One line naming (the first few of) the parameters whose per-task dots cannot be taken."""
-    named = ", ".join(uncovered[:most]) + (f" and {len(uncovered) - most} more" if len(uncovered) > most else "")
     return (
         "these trainable parameters are not in a module known to act token-wise (Linear, Conv1D, Embedding, "
-        f"*RMSNorm / *LayerNorm), so their per-task dots cannot be taken in one pass: {named}"
+        f"*RMSNorm / *LayerNorm), so their per-task dots cannot be taken in one pass: {some_of(uncovered, most)}"
     )
 
 
