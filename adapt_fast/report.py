@@ -14,8 +14,10 @@ import csv
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
@@ -24,6 +26,7 @@ from matplotlib.ticker import EngFormatter
 from adapt_fast.errors import DataError, UserError, exit_on_user_error
 
 OUTPUTS = ("mixture.csv", "mixture.png", "val_loss.png")
+PLOT_MAX_TASKS = 20  # more tasks than this: the plots draw the largest (mixture) or worst (loss) few and a summary
 
 
 # ----------------------------------------------------------------------------- reading
@@ -148,14 +151,24 @@ def _save(fig: Figure, path: str | Path) -> None:
 def plot_mixture(rows: list[dict], path: str | Path, title: str | None = None) -> None:
     """Stacked area of the task shares p against tokens consumed (PNG)."""
     x, names, values = _series(rows, "mixture")
+    values = [[0.0 if math.isnan(v) else v for v in vs] for vs in values]
+    if len(names) > PLOT_MAX_TASKS:  # the tasks with the largest mean share, the others as one grey band
+        keep = sorted(range(len(names)), key=lambda k: -sum(values[k]))[: PLOT_MAX_TASKS - 1]
+        rest = sorted(set(range(len(names))) - set(keep))
+        other = [sum(col) for col in zip(*(values[k] for k in rest), strict=True)]
+        keep.sort()  # in the order of the data, as below
+        names = [names[k] for k in keep] + [f"other {len(rest):,} tasks"]
+        values = [values[k] for k in keep] + [other]
+        colors = _colors(len(keep)) + ["#c8c8c8"]
+    else:
+        colors = _colors(len(names))
     fig, ax = _figure(len(names))
     if not x:
         _placeholder(ax, "no mixture logged")
     else:
-        values = [[0.0 if math.isnan(v) else v for v in vs] for vs in values]
         if len(x) == 1:  # one logged step: draw it as a thin band so it is visible
             x, values = [x[0], x[0] + 1], [vs * 2 for vs in values]
-        ax.stackplot(x, values, labels=names, colors=_colors(len(names)), linewidth=0.3, edgecolor="white")
+        ax.stackplot(x, values, labels=names, colors=colors, linewidth=0.3, edgecolor="white")
         ax.set_xlim(min(x), max(x))
         ax.set_ylim(0, max(1.0, max(sum(col) for col in zip(*values, strict=True))))
         ax.set_xlabel("tokens consumed")
@@ -168,25 +181,42 @@ def plot_mixture(rows: list[dict], path: str | Path, title: str | None = None) -
 
 
 def plot_val_loss(rows: list[dict], path: str | Path, title: str | None = None) -> None:
-    """Per-task validation loss against tokens consumed (lines; the task mean dashed), PNG.
+    """Per-task validation loss against tokens consumed (lines; the task mean dashed), PNG. Past PLOT_MAX_TASKS tasks:
+    the mean, the worst, the band between the 10th and 90th percentile over tasks, and the 5 tasks worst at the end.
     Without validation steps the figure says so."""
     x, names, values = _series(rows, "val_loss")
-    fig, ax = _figure(len(names) + 1)
+    many = len(names) > PLOT_MAX_TASKS
+    fig, ax = _figure(9 if many else len(names) + 1)
     if not x:
         _placeholder(ax, "no validation steps")
     else:
         marker = "o" if len(x) <= 30 else None
-        for name, vs, color in zip(names, values, _colors(len(names)), strict=True):
-            ax.plot(x, vs, label=name, color=color, marker=marker, markersize=3, linewidth=1.2)
+        columns = [np.asarray(col, dtype=np.float64) for col in zip(*values, strict=True)]  # per row, over tasks
+        if many:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a row without any finite value: a gap
+                low, high = (np.array([np.nanpercentile(c, q) for c in columns]) for q in (10, 90))
+                worst = [np.nanmax(c) for c in columns]
+            ax.fill_between(x, low, high, color="0.85", label=f"10-90% of {len(names):,} tasks")
+            ax.plot(x, worst, label="worst task", color="tab:red", linewidth=1.5)
+            last = [vs[-1] for vs in values]
+            top = sorted((k for k in range(len(names)) if not math.isnan(last[k])), key=lambda k: -last[k])[:5]
+            shown = [(names[k], values[k], c) for k, c in zip(top, _colors(10)[1:], strict=False)]
+            linewidth = 0.9
+        else:
+            shown = list(zip(names, values, _colors(len(names)), strict=True))
+            linewidth = 1.2
+        for name, vs, color in shown:
+            ax.plot(x, vs, label=name, color=color, marker=marker, markersize=3, linewidth=linewidth)
         if len(names) > 1:
-            mean = [_nanmean(col) for col in zip(*values, strict=True)]
+            mean = [_nanmean(c) for c in columns]
             ax.plot(x, mean, label="mean", color="black", linestyle="--", linewidth=1.8)
         ax.set_xlabel("tokens consumed")
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.set_ylabel("validation loss (nats / token)")
         ax.grid(True, alpha=0.3)
         _legend(ax)
-    ax.set_title(title or "validation loss per task")
+    ax.set_title(title or ("validation loss over tasks" if many else "validation loss per task"))
     _save(fig, path)
 
 

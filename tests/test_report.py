@@ -99,6 +99,32 @@ def test_plots_with_twenty_tasks_and_without_validation(tmp_path):
     check_png(tmp_path / "val_loss.png", min_bytes=3000)  # the "no validation steps" figure
 
 
+def test_plots_of_many_tasks_summarise_them(tmp_path, monkeypatch):
+    """400 tasks: a legend entry per task made 14,000-pixel-tall images (a minute to draw) whose bands no one could
+    tell apart. Now the mixture stacks the 19 largest shares and the rest as one band; the loss plot draws the mean,
+    the worst, the 10-90% band and the 5 tasks worst at the end."""
+    import adapt_fast.report as report
+
+    legends = []
+    monkeypatch.setattr(report, "_legend", lambda ax, reverse=False: legends.append(ax.get_legend_handles_labels()[1]))
+    tasks = [f"task{k:03d}" for k in range(400)]
+    rows = metrics_rows(tasks, steps=30, val_every=3)
+    for row in rows:  # task losses spread out, so "worst at the end" has an answer
+        if "val_loss" in row:
+            row["val_loss"] = {t: v + (k * 37 % 101) / 50 for k, (t, v) in enumerate(row["val_loss"].items())}
+    plot_mixture(rows, tmp_path / "mixture.png")
+    plot_val_loss(rows, tmp_path / "val_loss.png")
+    for name in ("mixture.png", "val_loss.png"):
+        assert check_png(tmp_path / name).shape[0] < 1000
+    mixture_labels, loss_labels = legends
+    mean_share = {t: np.mean([r["mixture"][t] for r in rows]) for t in tasks}
+    largest = sorted(tasks, key=lambda t: -mean_share[t])[:19]
+    assert sorted(mixture_labels) == sorted([*largest, "other 381 tasks"])
+    final = rows[-1]["val_loss"] if "val_loss" in rows[-1] else [r for r in rows if "val_loss" in r][-1]["val_loss"]
+    worst = sorted(tasks, key=lambda t: -final[t])[:5]
+    assert loss_labels == ["10-90% of 400 tasks", "worst task", *worst, "mean"]
+
+
 def test_single_row_renders(tmp_path):
     rows = metrics_rows(steps=1, val_every=1)
     plot_mixture(rows, tmp_path / "m.png")
