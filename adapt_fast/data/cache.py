@@ -294,7 +294,8 @@ def build_or_load(
                 _tokenize_batch,
                 batched=True,
                 batch_size=256,
-                num_proc=num_proc if len(rows) >= 4 * 256 * num_proc else None,
+                # datasets runs num_proc=1 in a pool of one, each batch pickled across a pipe: in-process instead
+                num_proc=num_proc if num_proc > 1 and len(rows) >= 4 * 256 * num_proc else None,
                 remove_columns=[c for c in ds.column_names if c != "task"],
                 fn_kwargs={
                     "tokenizer": tokenizer,
