@@ -593,8 +593,9 @@ class Trainer:
             warnings.warn(
                 f"ADAPT's validation batch ({val_tokens:,.0f} tokens: meta.val_examples_per_task "
                 f"{meta.val_examples_per_task} of {self.K} tasks) costs about {ratio:.2g}x the training between two "
-                f"of them (meta.val_every {meta.val_every} steps): lower meta.val_examples_per_task or raise "
-                "meta.val_every to spend the time on training",
+                f"of them (meta.val_every {meta.val_every} steps): lower meta.val_examples_per_task, raise "
+                "meta.val_every, aim the objective at fewer tasks (meta.val_tasks: G's backward covers only "
+                "those) or group tasks (data.group_by category) to spend the time on training",
                 DataWarning,
                 stacklevel=2,
             )
@@ -897,10 +898,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation and G
 
-    def _validation_batches(self, examples_per_task: int | None) -> list[MicroBatch]:
+    def _validation_batches(self, examples_per_task: int | None, tasks: list[int] | None = None) -> list[MicroBatch]:
         """This rank's share of a validation batch: `examples_per_task` fresh examples of every task
-        (seeded by the step), or the whole validation split when None. Every rank gets the same number of
-        micro-batches (empty ones fill in): under ZeRO-3 each forward gathers weights from all ranks."""
+        (seeded by the step), or the whole validation split when None; with `tasks`, only those tasks' examples of
+        that same batch. Every rank gets the same number of micro-batches (empty ones fill in): under ZeRO-3 each
+        forward gathers weights from all ranks."""
         val = self.data.validation
         if examples_per_task is None:
             chosen = np.arange(val.num_examples)
@@ -914,8 +916,11 @@ class Trainer:
             chosen = np.concatenate(
                 [rng.permutation(members)[:examples_per_task] for members in self._val_examples_of_task]
             )
+        if tasks is not None:
+            chosen = chosen[np.isin(np.asarray(val.task_ids)[chosen], tasks)]
         batches = pack_examples(val, np.sort(chosen), self.cfg.tokens_per_micro_batch)
-        self.validation_tokens += sum(b.num_tokens for b in batches)
+        if tasks is None:  # a subset of a batch already counted is not counted again
+            self.validation_tokens += sum(b.num_tokens for b in batches)
         mine = batches[self.rank :: self.world_size]
         return mine + [self._empty_batch()] * (-(-len(batches) // self.world_size) - len(mine))
 
@@ -1126,6 +1131,8 @@ class Trainer:
             if self.adapt is not None:
                 self.adapt.set_reference(losses[self.objective])  # relative_loss: l_k(theta_0), from step 0
             if self.adapt is not None and due_G and self.step + meta.val_every > meta.warmup:
+                if len(self.objective) < self.K:  # G's backward needs only the objective's examples
+                    val_batches = self._validation_batches(meta.val_examples_per_task, tasks=self.objective)
                 self.compute_G(val_batches, losses, counts)
                 self.G_step = self.step
         self.loader.set_mixture(self.mixture)

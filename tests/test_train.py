@@ -594,7 +594,7 @@ def test_a_validation_batch_costlier_than_the_training_between_warns(tmp_path, c
     two settings that trade it off."""
     train(tmp_path, "v", "--budget.tokens", "1024", "--tokens_per_micro_batch", "512", "--meta.val_every", "1")
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: ADAPT's validation batch")]
-    assert "meta.val_examples_per_task 8 of 6 tasks" in line and "lower meta.val_examples_per_task or raise" in line
+    assert "meta.val_examples_per_task 8 of 6 tasks" in line and "lower meta.val_examples_per_task, raise" in line
     train(tmp_path, "w", "--budget.tokens", "1024", "--meta.val_every", "10")
     assert "validation batch" not in capsys.readouterr().err
 
@@ -611,3 +611,38 @@ def test_host_overhead_bench_smoke(tmp_path):
         assert 0 < r["model_ms"] < r["step_ms"] and 0 < r["host_ms"] < r["step_ms"]
     assert kinds["val+update"]["parts_ms"]["validation batch"] > 0 and kinds["plain"]["parts_ms"]["loader plan"] > 0
     assert (tmp_path / "out" / "host_overhead.md").read_text().count("\n| 3 |") == 3
+
+
+def test_G_backward_covers_only_the_objectives_tasks(tmp_path, monkeypatch):
+    """With meta.val_tasks naming some tasks, G's backward packs only their validation examples (the others have
+    weight 0 in Φ: their backward was wasted work, K times the target tasks' at 1,600 tasks); the dots are those of
+    G over the whole batch."""
+    import adapt_fast.train as train_module
+
+    seen = []
+    compute_G = train_module.Trainer.compute_G
+
+    def spy(self, batches, losses, counts):
+        seen.append({int(t) for b in batches for t in b.task_ids.unique() if t >= 0})
+        return compute_G(self, batches, losses, counts)
+
+    monkeypatch.setattr(train_module.Trainer, "compute_G", spy)
+    args = ["--data.tasks", "keyword,addition,copy,reverse", "--meta.val_tasks", "keyword,addition",
+            "--budget.tokens", "8000", "--meta.warmup", "1", "--meta.val_every", "3"]  # fmt: skip
+    _, rows = train(tmp_path, "subset", *args)
+    names = sorted(["keyword", "addition", "copy", "reverse"])
+    assert seen and all(s == {names.index("keyword"), names.index("addition")} for s in seen), seen
+
+    whole = train_module.Trainer._validation_batches
+    monkeypatch.setattr(  # the batch of every task for G too, as before
+        train_module.Trainer, "_validation_batches", lambda self, n, tasks=None: whole(self, n)
+    )
+    seen.clear()
+    _, reference = train(tmp_path, "whole", *args)
+    assert all(len(s) == 4 for s in seen), seen
+    dots = [(r["meta_dots"], q["meta_dots"]) for r, q in zip(rows, reference, strict=True) if "meta_dots" in r]
+    assert dots
+    for a, b in dots:
+        for task in a:
+            if a[task] is not None:
+                assert a[task] == pytest.approx(b[task], rel=1e-4, abs=1e-9), (task, a, b)
