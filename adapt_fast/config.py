@@ -178,6 +178,8 @@ def _parse_value(text: Any, annotation: Any, name: str) -> Any:
                 raise ValueError
             (item_type,) = typing.get_args(annotation)
             items = text if isinstance(text, list) else [s for s in str(text).split(",") if s.strip()]
+            if item_type is str:
+                items = names_from_files(items, name)
             return [_parse_value(item.strip() if isinstance(item, str) else item, item_type, name) for item in items]
         if origin is dict:
             key_type, value_type = typing.get_args(annotation)
@@ -193,6 +195,27 @@ def _parse_value(text: Any, annotation: Any, name: str) -> Any:
     else:
         raise ConfigError(f"{name}: unsupported field type {annotation}")
     raise ConfigError(f"{name}: bad value {text!r} (expected {_type_name(annotation)})")
+
+
+def names_from_files(items: list, name: str) -> list:
+    """Items as given, an "@path" item replaced by the names in that file, one per line (blank lines and "#" comments
+    skipped), as SNI's splits/default/train_tasks.txt lists its tasks. ConfigError if the file cannot be read."""
+    out = []
+    for item in items:
+        if not (isinstance(item, str) and item.strip().startswith("@")):
+            out.append(item)
+            continue
+        path = Path(os.path.expanduser(item.strip()[1:]))
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            reason = "no such file" if isinstance(err, FileNotFoundError) else type(err).__name__
+            raise ConfigError(f"{name}: cannot read the list {path} ({reason})") from None
+        names = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        if not names:  # an empty list would mean "every task"
+            raise ConfigError(f"{name}: the list {path} names nothing")
+        out += names
+    return out
 
 
 def _parse_int(text: Any) -> int:

@@ -426,7 +426,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", help="a run's config YAML: data settings, seed and tokens_per_micro_batch from it")
     p.add_argument("--group_by", choices=("task", "category"))
     p.add_argument("--task_column")
-    p.add_argument("--tasks", type=lambda s: [t.strip() for t in s.split(",") if t.strip()], help="a,b,c")
+    p.add_argument(
+        "--tasks", type=lambda s: [t.strip() for t in s.split(",") if t.strip()], help="a,b,c (or @file: one a line)"
+    )
     p.add_argument("--template", choices=("auto", "ni", "chat"))
     p.add_argument("--assistant_turns", choices=("last", "all"), help="which turns of a conversation the loss is on")
     p.add_argument("--num_positive_examples", type=int)
@@ -445,6 +447,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--save_predictions", action="store_true", help="include every prediction in the JSON")
     p.add_argument("--out", help="write the JSON result here (default: stdout); the table goes to stderr")
     args = p.parse_args(argv)
+    if args.tasks:
+        from adapt_fast.config import names_from_files
+
+        args.tasks = names_from_files(args.tasks, "--tasks")
 
     cfg = None
     if args.config:

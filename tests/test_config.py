@@ -136,6 +136,21 @@ def test_duplicate_task_names_are_refused():
             load_config(None, [f"--{key}", "copy,sort,copy"])
 
 
+def test_task_lists_can_come_from_files_as_sni_splits_give_them(tmp_path):
+    """`@file` reads one name per line (SNI's splits/default/train_tasks.txt); in YAML, on the command line, mixed
+    with names; the saved config holds the names. A missing or empty file is a one-line error."""
+    (tmp_path / "train_tasks.txt").write_text("# SNI training tasks\ntask001_a\n\n  task002_b \n")
+    cfg = load_config(None, ["--data.tasks", f"@{tmp_path / 'train_tasks.txt'},task003_c"])
+    assert cfg.data.tasks == ["task001_a", "task002_b", "task003_c"]
+    (tmp_path / "c.yaml").write_text(f"meta:\n  val_tasks: ['@{tmp_path / 'train_tasks.txt'}']\n")
+    assert load_config(tmp_path / "c.yaml").meta.val_tasks == ["task001_a", "task002_b"]
+    with pytest.raises(ConfigError, match=r"^data.tasks: cannot read the list .*nope.txt \(no such file\)$"):
+        load_config(None, ["--data.tasks", f"@{tmp_path / 'nope.txt'}"])
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(ConfigError, match=r"^data.tasks: the list .*empty.txt names nothing$"):
+        load_config(None, ["--data.tasks", f"@{tmp_path / 'empty.txt'}"])
+
+
 # ----------------------------------------------------------------------------- removed fields
 
 

@@ -625,7 +625,7 @@ def load_split_records(
         unknown = sorted(set(tasks) - set(present))
         if unknown:
             listed = ", ".join(present[:20]) + (f", ... ({len(present)} in all)" if len(present) > 20 else "")
-            raise DataError(f"{option} names tasks not in the data: {', '.join(unknown)} (tasks: {listed})")
+            raise DataError(f"{option} names tasks not in the data: {some_of(unknown)} (tasks: {listed})")
         records = [r for r in records if r["task"] in set(tasks)]
     assign_splits(records, val_fraction, val_examples, seed)
     return records
