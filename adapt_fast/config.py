@@ -29,6 +29,7 @@ import yaml
 from adapt_fast.errors import ConfigError, DataWarning
 
 MIXTURE_METHODS = ("adapt", "uniform", "proportional", "temperature", "fixed")
+TRUNCATION_MODES = ("keep_start", "keep_end")  # TRL's SFTConfig.truncation_mode
 INT_LIMIT = 2**63  # int fields end up in int64 (numpy, torch): larger ones are refused
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")  # a bool's spellings
 REMOVED_KEYS = {"training.log_every": "every step is logged"}  # still in old runs' config.yaml: ignored
@@ -46,6 +47,7 @@ class DataConfig:
     val_examples: int = 0  # if > 0: this many validation examples per task instead of val_fraction
     max_len: int = 1024  # longest example in tokens
     truncate: bool = True  # longer examples are truncated (True) or dropped (False); counted either way
+    truncation_mode: str = "keep_start"  # what a cut keeps (TRL's names): keep_start | keep_end (the response)
     tasks: list[str] = field(default_factory=list)  # keep only these tasks (default all)
     cache_dir: str = ""  # tokenised cache; default: $ADAPT_FAST_CACHE or ~/.cache/adapt_fast
     num_proc: int = 1  # tokenisation workers
@@ -506,6 +508,7 @@ def validate(cfg: Config) -> None:
     _one_of(d.group_by, "data.group_by", ("task", "category"))
     _one_of(d.template, "data.template", ("auto", "ni", "chat"))
     _one_of(d.assistant_turns, "data.assistant_turns", ("last", "all"))
+    _one_of(d.truncation_mode, "data.truncation_mode", TRUNCATION_MODES)
     _check(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     _check(d.val_examples >= 0, f"data.val_examples must be >= 0, got {d.val_examples}")
     for name, names in (("data.tasks", d.tasks), ("meta.val_tasks", meta.val_tasks)):

@@ -4,7 +4,8 @@
         [--group_by task|category] [--task_column C] [--tasks a,b] [--template auto|ni|chat]
         [--assistant_turns last|all]
         [--num_positive_examples N] [--split validation|train|all|test] [--val_fraction F] [--val_examples N]
-        [--seed S] [--max_len N] [--generate] [--max_new_tokens N] [--batch_size N]
+        [--seed S] [--max_len N] [--truncation_mode keep_start|keep_end] [--generate] [--max_new_tokens N]
+        [--batch_size N]
         [--max_examples_per_task N] [--tokens_per_micro_batch N] [--dtype D] [--device D]
         [--save_predictions] [--out FILE.json]
 
@@ -39,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adapt_fast.config import TRUNCATION_MODES
 from adapt_fast.data import formats
 from adapt_fast.data.cache import TokenizedSplit
 from adapt_fast.data.loader import pack_examples
@@ -113,7 +115,7 @@ def prompt_ids(record: dict, tokenizer, template: str, num_positive_examples: in
 
 def tokenize_split(
     records: list[dict], tokenizer, task_names: list[str], template: str, num_positive_examples: int = 0,
-    max_len: int | None = None, assistant_turns: str = "last",
+    max_len: int | None = None, assistant_turns: str = "last", truncation_mode: str = "keep_start",
 ) -> TokenizedSplit:  # fmt: skip
     """Records -> an in-memory TokenizedSplit (the cache's layout) for packing. Examples longer than
     max_len are truncated as in training; ones left without a loss token are left out."""
@@ -122,7 +124,7 @@ def tokenize_split(
     for record in records:
         example, mask = tokenize_record(record, tokenizer, template, num_positive_examples, assistant_turns)
         if max_len is not None:
-            example, mask, status = fit_to_max_len(example, mask, max_len, truncate=True)
+            example, mask, status = fit_to_max_len(example, mask, max_len, True, truncation_mode)
             if status == "dropped":
                 continue
         ids.append(np.asarray(example, dtype=np.uint32))
@@ -264,6 +266,7 @@ def evaluate(
     max_len: int | None = None,
     return_predictions: bool = False,
     assistant_turns: str = "last",
+    truncation_mode: str = "keep_start",
 ) -> dict:
     """Per-task validation loss (token mean) and, with generate, exact match and ROUGE-L over `records`
     (all of them: select the split beforehand). The model's mode and attention are restored after.
@@ -275,7 +278,9 @@ def evaluate(
     """
     template = resolve_template(template, tokenizer)
     task_names = sorted({r["task"] for r in records})
-    split = tokenize_split(records, tokenizer, task_names, template, num_positive_examples, max_len, assistant_turns)
+    split = tokenize_split(
+        records, tokenizer, task_names, template, num_positive_examples, max_len, assistant_turns, truncation_mode
+    )
     sums, counts = validation_loss(model, split, tokens_per_micro_batch)
     examples = {name: 0 for name in task_names}
     for r in records:
@@ -413,6 +418,7 @@ _FROM_CONFIG = {
     "val_fraction": ("data.val_fraction", 0.1),
     "val_examples": ("data.val_examples", 0),
     "max_len": ("data.max_len", None),
+    "truncation_mode": ("data.truncation_mode", "keep_start"),
     "seed": ("seed", 0),
     "tokens_per_micro_batch": ("tokens_per_micro_batch", 4096),
 }
@@ -437,6 +443,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--val_examples", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--max_len", type=int, help="truncate examples as in training (default: none, or the config's)")
+    p.add_argument("--truncation_mode", choices=TRUNCATION_MODES, help="what a cut keeps (default: the config's)")
     p.add_argument("--generate", action="store_true", help="also greedy-generate: exact match and ROUGE-L")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=16, help="generation batch size")
@@ -574,13 +581,14 @@ def main(argv: list[str] | None = None) -> dict:
         batch_size=args.batch_size, tokens_per_micro_batch=args.tokens_per_micro_batch, template=args.template,
         num_positive_examples=args.num_positive_examples, max_len=args.max_len,
         return_predictions=args.save_predictions, assistant_turns=args.assistant_turns,
+        truncation_mode=args.truncation_mode,
     )  # fmt: skip
     result["settings"] = {
         "model": args.model, "data": str(args.data), "split": args.split, "group_by": args.group_by,
         "tasks": args.tasks, "template": resolve_template(args.template, tokenizer),
         "assistant_turns": args.assistant_turns, "num_positive_examples": args.num_positive_examples,
         "val_fraction": args.val_fraction, "val_examples": args.val_examples, "seed": args.seed,
-        "max_len": args.max_len, "generate": args.generate,
+        "max_len": args.max_len, "truncation_mode": args.truncation_mode, "generate": args.generate,
         "max_new_tokens": args.max_new_tokens, "max_examples_per_task": args.max_examples_per_task,
     }  # fmt: skip
     print(format_table(result), file=sys.stderr, flush=True)

@@ -21,6 +21,7 @@ from adapt_fast.data import formats
 from adapt_fast.data.batch import IGNORE_INDEX
 from adapt_fast.data.cache import TokenizedSplit, build_or_load
 from adapt_fast.data.loader import MAX_WAIT, PackedLoader, largest_remainder, pack_examples
+from adapt_fast.data.render import fit_to_max_len
 from adapt_fast.data.synthetic import write_synthetic_suite
 from adapt_fast.data.tokenizer import build_byte_tokenizer
 from adapt_fast.errors import DataError
@@ -982,6 +983,32 @@ def test_too_long_examples_are_dropped_and_counted(tmp_path):
         "every example of b was dropped; raise data.max_len to keep them whole"
     ), result.stderr
     assert report["tokens_consumed"] == 50
+
+
+def test_truncation_mode_keep_end_keeps_the_response_of_a_long_prompt(tmp_path, tokenizer):
+    """TRL's truncation_mode: keep_start (the default) cuts the end, so an example whose prompt alone fills max_len
+    has no response left and is dropped (the warning says keep_end would keep it); keep_end cuts the prompt's start."""
+    ids, mask = list(range(10)), [0] * 7 + [1] * 3
+    assert fit_to_max_len(ids, mask, 5, True) == ([], [], "dropped")
+    assert fit_to_max_len(ids, mask, 5, True, "keep_end") == ([5, 6, 7, 8, 9], [0, 0, 1, 1, 1], "truncated")
+    assert fit_to_max_len(ids, mask, 12, True, "keep_end") == (ids, mask, "")
+
+    rows = [{"task": "a", "prompt": "p" * n, "response": "resp"} for n in (10, 20, 500, 30, 600)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    common = ("--data.path", str(tmp_path / "d.jsonl"), "--data.max_len", "100", "--data.val_fraction", "0",
+              "--budget.tokens", "50", "--tokens_per_micro_batch", "128",
+              "--data.cache_dir", str(tmp_path / "c"))  # fmt: skip
+    start = run_inspect(*common)
+    assert json.loads(start.stdout)["dropped_by_max_len"] == 2
+    assert "data.truncation_mode keep_end would keep their responses" in start.stderr
+    end = run_inspect(*common, "--data.truncation_mode", "keep_end")
+    report = json.loads(end.stdout)
+    assert report["dropped_by_max_len"] == 0 and report["tasks"]["a"]["train_examples"] == 5, end.stderr
+    data = build_or_load(tmp_path / "d.jsonl", tokenizer, cache_dir=tmp_path / "c", max_len=100, val_fraction=0.0,
+                         truncation_mode="keep_end", progress=False)  # fmt: skip
+    longest = int(np.argmax(data.train.lengths))
+    example, loss_mask = data.train.example(longest)
+    assert len(example) == 100 and tokenizer.decode(example[-5:-1].tolist()) == "resp" and loss_mask[-5:].all()
 
 
 def test_meta_floors_that_do_not_fit_rotate_and_leave_room_for_p(tmp_path, tokenizer):

@@ -147,14 +147,14 @@ def _tokenized_features():
 
 def _tokenize_batch(
     batch: dict, tokenizer, template: str, num_positive_examples: int, max_len: int, truncate: bool,
-    assistant_turns: str = "last",
+    assistant_turns: str = "last", truncation_mode: str = "keep_start",
 ):  # fmt: skip
     out = {"ids": [], "loss_mask": [], "status": [], "length": []}
     keys = list(batch.keys())
     for row in zip(*(batch[k] for k in keys), strict=True):
         record = dict(zip(keys, row, strict=True))
         ids, mask = tokenize_record(record, tokenizer, template, num_positive_examples, assistant_turns)
-        ids, mask, status = fit_to_max_len(ids, mask, max_len, truncate)
+        ids, mask, status = fit_to_max_len(ids, mask, max_len, truncate, truncation_mode)
         out["ids"].append(ids)
         out["loss_mask"].append(mask)
         out["status"].append(status)
@@ -231,6 +231,7 @@ def build_or_load(
     val_examples: int = 0,
     max_len: int = 1024,
     truncate: bool = True,
+    truncation_mode: str = "keep_start",
     tasks: list[str] | None = None,
     seed: int = 0,
     cache_dir: str | Path | None = None,
@@ -250,6 +251,7 @@ def build_or_load(
         "val_examples": val_examples,
         "max_len": max_len,
         "truncate": truncate,
+        "truncation_mode": truncation_mode,
         "tasks": sorted(tasks or []),
         "seed": seed,
     }
@@ -303,6 +305,7 @@ def build_or_load(
                     "num_positive_examples": num_positive_examples,
                     "max_len": max_len,
                     "truncate": truncate,
+                    "truncation_mode": truncation_mode,
                     "assistant_turns": assistant_turns,
                 },
                 features=_tokenized_features(),  # typed: a batch whose rows are all dropped is no list<null>

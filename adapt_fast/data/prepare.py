@@ -45,12 +45,14 @@ def max_len_losses(data: TokenizedData) -> tuple[int, int, list[str]]:
     return truncated, dropped, sorted(dropped_tasks - present)
 
 
-def warn_max_len(data: TokenizedData, max_len: int, truncate: bool) -> None:
+def warn_max_len(data: TokenizedData, max_len: int, truncate: bool, mode: str = "keep_start") -> None:
     """One warning when data.max_len cut or dropped examples (report.json counts them too)."""
     truncated, dropped, lost = max_len_losses(data)
     if not truncated and not dropped:
         return
-    why = "data.truncate false" if not truncate else "the prompt alone too long"
+    why = "data.truncate false" if not truncate else "no response token left once cut"
+    if truncate and mode == "keep_start" and dropped:
+        why = "the prompt alone too long: data.truncation_mode keep_end would keep their responses"
     warnings.warn(
         f"{truncated + dropped} example(s) longer than data.max_len ({max_len} tokens): {truncated} cut to it, "
         f"{dropped} dropped ({why})"
@@ -76,6 +78,7 @@ def load_data(cfg: Config, tokenizer, progress: bool = True) -> TokenizedData:
         val_examples=d.val_examples,
         max_len=d.max_len,
         truncate=d.truncate,
+        truncation_mode=d.truncation_mode,
         tasks=d.tasks,
         seed=cfg.seed,
         cache_dir=cache_root(cfg),
@@ -90,7 +93,7 @@ def load_data(cfg: Config, tokenizer, progress: bool = True) -> TokenizedData:
             f"no training examples left: all {dropped} were longer than data.max_len ({d.max_len})"
             + (" with data.truncate false" if not d.truncate else " or kept no response token once truncated")
         )
-    warn_max_len(data, d.max_len, d.truncate)
+    warn_max_len(data, d.max_len, d.truncate, d.truncation_mode)
     if d.val_examples > 0:  # a val_examples as large as a task takes all of it but one example
         train_n, val_n = data.train.examples_per_task(), data.validation.examples_per_task()
         starved = [name for k, name in enumerate(data.task_names) if train_n[k] <= 1 and val_n[k] >= 1]

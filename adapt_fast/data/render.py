@@ -119,14 +119,20 @@ def tokenize_record(
     return ids + response + eos, mask + [1] * (len(response) + len(eos))
 
 
-def fit_to_max_len(ids: list[int], mask: list[int], max_len: int, truncate: bool) -> tuple[list[int], list[int], str]:
-    """Apply max_len -> (ids, mask, status) with status "" | "truncated" | "dropped".
+def fit_to_max_len(
+    ids: list[int], mask: list[int], max_len: int, truncate: bool, mode: str = "keep_start"
+) -> tuple[list[int], list[int], str]:
+    """Apply max_len -> (ids, mask, status) with status "" | "truncated" | "dropped". A cut keeps the first max_len
+    tokens (mode keep_start, TRL's default) or the last (keep_end: the response, the prompt's start cut).
     An example dropped (truncate off) or left with no loss token after truncation is 'dropped'."""
     if len(ids) <= max_len:
         return ids, mask, ""
     if not truncate:
         return [], [], "dropped"
-    ids, mask = ids[:max_len], mask[:max_len]
+    if mode == "keep_end":
+        ids, mask = ids[-max_len:], mask[-max_len:]
+    else:
+        ids, mask = ids[:max_len], mask[:max_len]
     if not any(mask[1:]):
         return [], [], "dropped"
     return ids, mask, "truncated"
