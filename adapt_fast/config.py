@@ -7,6 +7,7 @@ Every field is validated before any work starts; a bad one is a one-line ConfigE
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import decimal
@@ -26,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from adapt_fast.errors import ConfigError, DataWarning
+from adapt_fast.errors import ConfigError, DataWarning, some_of
 
 MIXTURE_METHODS = ("adapt", "uniform", "proportional", "temperature", "fixed")
 TRUNCATION_MODES = ("keep_start", "keep_end")  # TRL's SFTConfig.truncation_mode
@@ -495,8 +496,9 @@ def _floats(obj: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
 
 def check_no_repeats(names: list[str], key: str) -> None:
     """ConfigError naming the names `key` lists more than once."""
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    _check(not repeated, f"{key}: task(s) listed more than once: {', '.join(repeated)}")
+    counts = collections.Counter(names)
+    repeated = sorted(n for n, c in counts.items() if c > 1)
+    _check(not repeated, f"{key}: task(s) listed more than once: {some_of(repeated)}")
 
 
 def validate(cfg: Config) -> None:

@@ -201,7 +201,8 @@ def plot_val_loss(rows: list[dict], path: str | Path, title: str | None = None) 
             ax.plot(x, worst, label="worst task", color="tab:red", linewidth=1.5)
             last = [vs[-1] for vs in values]
             top = sorted((k for k in range(len(names)) if not math.isnan(last[k])), key=lambda k: -last[k])[:5]
-            shown = [(names[k], values[k], c) for k, c in zip(top, _colors(10)[1:], strict=False)]
+            palette = [c for i, c in enumerate(_colors(10)) if i not in (3, 7)]  # not the worst's red, not grey
+            shown = [(names[k], values[k], color) for k, color in zip(top, palette, strict=False)]
             linewidth = 0.9
         else:
             shown = list(zip(names, values, _colors(len(names)), strict=True))

@@ -410,6 +410,8 @@ class Trainer:
         named = check_task_names(cfg.meta.val_tasks, self.data, "meta.val_tasks")
         self.objective = named or list(range(self.K))
         val_examples = self.data.validation.examples_per_task()
+        # G's batch is the validation batch cut to the objective's tasks when that leaves out any example
+        self._G_subset = bool(np.delete(val_examples, self.objective).sum() > 0)
         unmeasured = [self.task_names[k] for k in self.objective if val_examples[k] == 0]
         if unmeasured and cfg.mixture.method == "adapt":
             lost = set(max_len_losses(self.data)[2])
@@ -425,8 +427,8 @@ class Trainer:
             if self.is_main:
                 warnings.warn(
                     f"{len(unmeasured):,} task(s) have no validation examples ({some_of(unmeasured)}: {why}): "
-                    "ADAPT's objective leaves them out; they still train, their share steered by the other tasks' "
-                    "validation losses (meta.val_tasks names the objective's tasks)",
+                    "ADAPT's objective leaves them out; those with training examples still train, their share steered "
+                    "by the other tasks' validation losses (meta.val_tasks names the objective's tasks)",
                     DataWarning,
                     stacklevel=2,
                 )
@@ -586,16 +588,21 @@ class Trainer:
         meta, val = self.cfg.meta, self.data.validation
         n = val.examples_per_task()
         mean_length = val.tokens_per_task() / np.maximum(n, 1)
-        val_tokens = float((np.minimum(n, meta.val_examples_per_task) * mean_length).sum())
+        per_task = np.minimum(n, meta.val_examples_per_task) * mean_length
+        val_tokens = float(per_task.sum())
         train_tokens = meta.val_every * self.cfg.tokens_per_micro_batch * self.world_size * self.cfg.training.grad_accum
-        ratio = 4 / 3 * val_tokens / train_tokens
+        ratio = (val_tokens / 3 + float(per_task[self.objective].sum())) / train_tokens  # losses' forward, then G
         if ratio > 1:
+            fewer = (
+                ""
+                if meta.val_tasks
+                else "aim the objective at fewer tasks (meta.val_tasks: G's backward covers only those), "
+            )
             warnings.warn(
                 f"ADAPT's validation batch ({val_tokens:,.0f} tokens: meta.val_examples_per_task "
                 f"{meta.val_examples_per_task} of {self.K} tasks) costs about {ratio:.2g}x the training between two "
                 f"of them (meta.val_every {meta.val_every} steps): lower meta.val_examples_per_task, raise "
-                "meta.val_every, aim the objective at fewer tasks (meta.val_tasks: G's backward covers only "
-                "those) or group tasks (data.group_by category) to spend the time on training",
+                f"meta.val_every, {fewer}or group tasks (data.group_by category) to spend the time on training",
                 DataWarning,
                 stacklevel=2,
             )
@@ -1131,7 +1138,7 @@ class Trainer:
             if self.adapt is not None:
                 self.adapt.set_reference(losses[self.objective])  # relative_loss: l_k(theta_0), from step 0
             if self.adapt is not None and due_G and self.step + meta.val_every > meta.warmup:
-                if len(self.objective) < self.K:  # G's backward needs only the objective's examples
+                if self._G_subset:  # G's backward needs only the objective's examples
                     val_batches = self._validation_batches(meta.val_examples_per_task, tasks=self.objective)
                 self.compute_G(val_batches, losses, counts)
                 self.G_step = self.step

@@ -331,15 +331,17 @@ def code_version() -> dict:
     """What code a run used: a hash of the trainer's and this script's sources (`code`), and the git commit they
     were checked out at, `-dirty` when they differ from it (`commit`, for the reader). A run whose code differs
     is redone, and the tables say when their runs come from more than one version."""
-    sources = sorted([*REPO.glob("adapt_fast/**/*.py"), *REPO.glob("kernels/**/*.py"), Path(__file__).resolve()])
+    sources = sorted([*REPO.glob("adapt_fast/**/*.py"), *REPO.glob("kernels/**/*.py"), *REPO.glob("csrc/*.*"),
+                      Path(__file__).resolve()])  # fmt: skip
     digest = hashlib.sha256()
     for f in sources:
         digest.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     try:
         git = ["git", "-C", str(REPO)]
         commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        changed = subprocess.run([*git, "status", "--porcelain", "--", "adapt_fast", "kernels", "bench/reproduce.py"],
-                                 capture_output=True, text=True, check=True)  # fmt: skip
+        tracked = ["adapt_fast", "kernels", "csrc", "bench/reproduce.py"]
+        changed = subprocess.run([*git, "status", "--porcelain", "--", *tracked], capture_output=True, text=True,
+                                 check=True)  # fmt: skip
         label = commit.stdout.strip() + ("-dirty" if changed.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         label = "unknown (no git)"
@@ -377,7 +379,7 @@ def run_one(spec: RunSpec, scale: Scale, paths: Paths) -> dict:
 
     work = paths.work / "runs" / spec.id.replace("/", "_")
     shutil.rmtree(work, ignore_errors=True)
-    version = code_version()  # as the run starts: an edit to the checkout during a study shows in its tables
+    version = _WORKER_CODE or code_version()  # the code this process imported (a worker's, at its start)
     t0, cpu0 = time.time(), time.process_time()
     report = main(trainer_args(spec, scale, paths, work))
     train_wall = time.time() - t0
@@ -443,14 +445,27 @@ def run_one(spec: RunSpec, scale: Scale, paths: Paths) -> dict:
     return result
 
 
+_WORKER_CODE: dict | None = None  # the code a worker process runs: what it imported at its start
+
+
 def _worker_init(threads: int) -> None:
+    """Set threads, then import every trainer module and hash the sources as they are now: a worker keeps the code
+    it imported for all its runs, so this (not the files at a run's start) is the code its runs used."""
+    global _WORKER_CODE
+    import importlib
+
     import torch
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not torch.cuda.is_available():
         torch.set_num_threads(threads)
-
     warnings.filterwarnings("ignore")
+    files = [(f.relative_to(REPO), "") for f in REPO.glob("adapt_fast/**/*.py")]
+    files += [(f.relative_to(REPO), "adapt_fast.") for f in REPO.glob("kernels/*.py")]  # as installed
+    for rel, prefix in sorted(files):
+        if rel.stem != "__main__":  # a package's command line would run
+            importlib.import_module(prefix + ".".join(rel.with_suffix("").parts).removesuffix(".__init__"))
+    _WORKER_CODE = code_version()
 
 
 def _work(item: tuple[RunSpec, Scale, Paths]) -> tuple[str, dict | None, str]:

@@ -716,6 +716,37 @@ def test_many_tasks_on_one_rank_keep_waits_pool_and_floors_bounded():
     assert loader.stats.padding_fraction < 0.005, seed
 
 
+@pytest.mark.parametrize(
+    "num_tasks,world_size,allow_repeat,unit,floors,expected",
+    [
+        (7, 1, True, "tokens", 1, "45f1e5245cdb7815"),
+        (60, 2, False, "loss", 2, "93d37556e9afb59f"),
+        (300, 1, True, "tokens", 1, "b5847f0b248dadfa"),
+        (25, 3, True, "loss", 0, "4bf64c1c65bea23f"),
+    ],
+)
+def test_the_loaders_plans_are_pinned(num_tasks, world_size, allow_repeat, unit, floors, expected):
+    """Every rank's micro-batches (segments and task offsets) over whole runs, hashed: a change that moves any
+    example shows here. The hashes are those of the loader before the plan stopped asking all K streams (db554de),
+    which that change kept exactly; update them only for a change meant to alter the plans."""
+    import hashlib
+
+    split = lognormal_split(2_000, num_tasks, 150, 1024, seed=num_tasks)
+    budget = int(np.asarray(split.lengths).sum()) * (3 if allow_repeat else 1) // 4
+    p = np.random.default_rng(num_tasks).dirichlet(np.ones(num_tasks))
+    digest = hashlib.sha256()
+    for rank in range(world_size):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loader = PackedLoader(split, 2048, budget, p, seed=3, rank=rank, world_size=world_size, unit=unit,
+                                  allow_repeat=allow_repeat, meta_floor_examples=floors)  # fmt: skip
+            step = 0
+            while (batch := loader.next_micro_batch(meta_step=step % 2 == 1)) is not None:
+                digest.update(batch.cu_seqlens.numpy().tobytes() + batch.task_offsets.numpy().tobytes())
+                step += 1
+    assert digest.hexdigest()[:16] == expected
+
+
 @pytest.mark.parametrize("allow_repeat", [True, False])
 def test_the_plans_view_of_each_task_follows_its_stream(allow_repeat):
     """The plan reads each task's next example and whether it can still draw from per-task arrays (so a step does

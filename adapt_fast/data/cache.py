@@ -251,7 +251,6 @@ def build_or_load(
         "val_examples": val_examples,
         "max_len": max_len,
         "truncate": truncate,
-        "truncation_mode": truncation_mode,
         "tasks": sorted(tasks or []),
         "seed": seed,
     }
@@ -261,6 +260,8 @@ def build_or_load(
         settings["default_task"] = path.name  # the task of rows without a task column
     elif path.is_dir():  # a split-named file's default task may be the folder's name, or its parent's
         settings["folder"] = [path.resolve().parent.name, path.resolve().name]
+    if truncate and truncation_mode != "keep_start":  # keyed only when it changes the arrays: caches built before
+        settings["truncation_mode"] = truncation_mode  # the setting existed stay valid
     files = formats.data_files(path)
     key = cache_key(files, settings, tokenizer, path)
     root = Path(cache_dir) if cache_dir else default_cache_dir()

@@ -126,10 +126,11 @@ def resolve_budget(cfg: Config, split: TokenizedSplit) -> int:
 def check_task_names(names: list[str], data: TokenizedData, key: str) -> list[int]:
     """Indices of `names` among the data's tasks; ConfigError naming the unknown or repeated ones."""
     check_no_repeats(names, key)
-    unknown = [n for n in names if n not in data.task_names]
+    index = {name: k for k, name in enumerate(data.task_names)}
+    unknown = [n for n in names if n not in index]
     if unknown:
-        raise ConfigError(f"{key}: unknown task(s) {', '.join(unknown)} (tasks: {', '.join(data.task_names)})")
-    return [data.task_names.index(n) for n in names]
+        raise ConfigError(f"{key}: unknown task(s) {some_of(unknown)} (tasks: {some_of(data.task_names, 20)})")
+    return [index[n] for n in names]
 
 
 def make_loader(
