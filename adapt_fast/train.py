@@ -916,10 +916,7 @@ class Trainer:
         else:
             rng = np.random.default_rng([self.cfg.seed, self.step, 31337])
             if self._val_examples_of_task is None:  # each task's examples, ascending: one sort, not K scans
-                task_ids = np.asarray(val.task_ids)
-                order = np.argsort(task_ids, kind="stable")
-                bounds = np.searchsorted(task_ids[order], np.arange(self.K + 1))
-                self._val_examples_of_task = np.split(order, bounds[1:-1])
+                self._val_examples_of_task = val.examples_by_task()
             chosen = np.concatenate(
                 [rng.permutation(members)[:examples_per_task] for members in self._val_examples_of_task]
             )

@@ -43,6 +43,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ADAPT_FAST_CACHE", Path.home() / ".cache" / "adapt_fast"))
 
 
+def group_by_task(task_ids: np.ndarray, num_tasks: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, bounds): positions sorted by task, ascending within a task; task k's are order[bounds[k]:bounds[k+1]]."""
+    task_ids = np.asarray(task_ids)
+    order = np.argsort(task_ids, kind="stable")
+    return order, np.searchsorted(task_ids[order], np.arange(num_tasks + 1))
+
+
 @dataclass
 class TokenizedSplit:
     """One split of the tokenised data, memory-mapped. Examples are indexed 0..N-1."""
@@ -74,6 +81,11 @@ class TokenizedSplit:
 
     def examples_of_task(self, task: int) -> np.ndarray:
         return np.flatnonzero(np.asarray(self.task_ids) == task)
+
+    def examples_by_task(self) -> list[np.ndarray]:
+        """Every task's example indices, ascending (examples_of_task of each k, from one sort instead of K scans)."""
+        order, bounds = group_by_task(self.task_ids, self.num_tasks)
+        return [order[bounds[k] : bounds[k + 1]] for k in range(self.num_tasks)]
 
     def tokens_per_task(self) -> np.ndarray:
         return np.bincount(self.task_ids, weights=self.lengths, minlength=self.num_tasks).astype(np.int64)

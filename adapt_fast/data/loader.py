@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from adapt_fast.data.batch import IGNORE_INDEX, PAD_TASK, MicroBatch
-from adapt_fast.data.cache import TokenizedSplit
+from adapt_fast.data.cache import TokenizedSplit, group_by_task
 from adapt_fast.data.pack import best_fit_pack, cut_to_budget, place_pool
 from adapt_fast.errors import DataError, DataWarning, some_of
 
@@ -194,9 +194,7 @@ class PackedLoader:
         self.seed = seed
         self.task_names = list(task_names) if task_names is not None else [str(k) for k in range(split.num_tasks)]
         self._ran_out = np.zeros(split.num_tasks, dtype=bool)  # tasks already reported as out of examples
-        by_task = np.argsort(np.asarray(split.task_ids), kind="stable")  # example indices grouped by task, ascending
-        bounds = np.searchsorted(np.asarray(split.task_ids)[by_task], np.arange(self.num_tasks + 1))
-        self.streams = [TaskStream(by_task[bounds[k] : bounds[k + 1]], seed, k) for k in range(self.num_tasks)]
+        self.streams = [TaskStream(examples, seed, k) for k, examples in enumerate(split.examples_by_task())]
         # What each task would give next, kept per task and refreshed when it draws, so that a step's plan
         # does not ask K streams: (K,) bool, can still draw (_has_data), and (K,) its next example's length (-1: none)
         self._live_mask = np.zeros(self.num_tasks, dtype=bool)
@@ -368,8 +366,7 @@ class PackedLoader:
         if meta_step and self.meta_floor_examples > 0:  # floors, longest-waiting task first, within the room
             room, used = self.meta_floor_fraction * self.world_size * self.capacity, 0
             ties = np.random.default_rng([self.seed, self.stats.micro_steps, 1]).permutation(self.num_tasks)
-            by_task = np.argsort(pool_tasks, kind="stable")  # pool positions grouped by task, ascending in each
-            bounds = np.searchsorted(pool_tasks[by_task], np.arange(self.num_tasks + 1))
+            by_task, bounds = group_by_task(pool_tasks, self.num_tasks)  # pool positions grouped by task
             # a lower bound on each task's floor size (its pool part, plus its next example if it must draw),
             # so that the K tasks are not each asked what they would draw once the room is nearly full
             in_pool = np.diff(bounds)
@@ -477,11 +474,8 @@ class PackedLoader:
         if half:
             can &= 2 * quota >= self._next_length
         for k in np.flatnonzero(can).tolist():  # a draw from k changes only k's quota and next example
-            while quota[k] > 0:
-                ahead = self._peek(k, 1)
-                if not ahead or (half and 2 * quota[k] < self._lengths[ahead[0]]):
-                    break
-                self._take(k, ahead[0], pool, quota)
+            while quota[k] > 0 and self._next_length[k] >= 0 and not (half and 2 * quota[k] < self._next_length[k]):
+                self._take(k, self._peek(k, 1)[0], pool, quota)
 
     def _take(self, task: int, example: int, pool: list[int], quota: np.ndarray) -> int:
         """Draw `example` (what _peek(task) gave) into the pool and charge it to quota[task]; returns its length."""
